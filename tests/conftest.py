@@ -1,0 +1,78 @@
+"""Shared helpers for the `dagman_fast` test suite.
+
+Everything runs on the CPU with tiny configs (embed_dim 12, two blocks a stage) so that the whole suite stays
+within a few minutes on two cores.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
+
+from dagman_fast.swin import SwinConfig, SwinEncoder, monai_swin_kwargs, to_monai
+
+# The contract for the five fp32 output maps (MONAI equivalence, impl equivalence).
+MAP_TOL = dict(atol=1e-5, rtol=1e-5)
+# Parameter gradients go through many more reductions than the maps.
+GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    "Every test starts from the same RNG state, so random weights and inputs are reproducible."
+    torch.manual_seed(0)
+    yield
+
+
+def tiny_config(**overrides) -> SwinConfig:
+    "A four-stage Swin small enough for CPU tests; SA off unless asked for."
+    kw = dict(embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4, sa_stage=None,
+              img_size=64, sa_num_heads=4, drop_path_rate=0.0)
+    kw.update(overrides)
+    return SwinConfig(**kw)
+
+
+def tiny_encoder(**overrides) -> SwinEncoder:
+    return SwinEncoder(tiny_config(**overrides))
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Replace every parameter by random values (LayerNorm weights around 1): the default init leaves biases at
+    zero and LayerNorms at identity, which would hide mistakes in those parameters."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim == 1 and ('norm' in name):
+                p.copy_(1 + std * torch.randn_like(p) if name.endswith('weight') else std * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+    return module
+
+
+def monai_twin(encoder: SwinEncoder) -> MonaiSwinTransformer:
+    "A MONAI SwinTransformer built by MONAI from the encoder's config, holding the encoder's weights (strict load)."
+    twin = MonaiSwinTransformer(**monai_swin_kwargs(encoder.config))
+    twin.load_state_dict(to_monai(encoder), strict=True)
+    return twin.train(encoder.training)
+
+
+def ours_to_monai_name(name: str) -> str:
+    """Our parameter name -> MONAI's, written here independently of the library's own mapping:
+    `stages.i.` is MONAI's `layers{i+1}.0.`, and MONAI's MLPBlock calls fc1/fc2 linear1/linear2."""
+    name = re.sub(r'^stages\.(\d+)\.', lambda m: f'layers{int(m[1]) + 1}.0.', name)
+    return name.replace('.mlp.fc1.', '.mlp.linear1.').replace('.mlp.fc2.', '.mlp.linear2.')
+
+
+def assert_maps_close(ours, theirs, **tol):
+    "Compare two lists of feature maps, shape and values, with the fp32 contract unless told otherwise."
+    tol = tol or MAP_TOL
+    assert len(ours) == len(theirs)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a.shape == b.shape, f'map {i}: {tuple(a.shape)} vs {tuple(b.shape)}'
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, i=i: f'map {i}: {m}')
+
+
+def map_loss(maps) -> torch.Tensor:
+    "A scalar that depends on every map: the sum of their mean squares."
+    return sum(m.square().mean() for m in maps)
