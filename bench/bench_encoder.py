@@ -3,10 +3,15 @@
     python bench/bench_encoder.py                       # swin-smit, 64^3, batch 2, fp32, CPU (the issue's setting)
     python bench/bench_encoder.py --size 96 --batch 1 --reps 3
 
-Same weights, same input, same loss (the sum of the mean squares of the five normalised maps). Time: one
-subprocess holds both models and alternates their steps; median of `--reps` steps each after `--warmup`. Memory:
-each model in its own fresh subprocess. Peak memory: the rise of the process's peak resident set during one step above its resident set
-before that step (Linux `VmHWM`, reset through `/proc/self/clear_refs`), i.e. activations, gradients and workspace.
+Same weights, same input, same loss (the sum of the mean squares of the five normalised maps).
+
+Time: one subprocess holds both models and alternates their steps (drifts of a shared machine hit both alike);
+median of `--reps` steps each, after `--warmup`. Run it on an idle machine: two processes competing for 2 cores
+slow PyTorch's spinning OpenMP threads by an order of magnitude.
+
+Peak memory: each model in its own fresh subprocess; the rise of the peak resident set during one step above the
+resident set before it (Linux `VmHWM`, reset through `/proc/self/clear_refs`), i.e. activations, gradients and
+workspace, with glibc told to return large blocks to the OS at once so the resident set follows live tensors.
 """
 from __future__ import annotations
 

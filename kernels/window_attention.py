@@ -118,8 +118,9 @@ class _CPUWindowAttention(torch.autograd.Function):
             return t.transpose(1, 2).to(f32).reshape(-1, wn, hd)
 
         # With a shift mask, chunks never straddle two images, so each meets a plain slice of the mask.
-        step = max(1, ctx.chunk // nh if mask is None else min(ctx.chunk // nh, nw))
-        for i in range(0, bnw, step):
+        step = max(1, ctx.chunk // nh)
+        i = 0
+        while i < bnw:
             j = min(i + step, bnw if mask is None else (i // nw + 1) * nw)
             c = j - i
             mc = m if mask is None else m[i % nw:i % nw + c]
@@ -135,6 +136,7 @@ class _CPUWindowAttention(torch.autograd.Function):
             dk = torch.bmm(ds.transpose(1, 2), qs)
             for idx, g in enumerate((dq, dk, dv)):
                 dqkv[i:j, :, idx] = g.view(c, nh, wn, hd).transpose(1, 2)
+            i = j
         return dqkv, dbias.to(bias.dtype), None, None, None
 
 

@@ -1,0 +1,79 @@
+"""Packaging: import weight (no torchvision, no fastai.vision), the version, and the kernels subpackage."""
+from __future__ import annotations
+
+import configparser
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str) -> str:
+    "Run `code` in a fresh interpreter (so sys.modules starts empty) from the repository root; return its stdout."
+    res = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_import_is_light():
+    "Importing the package, the encoder and `all` pulls in neither torchvision nor any fastai.vision module."
+    out = _run('import json, sys\n'
+               'import dagman_fast, dagman_fast.swin, dagman_fast.all\n'
+               'print(json.dumps(sorted(sys.modules)))')
+    mods = json.loads(out.strip().splitlines()[-1])
+    assert 'dagman_fast.swin' in mods and 'dagman_fast.all' in mods  # the probe did import what it should
+    assert 'torchvision' not in mods
+    assert [m for m in mods if m == 'fastai.vision' or m.startswith('fastai.vision.')] == []
+
+
+def test_kernels_import_without_fastai():
+    "The kernels subpackage imports on its own and brings in no fastai at all."
+    out = _run('import json, sys\n'
+               'import dagman_fast.kernels, dagman_fast.kernels.window_attention as w\n'
+               'print(json.dumps([dagman_fast.kernels.__name__, w.__name__, '
+               'sorted(m for m in sys.modules if m.split(".")[0] == "fastai")]))')
+    name, wname, fastai_mods = json.loads(out.strip().splitlines()[-1])
+    assert name == 'dagman_fast.kernels' and wname == 'dagman_fast.kernels.window_attention'
+    assert fastai_mods == []
+
+
+def test_version_matches_settings_ini():
+    import dagman_fast
+
+    cfg = configparser.ConfigParser(delimiters=['='])
+    cfg.read(ROOT / 'settings.ini', encoding='utf-8')
+    assert dagman_fast.__version__ == cfg['DEFAULT']['version']
+    assert dagman_fast.__version__ != '0+unknown'
+
+
+def test_kernels_importable_in_process():
+    import dagman_fast.kernels
+    from dagman_fast.kernels.window_attention import ATTN_IMPLS, window_attention
+
+    assert dagman_fast.kernels.__name__ == 'dagman_fast.kernels'
+    assert callable(window_attention) and 'sdpa' in ATTN_IMPLS
+
+
+def test_all_exports_exist():
+    "Every name in `dagman_fast.all.__all__` and `dagman_fast.swin.__all__` resolves."
+    import dagman_fast.all
+    import dagman_fast.swin
+
+    for mod in (dagman_fast.all, dagman_fast.swin):
+        missing = [n for n in mod.__all__ if not hasattr(mod, n)]
+        assert missing == [], f'{mod.__name__}.__all__ names missing attributes: {missing}'
+    assert {'SwinEncoder', 'build_encoder', 'to_monai', 'from_monai'} <= set(dagman_fast.all.__all__)
+
+
+@pytest.mark.parametrize('module', [
+    'dagman_fast.core',  # helpers
+    'dagman_fast.swin',  # encoder
+    'dagman_fast.kernels.window_attention',  # kernels
+])
+def test_modules_import_standalone(module):
+    "Each module imports first in a fresh interpreter (no hidden import-order dependence)."
+    assert _run(f'import {module}; print("ok")').strip().endswith('ok')
