@@ -13,8 +13,11 @@ Shapes (einops names): `q, k, v: ((b nw), nh, wn, hd)` with the windows of one i
   that needs one, SDPA falls back to the math path that stores the attention matrix), so `_CPUWindowAttention`
   runs the flash kernel forward (storing no attention matrix) and a recomputing backward, in chunks of windows.
 - 'triton': the fused kernel (arrives with the kernels issue).
-- 'auto': 'sdpa', except on the CPU under autograd where an attention matrix under `AUTO_RECOMPUTE_BYTES` takes
-  the eager path (`window_attention_qkv`); 'triton' on CUDA once the kernels land.
+- 'auto': 'sdpa', except on the CPU under autograd where an attention matrix of at most `AUTO_RECOMPUTE_BYTES`
+  takes the eager path (measured faster there; see `resolve_attn_impl`); 'triton' on CUDA once the kernels land.
+
+`window_attention(q, k, v, ...)` is the entry point; `window_attention_qkv(qkv, ...)` is the same for the packed
+projection the encoder holds (no re-layout of q, k, v or of their gradients).
 
 This module imports no fastai.
 """
@@ -23,11 +26,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dagman_fast.core import check_option
+
 __all__ = ['ATTN_IMPLS', 'window_attention', 'window_attention_qkv', 'window_attention_reference',
            'window_attention_sdpa', 'resolve_attn_impl']
 
 ATTN_IMPLS = ('reference', 'sdpa', 'triton', 'auto')
-AUTO_RECOMPUTE_BYTES = 32 * 2 ** 20  # see window_attention_qkv
+AUTO_RECOMPUTE_BYTES = 32 * 2 ** 20  # see resolve_attn_impl
 
 
 def _check(q, k, v, bias, mask):
@@ -151,7 +156,9 @@ def window_attention_sdpa(q, k, v, bias, mask=None, scale=None, chunk=128):
     _check(q, k, v, bias, mask)
     bnw, nh, wn, hd = q.shape
     scale = hd ** -0.5 if scale is None else scale
-    if _cpu_grad_path(q, k, v, bias):  # pack once: ((b nw), nh, 3, wn, hd) -> ((b nw), wn, 3, nh, hd)
+    if _cpu_grad_path(q, k, v, bias):
+        # The CPU backward works on the packed layout: separate q, k, v (this entry point) are packed with one
+        # copy, ((b nw), nh, 3, wn, hd) -> ((b nw), wn, 3, nh, hd); the encoder calls `window_attention_qkv`.
         return _CPUWindowAttention.apply(torch.stack([q, k, v], 2).transpose(1, 3), bias, mask, scale, chunk)
     m = _combined_mask(bias, mask).to(q.dtype)
     if mask is not None:
@@ -169,17 +176,26 @@ def window_attention_sdpa(q, k, v, bias, mask=None, scale=None, chunk=128):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
 
 
-def resolve_attn_impl(impl: str, device: torch.device | str | None = None) -> str:
-    "Check `impl` against `ATTN_IMPLS` and turn 'auto' into the path that will run on `device`."
-    if impl not in ATTN_IMPLS:
-        import difflib
-        close = difflib.get_close_matches(str(impl), ATTN_IMPLS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ''
-        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}; got {impl!r}.{hint}")
+def _attn_matrix_bytes(bnw: int, nh: int, wn: int, dtype: torch.dtype) -> int:
+    return bnw * nh * wn * wn * torch.finfo(dtype).bits // 8
+
+
+def resolve_attn_impl(impl: str, attn_bytes: int | None = None, cpu_grad: bool = False) -> str:
+    """Check `impl` against `ATTN_IMPLS` and turn 'auto' into the path that runs.
+
+    'auto' is 'sdpa', except on the CPU under autograd (`cpu_grad`) with an attention matrix of at most
+    `AUTO_RECOMPUTE_BYTES` (`attn_bytes`): there the eager path, which keeps the small matrix instead of
+    recomputing it, was faster for every stage of `swin-smit` but the first (where recomputing wins on time and
+    memory). 'triton' raises until the kernels land.
+    """
+    check_option(impl, ATTN_IMPLS, 'attn_impl')
     if impl == 'triton':
         raise NotImplementedError("attn_impl='triton' is not available yet (it arrives with the Triton kernels); "
                                   "use 'sdpa' or 'auto'")
-    return 'sdpa' if impl == 'auto' else impl
+    if impl != 'auto':
+        return impl
+    small = attn_bytes is not None and attn_bytes <= AUTO_RECOMPUTE_BYTES
+    return 'reference' if cpu_grad and small else 'sdpa'
 
 
 def window_attention(q, k, v, bias, mask=None, scale=None, impl: str = 'auto'):
@@ -195,7 +211,9 @@ def window_attention(q, k, v, bias, mask=None, scale=None, impl: str = 'auto'):
     Returns:
         `((b nw), nh, wn, hd)`.
     """
-    impl = resolve_attn_impl(impl, q.device)
+    _check(q, k, v, bias, mask)
+    bnw, nh, wn, _ = q.shape
+    impl = resolve_attn_impl(impl, _attn_matrix_bytes(bnw, nh, wn, q.dtype), _cpu_grad_path(q, k, v, bias))
     if impl == 'reference':
         return window_attention_reference(q, k, v, bias, mask, scale)
     return window_attention_sdpa(q, k, v, bias, mask, scale)
@@ -203,26 +221,21 @@ def window_attention(q, k, v, bias, mask=None, scale=None, impl: str = 'auto'):
 
 def window_attention_qkv(qkv, bias, mask=None, scale=None, impl: str = 'auto', chunk: int = 128):
     """`window_attention` on the packed projection `qkv: ((b nw), wn, 3, nh, hd)` (a free view of a
-    `Linear(c, 3c)` output), the layout the encoder has. Same result as `window_attention` on its three parts;
-    on the CPU under autograd it avoids re-laying out q, k, v and their gradients.
+    `Linear(c, 3c)` output), the layout the encoder has. Same result and dispatch as `window_attention` on its
+    three parts; on the CPU under autograd it avoids re-laying out q, k, v and their gradients.
 
     Returns:
         `((b nw), nh, wn, hd)`.
     """
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f'qkv must have shape ((b nw), wn, 3, nh, hd); got {tuple(qkv.shape)}')
-    if impl == 'auto' and _cpu_grad_path(qkv, bias):
-        bnw, wn, _, nh, _ = qkv.shape
-        # On the CPU under autograd, a small attention matrix is cheaper to keep than to recompute: below
-        # AUTO_RECOMPUTE_BYTES the eager path (which stores it) was faster for every stage of `swin-smit` but the
-        # first, where the matrix is large and recomputing wins on time and memory.
-        impl = 'sdpa' if bnw * nh * wn * wn * qkv.element_size() > AUTO_RECOMPUTE_BYTES else 'reference'
-    impl = resolve_attn_impl(impl, qkv.device)
+    bnw, wn, _, nh, hd = qkv.shape
+    cpu_grad = _cpu_grad_path(qkv, bias)
+    impl = resolve_attn_impl(impl, _attn_matrix_bytes(bnw, nh, wn, qkv.dtype), cpu_grad)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if impl == 'reference':
         return window_attention_reference(q, k, v, bias, mask, scale)
-    if _cpu_grad_path(qkv, bias):
+    if cpu_grad:
         _check(q, k, v, bias, mask)
-        scale = qkv.shape[-1] ** -0.5 if scale is None else scale
-        return _CPUWindowAttention.apply(qkv, bias, mask, scale, chunk)
+        return _CPUWindowAttention.apply(qkv, bias, mask, hd ** -0.5 if scale is None else scale, chunk)
     return window_attention_sdpa(q, k, v, bias, mask, scale, chunk)

@@ -85,3 +85,14 @@ def map_loss(maps) -> torch.Tensor:
         r = torch.randn(m.shape, generator=g, dtype=m.dtype)
         total = total + (m * r).sum() / m.numel() ** 0.5
     return total
+
+
+SHARED_DATA = __import__('pathlib').Path(__file__).resolve().parents[2] / 'shared' / 'data'
+
+
+@pytest.fixture(scope='session')
+def shared_data():
+    "The real data folder `../shared/data` beside the checkout (read-only); tests using it skip when it is absent."
+    if not SHARED_DATA.is_dir():
+        pytest.skip('real data not found: ../shared/data beside the checkout (see its README for the sources)')
+    return SHARED_DATA

@@ -208,7 +208,7 @@ def test_from_monai_module(downsample, merging):
 def test_from_monai_state_dict_prefixes(prefix):
     m = _monai_swin('merging', patch_norm=False, qkv_bias=False)
     sd = {prefix + k: v for k, v in m.state_dict().items()}
-    enc = from_monai(sd).eval()  # a state dict does not say its merging: MONAI's default 'legacy' is assumed
+    enc = from_monai(sd, merging='legacy').eval()  # a state dict does not say its merging
     assert enc.config.merging == 'legacy' and not enc.config.patch_norm and not enc.config.qkv_bias
     x = torch.randn(1, 1, 32, 32, 64)
     with torch.no_grad():
@@ -216,14 +216,25 @@ def test_from_monai_state_dict_prefixes(prefix):
 
 
 def test_from_monai_state_dict_with_merging_argument():
-    "A v2 state dict needs merging='v2': with it the maps match, with the default 'legacy' they do not."
+    "A v2 state dict needs merging='v2': with it the maps match, with 'legacy' they do not, without it is refused."
     m = _monai_swin('mergingv2')
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         ref = m(x, normalize=True)
         assert_maps_close(from_monai(m.state_dict(), merging='v2').eval().forward_features(x), ref)
-        wrong = from_monai(m.state_dict()).eval().forward_features(x)
+        wrong = from_monai(m.state_dict(), merging='legacy').eval().forward_features(x)
     assert (wrong[1] - ref[1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="merging='legacy'"):
+        from_monai(m.state_dict())
+
+
+def test_from_monai_refuses_swin_unetr_v2_weights():
+    "use_v2=True adds residual conv blocks (layers1c...) that SwinEncoder lacks: refuse rather than drop them."
+    m = MonaiSwinTransformer(**{**monai_swin_kwargs(tiny_config()), 'use_v2': True})
+    with pytest.raises(ValueError, match='use_v2'):
+        from_monai(m)
+    with pytest.raises(ValueError, match='use_v2'):
+        from_monai(m.state_dict(), merging='v2')
 
 
 def _swin_unetr(**kw) -> SwinUNETR:
@@ -251,7 +262,7 @@ def test_from_monai_swin_unetr_state_dict():
     "The docstring promises a SwinUNETR state dict works: the decoder weights must be ignored."
     net = _swin_unetr()
     randomize_(net.swinViT)
-    enc = from_monai({'module.' + k: v for k, v in net.state_dict().items()}).eval()
+    enc = from_monai({'module.' + k: v for k, v in net.state_dict().items()}, merging='legacy').eval()
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert_maps_close(enc.forward_features(x), net.swinViT(x, normalize=True))
@@ -280,8 +291,10 @@ def test_to_monai_as_module():
 
 
 def test_to_monai_leaves_out_sa_and_mask_token():
+    "SA inline has no MONAI counterpart: its weights stay behind, with a warning that the maps will differ."
     enc = tiny_encoder(sa_stage=3)
-    sd = to_monai(enc)
+    with pytest.warns(UserWarning, match='no MONAI counterpart'):
+        sd = to_monai(enc)
     assert not any(k.startswith(('sa.', 'mask_token')) for k in sd)
     MonaiSwinTransformer(**monai_swin_kwargs(enc.config)).load_state_dict(sd, strict=True)
 
@@ -295,7 +308,7 @@ def test_monai_round_trip():
     "to_monai then from_monai gives back the same weights and config (SA and mask token aside)."
     enc = randomize_(tiny_encoder(merging='v2', patch_norm=False))
     back = from_monai(to_monai(enc), merging='v2', img_size=64, sa_num_heads=4)
-    assert back.config == replace(enc.config, patch_size=(2, 2, 2))  # the patch size is read back as a triple
+    assert back.config == enc.config  # cubic sizes come back as ints, as the presets write them
     a, b = enc.state_dict(), back.state_dict()
     assert set(a) == set(b)
     for k in a:
@@ -305,7 +318,7 @@ def test_monai_round_trip():
 
 def test_from_monai_garbage_state_dict():
     with pytest.raises(ValueError, match='patch_embed.proj.weight'):
-        from_monai({'foo.weight': torch.zeros(3), 'bar.bias': torch.zeros(2)})
+        from_monai({'foo.weight': torch.zeros(3), 'bar.bias': torch.zeros(2)}, merging='v2')
 
 
 def test_from_monai_missing_weight_is_named():
@@ -313,7 +326,7 @@ def test_from_monai_missing_weight_is_named():
     sd = _monai_swin('merging').state_dict()
     del sd['layers2.0.blocks.1.attn.qkv.weight']
     with pytest.raises(ValueError, match=r'missing.*stages\.1\.blocks\.1\.attn\.qkv\.weight'):
-        from_monai(sd)
+        from_monai(sd, merging='legacy')
 
 
 def test_from_monai_rejects_other_types():

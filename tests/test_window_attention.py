@@ -9,7 +9,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from dagman_fast.kernels.window_attention import (ATTN_IMPLS, resolve_attn_impl, window_attention,
+from dagman_fast.kernels.window_attention import (ATTN_IMPLS, AUTO_RECOMPUTE_BYTES, resolve_attn_impl, window_attention,
                                                   window_attention_qkv, window_attention_reference,
                                                   window_attention_sdpa)
 from dagman_fast.swin import shift_attention_mask
@@ -283,9 +283,25 @@ def test_triton_not_implemented():
 
 def test_resolve_attn_impl():
     assert ATTN_IMPLS == ('reference', 'sdpa', 'triton', 'auto')
-    assert resolve_attn_impl('reference', 'cpu') == 'reference'
-    assert resolve_attn_impl('sdpa', 'cpu') == 'sdpa'
-    assert resolve_attn_impl('auto', 'cpu') == 'sdpa'
+    assert resolve_attn_impl('reference') == 'reference'
+    assert resolve_attn_impl('sdpa', attn_bytes=1, cpu_grad=True) == 'sdpa'  # an explicit choice is kept
+    assert resolve_attn_impl('auto') == 'sdpa'
+    # 'auto' keeps small attention matrices on the CPU under autograd (eager), recomputes large ones (sdpa)
+    assert resolve_attn_impl('auto', attn_bytes=AUTO_RECOMPUTE_BYTES, cpu_grad=True) == 'reference'
+    assert resolve_attn_impl('auto', attn_bytes=AUTO_RECOMPUTE_BYTES + 1, cpu_grad=True) == 'sdpa'
+    assert resolve_attn_impl('auto', attn_bytes=1, cpu_grad=False) == 'sdpa'
+
+
+def test_auto_dispatch_by_size():
+    "Under autograd on the CPU, 'auto' stores a small attention matrix (eager) and recomputes a large one."
+    small = torch.randn(4, 8, 3, 2, 4, requires_grad=True)  # 4 windows x 2 heads x 8^2
+    bias = torch.zeros(2, 8, 8, requires_grad=True)
+    assert type(window_attention_qkv(small, bias).grad_fn).__name__ != CUSTOM_BACKWARD
+    big_windows = AUTO_RECOMPUTE_BYTES // (2 * 8 * 8 * 4) + 1
+    big = torch.randn(big_windows, 8, 3, 2, 4, requires_grad=True)
+    assert type(window_attention_qkv(big, bias).grad_fn).__name__ == CUSTOM_BACKWARD
+    with torch.no_grad():  # no autograd: SDPA whatever the size
+        assert window_attention_qkv(small, bias).grad_fn is None
 
 
 def test_output_dtype_and_shape_follow_input():
