@@ -152,7 +152,7 @@ def _cpu_grad_path(*tensors) -> bool:
 
 
 def window_attention_sdpa(q, k, v, bias, mask=None, scale=None, chunk=128):
-    "`F.scaled_dot_product_attention` path, same result as `window_attention_reference`; `chunk` as in the CPU backward."
+    "`F.scaled_dot_product_attention` path, same result as `window_attention_reference`."
     _check(q, k, v, bias, mask)
     bnw, nh, wn, hd = q.shape
     scale = hd ** -0.5 if scale is None else scale
