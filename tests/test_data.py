@@ -1,0 +1,190 @@
+"""CT pipeline: real scans from ../shared/data, and bad files the tests make (each error must name the file)."""
+import gzip
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from dagman_fast.data import CTPreprocess, CTVolumes, ct_ssl_dls, find_ct_scans
+
+AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+
+
+def _nifti(path: Path, data, affine=AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
+    return path
+
+
+def _phantom(shape=(40, 40, 40), border=-1000.0) -> np.ndarray:
+    "Air with a soft-tissue cube in the middle and an out-of-field rim of `border` HU."
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[10:30, 8:32, 12:28] = 40.0
+    hu[:3], hu[-3:] = border, border
+    return hu
+
+
+def _dls(paths, tmp_path, **kw):
+    kw = {'crop': 16, 'spacing': 2.0, 'bs': 1, 'cache_dir': tmp_path / 'cache', 'progress': False, **kw}
+    return ct_ssl_dls(paths, **kw)
+
+
+def test_views_shape_range_and_independence(tmp_path):
+    dls = _dls([_nifti(tmp_path / 'a.nii.gz', _phantom()), _nifti(tmp_path / 'b.nii', _phantom())], tmp_path, bs=2,
+               crop=(16, 12, 8))
+    v1, v2 = dls.train.one_batch()
+    assert v1.shape == v2.shape == (2, 1, 16, 12, 8) and v1.dtype == torch.float32
+    assert 0 <= float(v1.min()) and float(v1.max()) <= 1
+    assert not torch.equal(v1, v2)
+    assert dls.n_inp == 2 and dls.skipped == []
+
+
+def test_out_of_field_padding_is_air(tmp_path):
+    "-3024 padding must come out exactly as air does, not as a darker 'tissue' the interpolation blends in."
+    prep = CTPreprocess(spacing=(1.5, 1.5, 1.5), crop=(8, 8, 8))
+    a = CTVolumes([_nifti(tmp_path / 'pad.nii.gz', _phantom(border=-3024.0))], prep, tmp_path / 'c1', progress=False)
+    b = CTVolumes([_nifti(tmp_path / 'air.nii.gz', _phantom(border=-1000.0))], prep, tmp_path / 'c2', progress=False)
+    torch.testing.assert_close(a[0], b[0])
+
+
+def test_small_volume_is_padded(tmp_path):
+    small = np.full((8, 8, 8), -1000.0, np.float32)
+    small[2:6, 2:6, 2:6] = 40.0
+    dls = _dls([_nifti(tmp_path / 'small.nii.gz', small)], tmp_path, crop=32)
+    assert all(s >= 32 for s in dls.volumes[0].shape[1:])
+    assert dls.train.one_batch()[0].shape == (1, 1, 32, 32, 32)
+
+
+def _truncated(tmp_path):
+    good = _nifti(tmp_path / 'full.nii.gz', _phantom())
+    data = good.read_bytes()
+    bad = tmp_path / 'truncated.nii.gz'
+    bad.write_bytes(data[: len(data) // 2])
+    good.unlink()
+    return bad
+
+
+BAD_FILES = {
+    'truncated': _truncated,
+    'not an image': lambda p: (p / 'notes.nii.gz').write_bytes(gzip.compress(b'this is a text file')) and p / 'notes.nii.gz',
+    '2-D image': lambda p: _nifti(p / 'slice.nii.gz', np.zeros((32, 32), np.float32) + np.arange(32)),
+    '4-D series': lambda p: _nifti(p / 'series.nii.gz', np.stack([_phantom(), _phantom()], -1)),
+    'constant': lambda p: _nifti(p / 'constant.nii.gz', np.full((16, 16, 16), 40.0, np.float32)),
+    'NaN voxels': lambda p: _nifti(p / 'nan.nii.gz', np.where(_phantom() > 0, np.nan, _phantom())),
+}
+EXPECTED = {'truncated': '', 'not an image': '', '2-D image': '3-D volume', '4-D series': '4-D series',
+            'constant': 'single value', 'NaN voxels': 'NaN'}
+
+
+@pytest.mark.parametrize('kind', list(BAD_FILES))
+def test_bad_file_raises_naming_it(tmp_path, kind):
+    bad = BAD_FILES[kind](tmp_path)
+    with pytest.raises(ValueError) as info:
+        _dls([bad], tmp_path)
+    assert bad.name in str(info.value) and EXPECTED[kind] in str(info.value)
+
+
+@pytest.mark.parametrize('kind', list(BAD_FILES))
+def test_bad_file_skipped_and_listed(tmp_path, kind):
+    folder = tmp_path / 'scans'
+    folder.mkdir()
+    good = _nifti(folder / 'good.nii.gz', _phantom())
+    bad = BAD_FILES[kind](folder)
+    with pytest.warns(UserWarning, match=bad.name):
+        dls = _dls(folder, tmp_path, on_error='skip')
+    assert [Path(p).name for p, _ in dls.skipped] == [bad.name]
+    assert dls.volumes.paths == [str(good)]
+    assert dls.train.one_batch()[0].shape == (1, 1, 16, 16, 16)
+
+
+def test_sources_and_bad_arguments(tmp_path):
+    a = _nifti(tmp_path / 'a.nii.gz', _phantom())
+    (tmp_path / 'list.csv').write_text('path,label\na.nii.gz,0\n')
+    assert find_ct_scans(tmp_path / 'list.csv') == [tmp_path / 'a.nii.gz']
+    (tmp_path / 'bad.csv').write_text('file\na.nii.gz\n')
+    with pytest.raises(ValueError, match='`path` column'):
+        find_ct_scans(tmp_path / 'bad.csv')
+    with pytest.raises(FileNotFoundError, match='missing.nii.gz'):
+        find_ct_scans([a, tmp_path / 'missing.nii.gz'])
+    with pytest.raises(ValueError, match='on_error'):
+        _dls([a], tmp_path, on_error='ignore')
+    with pytest.raises(ValueError, match='hu_range'):
+        _dls([a], tmp_path, hu_range=(250, -175))
+
+
+def test_changed_file_is_not_read_from_a_stale_cache(tmp_path):
+    p = _nifti(tmp_path / 'a.nii.gz', _phantom())
+    prep = CTPreprocess(spacing=(2.0, 2.0, 2.0), crop=(8, 8, 8))
+    first = CTVolumes([p], prep, tmp_path / 'c', progress=False)[0].clone()
+    _nifti(p, _phantom() + 100.0)  # same path, new content (and a new mtime/size stamp)
+    second = CTVolumes([p], prep, tmp_path / 'c', progress=False)[0]
+    assert not torch.equal(first, second)
+
+
+def test_real_lidc_nifti_and_dicom(shared_data, tmp_path):
+    "Real CT: the NIfTI scan and its 16 original DICOM slices, in one folder search, both preprocess and batch."
+    lidc = shared_data / 'lidc_idri'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # MONAI's DICOM reader warns that an optional GPU decoder is missing
+        dls = _dls([lidc / 'LIDC-IDRI-0002_ds2.nii.gz', lidc / 'LIDC-IDRI-0001' / 'dicom_slab'], tmp_path, crop=32,
+                   bs=2)
+    assert len(dls.volumes) == 2 and dls.skipped == []
+    dicom = dls.volumes[1]
+    # 16 slices of 2.5 mm resampled to 2 mm: 40 mm -> 20 voxels along z (then padded up to the crop)
+    assert dicom.shape[0] == 1 and dicom.max() <= 1 and dicom.min() >= 0
+    v1, v2 = dls.train.one_batch()
+    assert v1.shape == (2, 1, 32, 32, 32)
+
+
+def test_cache_holds_the_preprocessed_volume(tmp_path):
+    "After the build, volumes come from the cache (the scan itself may be gone), stored loadable with weights_only."
+    p = _nifti(tmp_path / 'a.nii.gz', _phantom())
+    vols = CTVolumes([p], CTPreprocess(crop=(8, 8, 8)), tmp_path / 'c', progress=False)
+    expected = vols[0].clone()
+    p.unlink()
+    torch.testing.assert_close(vols[0], expected)
+    (cached,) = list((tmp_path / 'c').rglob('*.pt'))
+    assert torch.equal(torch.load(cached, weights_only=True)['image'], expected)
+
+
+def test_workers_draw_different_views(tmp_path):
+    "With worker processes, views still differ between samples and workers (MONAI's RNG is reseeded per call)."
+    paths = [_nifti(tmp_path / f'{i}.nii.gz', _phantom()) for i in range(4)]
+    dls = _dls(paths, tmp_path, bs=1, num_workers=2)
+    batches = [b for b in dls.train]
+    crops = torch.cat([v1 for v1, _ in batches])
+    assert len(batches) == 4 and len({c.sum().item() for c in crops}) > 1
+
+
+def test_medmnist3d_official_splits(shared_data):
+    from dagman_fast.data import medmnist3d_dls
+    for size in (28, 64):
+        dls = medmnist3d_dls('adrenalmnist3d', shared_data / 'medmnist', size=size, bs=4)
+        x, y = dls.valid.one_batch()
+        assert x.shape == (4, 1, size, size, size) and 0 <= float(x.min()) and float(x.max()) <= 1
+        assert y.dtype == torch.int64 and dls.c == 2
+        assert [int(v) for v in dls.train.dataset.tensors[1].bincount()] == [929, 259]  # README's class counts
+        assert [int(v) for v in dls.valid.dataset.tensors[1].bincount()] == [76, 22]
+        assert [int(v) for v in dls.test.dataset.tensors[1].bincount()] == [229, 69]
+    with pytest.raises(ValueError, match='size 28 or 64'):
+        medmnist3d_dls('adrenalmnist3d', shared_data / 'medmnist', size=32)
+
+
+def test_nodule_crops(shared_data):
+    from dagman_fast.data import nodule_crops_dls
+    path = shared_data / 'lidc_idri' / 'lidc_idri_0001-0003_nodules.npz'
+    dls = nodule_crops_dls(path, size=64, min_readers=1, drop_indeterminate=True)
+    n = len(dls.train.dataset) + len(dls.valid.dataset)
+    assert n == 6 and len(dls.valid.dataset) == 2  # every nodule has a label 0/1; 34% held out
+    x, y = dls.train.one_batch()
+    assert x.shape[1:] == (1, 64, 64, 64) and set(y.tolist()) <= {0, 1}
+    with np.load(path) as f:
+        hu = f['images_64'].astype(np.float32)
+    # the lung window maps -1000 HU to 0 and 400 HU to 1
+    all_x = torch.cat([dls.train.dataset.tensors[0], dls.valid.dataset.tensors[0]])
+    assert abs(float(all_x.mean()) - float(((np.clip(hu, -1000, 400) + 1000) / 1400).mean())) < 1e-5
+    with pytest.raises(ValueError, match='sizes present'):
+        nodule_crops_dls(path, size=48)
