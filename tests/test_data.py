@@ -188,3 +188,60 @@ def test_nodule_crops(shared_data):
     assert abs(float(all_x.mean()) - float(((np.clip(hu, -1000, 400) + 1000) / 1400).mean())) < 1e-5
     with pytest.raises(ValueError, match='sizes present'):
         nodule_crops_dls(path, size=48)
+
+
+def test_compressed_dicom_series_equal_the_uncompressed_one(shared_data, tmp_path):
+    "The 16 original LIDC slices re-encoded as RLE and as JPEG 2000 (lossless) preprocess to the same volume."
+    import pydicom
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+    slab = shared_data / 'lidc_idri' / 'LIDC-IDRI-0001' / 'dicom_slab'
+    prep = CTPreprocess(crop=(16, 16, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # MONAI's DICOM reader warns that an optional GPU decoder is missing
+        ref = CTVolumes([slab], prep, tmp_path / 'c', progress=False)[0]
+        for uid in (RLELossless, JPEG2000Lossless):
+            out = tmp_path / uid.name.replace(' ', '_')
+            out.mkdir()
+            for f in sorted(slab.glob('*.dcm')):
+                ds = pydicom.dcmread(f)
+                ds.compress(uid)
+                ds.save_as(out / f.name)
+            assert pydicom.dcmread(next(out.glob('*.dcm'))).file_meta.TransferSyntaxUID == uid
+            (found,) = find_ct_scans(out)
+            torch.testing.assert_close(CTVolumes([found], prep, tmp_path / 'c', progress=False)[0], ref)
+
+
+def test_views_as_subcrops_of_one_region(tmp_path):
+    "SMIT's sampling: with view_region, both views come from one region, so they lie closer than independent crops."
+    vol = torch.arange(64 ** 3, dtype=torch.float32).view(1, 64, 64, 64) / 64 ** 3  # position-coded volume
+    from dagman_fast.data import TwoViews
+    near = TwoViews([vol], 8, region=12, flip_prob=0, intensity=0)
+    far = TwoViews([vol], 8, flip_prob=0, intensity=0)
+    gap = lambda ds: sum(float((a.mean() - b.mean()).abs()) for a, b in (ds[0] for _ in range(50)))  # noqa: E731
+    assert gap(near) < gap(far) / 3
+    with pytest.raises(ValueError, match='at least the crop'):
+        TwoViews([vol], 8, region=4)
+    dls = _dls([_nifti(tmp_path / 'a.nii.gz', _phantom())], tmp_path, crop=16, view_region=24)
+    assert all(s >= 24 for s in dls.volumes[0].shape[1:]) and dls.train.one_batch()[0].shape == (1, 1, 16, 16, 16)
+
+
+def test_seg_pairs_select_and_remap_labels(tmp_path):
+    "Label values are kept in the given order as classes 1..K, everything else is background; crops pair up."
+    from dagman_fast.data import seg_pairs_dls
+    hu = _phantom()
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[10:20, 8:32, 12:28] = 7  # the organ we want as class 1
+    lab[20:30, 8:32, 12:28] = 3  # another organ we want as class 2
+    lab[:, :, :4] = 9            # a label to drop
+    img, seg = _nifti(tmp_path / 'ct.nii.gz', hu), _nifti(tmp_path / 'seg.nii.gz', lab)
+    dls = seg_pairs_dls([(img, seg)], [7, 3], crop=16, spacing=2.0, bs=1, valid_pct=0, cache_dir=tmp_path / 'c',
+                        progress=False)
+    vol = dls.volumes[0]
+    assert dls.c == 3 and {1.0, 2.0} <= set(vol['label'].unique().tolist()) <= {0.0, 1.0, 2.0}  # 9 dropped
+    assert int((vol['label'] == 1).sum()) == int((lab == 7).sum())  # same grid (2 mm), nearest: voxel counts kept
+    x, y = dls.train.one_batch()
+    assert x.shape == (1, 1, 16, 16, 16) and y.shape == (1, 16, 16, 16) and y.dtype == torch.int64
+    with pytest.raises(FileNotFoundError, match='missing'):
+        seg_pairs_dls([(img, tmp_path / 'missing.nii.gz')], [7], cache_dir=tmp_path / 'c', progress=False)
+    with pytest.raises(ValueError, match='label_values'):
+        seg_pairs_dls([(img, seg)], [], cache_dir=tmp_path / 'c', progress=False)
