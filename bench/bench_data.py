@@ -21,11 +21,43 @@ SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 SCANS = ['lidc_idri/LIDC-IDRI-0001.nii.gz', 'lidc_idri/LIDC-IDRI-0002_ds2.nii.gz', 'totalsegmentator/example_ct.nii.gz']
 
 
-def _peak_rss_mib() -> float:
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) / 1024
-    return float('nan')
+class _TreeRSS:
+    "Polls the memory (PSS) of this process and its children (DataLoader workers) in a thread; keeps the peak sum."
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+        self.peak, self._stop, self.interval = 0, threading.Event(), interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _rss_kib(pid) -> int:
+        "Proportional set size: pages shared with the parent after fork count once in the sum, not once per worker."
+        try:
+            for line in Path(f'/proc/{pid}/smaps_rollup').read_text().splitlines():
+                if line.startswith('Pss:'):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _children(self):
+        try:
+            return Path(f'/proc/{os.getpid()}/task/{os.getpid()}/children').read_text().split()
+        except OSError:
+            return []
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss_kib(os.getpid()) + sum(self._rss_kib(c) for c in self._children()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
 
 
 def main():
@@ -66,16 +98,22 @@ def main():
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = 0
-        for _ in range(args.epochs):
-            for v1, v2 in dls.train:
-                n += v1.shape[0]
+        base = _TreeRSS._rss_kib(os.getpid())
+        with _TreeRSS() as tree:
+            for _ in range(args.epochs):
+                for v1, v2 in dls.train:
+                    n += v1.shape[0]
         cached_rate = n / (time.perf_counter() - t0)
+        vol_mib = sum(v.numel() * v.element_size() for v in dls.volumes) / 2 ** 20
     print(f'{len(scans)} real CT scans ({", ".join(s.name for s in scans)}), crop {args.crop}^3 at 2 mm, two views, '
           f'{os.cpu_count()} CPUs, num_workers={args.num_workers}, torch {torch.__version__}')
     print(f'naive MONAI Compose from the file every sample: {naive_rate:8.2f} samples/s')
     print(f'ct_ssl_dls, first epoch (reads scans, fills the cache): {first:6.1f} s for {len(scans)} samples')
     print(f'ct_ssl_dls, steady state (cached):                {cached_rate:8.2f} samples/s')
-    print(f'speed-up in the steady state: {cached_rate / naive_rate:.1f}x   peak RSS of this process: {_peak_rss_mib():.0f} MiB')
+    print(f'speed-up in the steady state: {cached_rate / naive_rate:.1f}x')
+    print(f'steady state memory (PSS), this process and its {args.num_workers} worker(s) together: peak {tree.peak / 1024:.0f} MiB '
+          f'({(tree.peak - base) / 1024:.0f} MiB above the process before the epochs; all preprocessed volumes '
+          f'together: {vol_mib:.0f} MiB)')
 
 
 if __name__ == '__main__':
