@@ -66,7 +66,12 @@ def main():
     p.add_argument('--epochs', type=int, default=3)
     p.add_argument('--num-workers', type=int, default=0)
     p.add_argument('--data', type=Path, default=SHARED)
+    p.add_argument('--synthetic', type=int, default=0,
+                   help='instead of the real scans, this many synthetic CT volumes (MONAI generator) written as NIfTI '
+                        'to a temporary folder: shows how memory scales with the number of scans')
     args = p.parse_args()
+    if args.synthetic:
+        return _synthetic(args)
     scans = [args.data / s for s in SCANS if (args.data / s).exists()]
     if not scans:
         raise SystemExit(f'no scans found under {args.data} (expected {SCANS})')
@@ -114,6 +119,31 @@ def main():
     print(f'steady state memory (PSS), this process and its {args.num_workers} worker(s) together: peak {tree.peak / 1024:.0f} MiB '
           f'({(tree.peak - base) / 1024:.0f} MiB above the process before the epochs; all preprocessed volumes '
           f'together: {vol_mib:.0f} MiB)')
+
+
+def _synthetic(args):
+    "Memory of the steady state with `args.synthetic` scans: it must not grow with the number of scans."
+    import nibabel as nib
+    import numpy as np
+    from monai.data import create_test_image_3d
+
+    from dagman_fast.data import ct_ssl_dls
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.RandomState(0)
+        for i in range(args.synthetic):
+            img, _ = create_test_image_3d(160, 160, 160, num_objs=12, rad_max=30, noise_max=0.2, random_state=rng)
+            hu = (img * 400 - 1000).astype(np.float32)  # objects as soft tissue in air
+            nib.save(nib.Nifti1Image(hu, np.diag([1.5, 1.5, 1.5, 1.0])), f'{tmp}/scan{i:04d}.nii.gz')
+        dls = ct_ssl_dls(tmp, crop=args.crop, bs=2, cache_dir=f'{tmp}/cache', num_workers=args.num_workers,
+                         progress=False)
+        base = _TreeRSS._rss_kib(os.getpid())
+        t0 = time.perf_counter()
+        with _TreeRSS() as tree:
+            n = sum(v1.shape[0] for _ in range(args.epochs) for v1, _ in dls.train)
+        rate = n / (time.perf_counter() - t0)
+    print(f'{args.synthetic} synthetic scans, crop {args.crop}^3, num_workers={args.num_workers}: {rate:.1f} samples/s; '
+          f'steady-state memory (PSS, process + workers) {(tree.peak - base) / 1024:.0f} MiB above the process '
+          f'before the epochs (peak {tree.peak / 1024:.0f} MiB)')
 
 
 if __name__ == '__main__':
