@@ -245,3 +245,52 @@ def test_seg_pairs_select_and_remap_labels(tmp_path):
         seg_pairs_dls([(img, tmp_path / 'missing.nii.gz')], [7], cache_dir=tmp_path / 'c', progress=False)
     with pytest.raises(ValueError, match='label_values'):
         seg_pairs_dls([(img, seg)], [], cache_dir=tmp_path / 'c', progress=False)
+
+
+@pytest.mark.parametrize('hu,what', [(-600.0, 'all air'), (900.0, 'all bone')])
+def test_volume_outside_the_hu_window_is_refused(tmp_path, hu, what):
+    "A volume the window flattens (not a CT in HU, or all air) must not come out as a blank or saturated tensor."
+    vol = np.full((24, 24, 24), hu, np.float32) + np.random.RandomState(0).rand(24, 24, 24).astype(np.float32)
+    bad = _nifti(tmp_path / f'{what.replace(" ", "_")}.nii.gz', vol)
+    with pytest.raises(ValueError, match='HU window'):
+        _dls([bad], tmp_path)
+
+
+def test_folder_with_two_dicom_series_is_refused(shared_data, tmp_path):
+    import pydicom
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    for i, f in enumerate(sorted((shared_data / 'lidc_idri' / 'LIDC-IDRI-0001' / 'dicom_slab').glob('*.dcm'))):
+        ds = pydicom.dcmread(f)
+        if i % 2:
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + '.2'
+        ds.save_as(folder / f.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(ValueError, match='2 DICOM series'):
+            _dls([folder], tmp_path)
+
+
+def test_seg_cache_is_keyed_by_the_kept_labels_and_grids_must_match(tmp_path):
+    from dagman_fast.data import seg_pairs_dls
+    hu = _phantom()
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[10:20, 8:32, 12:28], lab[20:30, 8:32, 12:28] = 1, 5
+    img, seg = _nifti(tmp_path / 'ct.nii.gz', hu), _nifti(tmp_path / 'seg.nii.gz', lab)
+    kw = dict(crop=16, spacing=2.0, bs=1, valid_pct=0, cache_dir=tmp_path / 'c', progress=False)
+    ones = int((seg_pairs_dls([(img, seg)], [1], **kw).volumes[0]['label'] == 1).sum())
+    fives = int((seg_pairs_dls([(img, seg)], [5], **kw).volumes[0]['label'] == 1).sum())
+    assert (ones, fives) == (int((lab == 1).sum()), int((lab == 5).sum()))
+    other = _nifti(tmp_path / 'seg_other_grid.nii.gz', lab, affine=np.diag([1.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match='not on the image grid'):
+        seg_pairs_dls([(img, other)], [1], **kw)
+
+
+def test_batches_reproducible_with_set_seed(tmp_path):
+    from fastai.torch_core import set_seed
+    dls = _dls([_nifti(tmp_path / f'{i}.nii.gz', _phantom()) for i in range(5)], tmp_path, bs=2)
+    runs = []
+    for _ in range(2):
+        set_seed(3)
+        runs.append(torch.cat([v1 for v1, _ in dls.train]))
+    torch.testing.assert_close(runs[0], runs[1])
