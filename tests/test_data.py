@@ -294,3 +294,24 @@ def test_batches_reproducible_with_set_seed(tmp_path):
         set_seed(3)
         runs.append(torch.cat([v1 for v1, _ in dls.train]))
     torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_orientation_and_spacing_are_normalised(tmp_path):
+    "The same anatomy stored RAS at 2 mm and LPS-flipped at 1 mm preprocesses to the same RAS volume at 2 mm."
+    hu = np.full((40, 40, 40), -1000.0, np.float32)
+    hu[6:30, 10:34, 14:26] = 40.0       # an off-centre, asymmetric block
+    hu[6:12, 10:16, 14:18] = 200.0      # a marker in one corner
+    ras = _nifti(tmp_path / 'ras.nii.gz', hu)
+    # LPS storage: flip the first two axes and say so in the affine; 1 mm voxels (each 2 mm voxel twice per axis).
+    lps_data = np.repeat(np.repeat(np.repeat(hu[::-1, ::-1], 2, 0), 2, 1), 2, 2)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[:3, 3] = [79.5, 79.5, -0.5]  # voxel centres line up with the 2 mm grid's
+    lps = _nifti(tmp_path / 'lps.nii.gz', lps_data, affine)
+    assert nib.aff2axcodes(affine) == ('L', 'P', 'S')
+    prep = CTPreprocess(spacing=(2.0, 2.0, 2.0), crop=(8, 8, 8))
+    a = CTVolumes([ras], prep, tmp_path / 'c', progress=False)[0]
+    b = CTVolumes([lps], prep, tmp_path / 'c', progress=False)[0]
+    assert a.shape == b.shape
+    marker = lambda v: np.unravel_index(int(v[0].argmax()), v.shape[1:])  # noqa: E731
+    assert marker(a) == marker(b)
+    assert float((a - b).abs().mean()) < 0.05
