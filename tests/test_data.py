@@ -58,6 +58,11 @@ def test_small_volume_is_padded(tmp_path):
     assert dls.train.one_batch()[0].shape == (1, 1, 32, 32, 32)
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _truncated(tmp_path):
     good = _nifti(tmp_path / 'full.nii.gz', _phantom())
     data = good.read_bytes()
@@ -69,13 +74,13 @@ def _truncated(tmp_path):
 
 BAD_FILES = {
     'truncated': _truncated,
-    'not an image': lambda p: (p / 'notes.nii.gz').write_bytes(gzip.compress(b'this is a text file')) and p / 'notes.nii.gz',
+    'not an image': lambda p: _write(p / 'notes.nii.gz', gzip.compress(b'this is a text file')),
     '2-D image': lambda p: _nifti(p / 'slice.nii.gz', np.zeros((32, 32), np.float32) + np.arange(32)),
     '4-D series': lambda p: _nifti(p / 'series.nii.gz', np.stack([_phantom(), _phantom()], -1)),
     'constant': lambda p: _nifti(p / 'constant.nii.gz', np.full((16, 16, 16), 40.0, np.float32)),
     'NaN voxels': lambda p: _nifti(p / 'nan.nii.gz', np.where(_phantom() > 0, np.nan, _phantom())),
 }
-EXPECTED = {'truncated': '', 'not an image': '', '2-D image': '3-D volume', '4-D series': '4-D series',
+EXPECTED = {'truncated': 'cannot be used as a CT volume', 'not an image': 'cannot be used as a CT volume', '2-D image': '3-D volume', '4-D series': '4-D series',
             'constant': 'single value', 'NaN voxels': 'NaN'}
 
 
@@ -113,6 +118,11 @@ def test_sources_and_bad_arguments(tmp_path):
         _dls([a], tmp_path, on_error='ignore')
     with pytest.raises(ValueError, match='hu_range'):
         _dls([a], tmp_path, hu_range=(250, -175))
+    with pytest.raises(ValueError, match='valid_pct'):  # checked before any scan is read
+        _dls([a], tmp_path, valid_pct=1.0)
+    assert not (tmp_path / 'cache').exists(), 'bad arguments fail before the cache is touched'
+    with pytest.raises(ValueError, match='spacing'):
+        _dls([a], tmp_path, spacing=(2.0, 0.0, 2.0))
 
 
 def test_changed_file_is_not_read_from_a_stale_cache(tmp_path):
