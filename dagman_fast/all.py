@@ -2,19 +2,29 @@
 
 # %% auto #0
 __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'medmnist3d_dls',
-           'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'ATTN_IMPLS', 'window_attention', 'PRESETS',
+           'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'METHODS', 'AttentionGuidedMasking',
+           'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog',
+           'dagman_learner', 'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS',
+           'MaskGenerator', 'patch_dropout_mask', 'upsample_mask', 'ATTN_IMPLS', 'window_attention', 'PRESETS',
            'EncoderOutput', 'SemanticAttention', 'SwinConfig', 'SwinEncoder', 'ViTConfig', 'ViTEncoder',
            'build_encoder', 'encoder_config', 'from_monai', 'monai_swin_kwargs', 'to_monai']
 
-# %% ../nbs/09_all.ipynb #cfe49c72
+# %% ../nbs/09_all.ipynb #f9c47625
 from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans,
-                              medmnist3d_dls, nodule_crops_dls, seg_pairs_dls, show_batch_3d)
+                              medmnist3d_dls, nodule_crops_dls, seg_pairs_dls, show_batch_3d, synthetic_ct)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
+from .learner import (METHODS, AttentionGuidedMasking, DAGMaNConfig, DAGMaNLearner, DAGMaNModel, EMATeacher,
+                                 PatchDropout, PretrainLog, dagman_learner, load_checkpoint, load_encoder)
+from .losses import DINOHead, DistillLoss, amip_loss
+from .masking import MASKINGS, MaskGenerator, patch_dropout_mask, upsample_mask
 from .swin import (PRESETS, EncoderOutput, SemanticAttention, SwinConfig, SwinEncoder, ViTConfig, ViTEncoder,
                               build_encoder, encoder_config, from_monai, monai_swin_kwargs, to_monai)
 
 # nbdev adds the names in `_all_` to the module's generated `__all__` (imports are not added on their own)
 _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'medmnist3d_dls',
-         'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig',
+         'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'METHODS', 'AttentionGuidedMasking',
+         'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner',
+         'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
+         'patch_dropout_mask', 'upsample_mask', 'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig',
          'SwinEncoder', 'ViTConfig', 'ViTEncoder', 'build_encoder', 'encoder_config', 'from_monai',
          'monai_swin_kwargs', 'to_monai']
