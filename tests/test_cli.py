@@ -24,3 +24,55 @@ def test_show_batch_writes_png_and_reports_skipped(tmp_path, capsys):
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     err = capsys.readouterr().err
     assert 'skipped' in err and 'broken.nii.gz' in err
+
+
+def test_pretrain_resume_and_export(tmp_path, capsys):
+    import csv
+
+    import torch
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    from dagman_fast.learner import load_encoder
+    from dagman_fast.swin import monai_swin_kwargs
+
+    out = tmp_path / 'run'
+    common = ['pretrain', '--out', str(out), '--synthetic', '2', '--crop', '32', '--bs', '1',
+              '--set', 'out_dim=64', '--set', 'head_hidden=32', '--cache-dir', str(tmp_path / 'cache')]
+    assert main(common + ['--epochs', '2']) == 0
+    for name in ('encoder.pth', 'encoder.json', 'pretrain_log.csv', 'pretrain_log.png', 'config.json',
+                 'models/checkpoint.pth'):
+        assert (out / name).exists(), name
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    assert [r['epoch'] for r in rows] == ['0', '1'] and float(rows[0]['mask_ratio']) > 0
+    enc = load_encoder(out / 'encoder.pth')
+    assert enc.config.embed_dim == 24  # swin-tiny on the CPU
+    # a resumed run with a longer schedule continues from the checkpoint
+    assert main(common + ['--epochs', '3', '--resume']) == 0
+    assert 'resuming from' in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']
+    assert torch.load(out / 'models' / 'checkpoint.pth', weights_only=True)['epoch'] == 2
+    # export in MONAI's layout loads strictly into MONAI's SwinTransformer
+    assert main(['export', str(out / 'models' / 'checkpoint.pth'), '--out', str(tmp_path / 'm.pth'), '--monai']) == 0
+    twin = SwinTransformer(**monai_swin_kwargs(enc.config))
+    twin.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
+
+
+def test_pretrain_rejects_bad_set():
+    import pytest
+    with pytest.raises(SystemExit, match='KEY=VALUE'):
+        main(['pretrain', '--set', 'mask_ratio'])
+
+
+def test_pretrain_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, capsys):
+    import pytest
+    out = tmp_path / 'run'
+    assert main(['pretrain', '--out', str(out), '--resume']) == 2
+    assert 'no checkpoint' in capsys.readouterr().err
+    (out / 'models').mkdir(parents=True)
+    (out / 'models' / 'checkpoint.pth').write_bytes(b'x')
+    assert main(['pretrain', '--out', str(out)]) == 2
+    assert '--resume' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='encoder.drop_path_rate'):
+        main(['pretrain', '--out', str(tmp_path / 'other'), '--set', 'drop_path_rate=0'])
+    assert not (tmp_path / 'other').exists()  # nothing written before the options are checked

@@ -1,0 +1,456 @@
+"""The pretraining engine: teacher, masks, losses, schedules, checkpoints and resume, export, methods."""
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.torch_core import set_seed
+from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
+
+from dagman_fast.learner import (CHECKPOINT_FORMAT, METHODS, AttentionGuidedMasking, DAGMaNCheckpoint, DAGMaNConfig,
+                                 DAGMaNModel, EMATeacher, PatchDropout, StepTimer, dagman_learner, load_checkpoint,
+                                 load_encoder)
+from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
+
+CROP = 32
+HEADS = dict(out_dim=64, head_hidden=32, head_bottleneck=16)
+
+
+def enc_cfg(**kw) -> SwinConfig:
+    "A tiny Swin with SA after stage 3: a 32^3 crop gives a 16^3 patch grid and 2^3 = 8 cells."
+    base = dict(img_size=CROP, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
+                drop_path_rate=0.1)
+    base.update(kw)
+    return SwinConfig(**base)
+
+
+class Views(torch.utils.data.Dataset):
+    "Two noisy views of smooth random volumes (enough structure for the losses to move)."
+    crop = (CROP,) * 3
+
+    def __init__(self, n: int = 4, views: int = 2):
+        g = torch.Generator().manual_seed(0)
+        base = torch.rand(n, 1, 8, 8, 8, generator=g)
+        self.vols = F.interpolate(base, size=(CROP,) * 3, mode='trilinear')
+        self.views = views
+
+    def __len__(self):
+        return len(self.vols)
+
+    def __getitem__(self, i):
+        v = self.vols[i]
+        return tuple((v + 0.05 * torch.randn_like(v)).clamp(0, 1) for _ in range(self.views))
+
+
+def make_dls(n=4, bs=2, views=2):
+    dls = DataLoaders(DataLoader(Views(n, views), bs=bs, shuffle=True, drop_last=True), DataLoader(Views(2, views), bs=bs))
+    dls.n_inp = views
+    return dls
+
+
+def make_learner(tmp_path, method='dagman', encoder=None, **kw):
+    return dagman_learner(make_dls(), method=method, encoder=encoder or enc_cfg(), path=tmp_path, lr=1e-3,
+                          **{**HEADS, **kw})
+
+
+class LossLog(Callback):
+    "Raw per-step training losses; optionally stops the fit after `stop` epochs (after the checkpoint is written)."
+    order = 100
+
+    def __init__(self, stop=None):
+        self.losses, self.stop = [], stop
+
+    def after_loss(self):
+        if self.training:
+            self.losses.append(float(self.loss.detach()))
+
+    def after_epoch(self):
+        if self.stop is not None and self.epoch + 1 == self.stop:
+            raise CancelFitException
+
+
+def quiet_fit(learn, n, **kw):
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(n, **kw)
+
+
+# ---------------------------------------------------------------- teacher
+
+
+def test_teacher_never_gets_gradients_and_follows_the_ema(tmp_path):
+    learn = make_learner(tmp_path)
+    m = learn.model
+    assert not any(p.requires_grad for p in m.teacher.parameters())
+    opt_params = {id(p) for pg in learn.splitter(m) for p in pg}
+    assert not opt_params & {id(p) for p in m.teacher.parameters()}, 'teacher parameters reached the optimiser'
+    before = [p.clone() for p in m.teacher.parameters()]
+
+    class Grads(Callback):
+        order = 35  # after the backward, before the EMA
+
+        def after_backward(self):
+            assert all(p.grad is None for p in self.model.teacher.parameters())
+            self.seen = True
+
+    g = Grads()
+    quiet_fit(learn, 1, cbs=[g])
+    assert g.seen
+    assert not m.teacher.training and all(not mod.training for mod in m.teacher.modules())
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.teacher.parameters())), 'the EMA never moved the teacher'
+    m.train()
+    assert m.student.training and not m.teacher.training
+
+
+def test_update_teacher_is_the_ema_formula(tmp_path):
+    m = make_learner(tmp_path).model
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(torch.randn_like(p))
+    t0 = [p.clone() for p in m.teacher.parameters()]
+    m.update_teacher(0.9)
+    for a, s, t in zip(t0, m.student.parameters(), m.teacher.parameters()):
+        torch.testing.assert_close(t, 0.9 * a + 0.1 * s)
+
+
+def test_ema_momentum_is_a_cosine_over_all_iterations():
+    cb = EMATeacher()
+    cb.m0, cb.total = 0.996, 100
+    assert cb.momentum_at(0) == pytest.approx(0.996)
+    assert cb.momentum_at(50) == pytest.approx(0.998)
+    assert cb.momentum_at(100) == pytest.approx(1.0)
+    assert cb.momentum_at(25) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_teacher_temperature_warms_up_with_the_global_step(tmp_path):
+    m = make_learner(tmp_path, teacher_temp_warmup=2).model
+    m.iters_per_epoch = 5
+    assert float(m.teacher_temp()) == pytest.approx(0.04)
+    m.step.fill_(5)
+    assert float(m.teacher_temp()) == pytest.approx(0.055)
+    m.step.fill_(50)
+    assert float(m.teacher_temp()) == pytest.approx(0.07)
+
+
+# ---------------------------------------------------------------- masks and losses
+
+
+def test_attention_guided_mask_comes_from_the_teachers_attention(tmp_path):
+    m = make_learner(tmp_path, hint_ratio=0.0, mask_ratio=0.5).model.eval()
+    x = torch.rand(3, 1, CROP, CROP, CROP)
+    guide = m.guide([x])
+    attn = m.teacher.encoder(x).attn
+    k = int(0.5 * 8)
+    ref = torch.zeros(3, 8, dtype=torch.bool)
+    for i in range(3):
+        ref[i, sorted(range(8), key=lambda j: -attn[i, j].item())[:k]] = True
+    torch.testing.assert_close(guide['cell_mask'], ref)
+
+
+def test_student_mask_covers_whole_cells_of_the_patch_grid(tmp_path):
+    m = make_learner(tmp_path).model.eval()
+    x = torch.rand(1, 1, CROP, CROP, CROP)
+    cell = torch.zeros(1, 8, dtype=torch.bool)
+    cell[0, 5] = True  # cell (1, 0, 1) of the 2x2x2 grid: patches [8:16, 0:8, 8:16] of the 16^3 patch grid
+    patch = torch.zeros(1, 16, 16, 16, dtype=torch.bool)
+    patch[0, 8:16, 0:8, 8:16] = True
+    pred = m(x, cell)
+    ref = m.student.encoder(x, patch)
+    torch.testing.assert_close(pred['s_gitd'], m.student.heads['gitd'](ref.features[-1].mean((2, 3, 4))))
+    unmasked = m.student.encoder(x)
+    assert not torch.allclose(unmasked.features[-1], ref.features[-1])
+
+
+def test_total_loss_is_amip_plus_weighted_distillation(tmp_path):
+    m = make_learner(tmp_path, distill_weight=0.5).model.train()
+    views = [torch.rand(2, 1, CROP, CROP, CROP) for _ in range(2)]
+    guide = m.guide(views)
+    total = m.loss(m(*views, guide['cell_mask']), guide)
+    t = m.terms
+    assert set(t) == {'aitd', 'ampd', 'gitd', 'amip'}
+    torch.testing.assert_close(total.detach(), t['amip'] + 0.5 * (t['aitd'] + t['ampd'] + t['gitd']))
+
+
+def test_global_loss_is_cross_view(tmp_path):
+    m = make_learner(tmp_path, losses=('gitd',)).model.eval()  # eval: centres stay at zero
+    views = [torch.rand(2, 1, CROP, CROP, CROP) for _ in range(2)]
+    guide = m.guide(views)
+    pred = m(*views, guide['cell_mask'])
+    m.loss(pred, guide)
+    s, t = pred['s_gitd'].view(2, 2, -1), guide['t_gitd'].view(2, 2, -1)
+    tt = float(m.teacher_temp())
+
+    def ce(si, ti):
+        return -(F.softmax(ti / tt, -1) * F.log_softmax(si / 0.1, -1)).sum(-1).mean()
+
+    torch.testing.assert_close(m.terms['gitd'], (ce(s[0], t[1]) + ce(s[1], t[0])) / 2)
+
+
+def test_loss_switches_and_ampd_on_masked_cells_only(tmp_path):
+    m = make_learner(tmp_path, losses=('ampd',)).model.eval()
+    assert set(m.student.heads) == {'ampd'} and m.recon is None
+    x = torch.rand(2, 1, CROP, CROP, CROP)
+    guide = m.guide([x])
+    pred = m(x, guide['cell_mask'])
+    m.loss(pred, guide)
+    tt = float(m.teacher_temp())
+    ce = -(F.softmax(guide['t_ampd'] / tt, -1) * F.log_softmax(pred['s_ampd'] / 0.1, -1)).sum(-1)  # (b, cells)
+    w = guide['cell_mask'].float()
+    ref = ((ce * w).sum(1) / w.sum(1)).mean()
+    torch.testing.assert_close(m.terms['ampd'], ref)
+    assert set(m.terms) == {'ampd'}
+
+
+def test_patch_dropout_feeds_the_teacher_an_exact_share_of_mask_tokens(tmp_path):
+    learn = make_learner(tmp_path, patch_drop=0.25)
+    assert any(isinstance(c, PatchDropout) for c in learn.cbs)
+    seen = {}
+    def hook(mod, args):  # returns None: the arguments stay as they are
+        seen.setdefault('mask', args[1])
+
+    h = learn.model.teacher.encoder.register_forward_pre_hook(hook)
+    quiet_fit(learn, 1)
+    h.remove()
+    mask = seen['mask']
+    assert mask.dtype == torch.bool and mask.shape == (4, 16, 16, 16)  # 2 views x bs 2 on the patch grid
+    assert mask.flatten(1).sum(1).tolist() == [int(0.25 * 16 ** 3)] * 4
+    plain = make_learner(tmp_path, noisy_teacher=False)
+    assert not any(isinstance(c, PatchDropout) for c in plain.cbs)
+
+
+def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
+    learn = make_learner(tmp_path, freeze_last_layer=1)
+    last = lambda: [p.detach().clone() for p in learn.model.student.last_layers()]  # noqa: E731
+    start = last()
+    mlp0 = [p.detach().clone() for h in learn.model.student.heads.values() for p in h.mlp.parameters()]
+    quiet_fit(learn, 1)
+    assert all(torch.equal(a, b) for a, b in zip(start, last()))
+    mlp1 = [p for h in learn.model.student.heads.values() for p in h.mlp.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(mlp0, mlp1)), 'the rest of the heads trains in epoch 0'
+    quiet_fit(learn, 2)  # a new fit: epoch 0 frozen again, epoch 1 trains the last layer
+    assert any(not torch.equal(a, b) for a, b in zip(start, last()))
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path):
+    set_seed(0)
+    full, rf = make_learner(tmp_path / 'full'), LossLog()
+    quiet_fit(full, 3, cbs=[rf])
+    set_seed(0)
+    part, rp = make_learner(tmp_path / 'part'), LossLog(stop=2)
+    quiet_fit(part, 3, cbs=[rp])
+    ck = load_checkpoint(tmp_path / 'part' / 'models' / 'checkpoint.pth')
+    assert ck['epoch'] == 1 and ck['format'] == CHECKPOINT_FORMAT
+    set_seed(1234)  # a fresh process would start from another random state: the checkpoint restores it
+    again, ra = make_learner(tmp_path / 'part'), LossLog()
+    start = again.resume(tmp_path / 'part' / 'models' / 'checkpoint.pth')
+    assert start == 2
+    quiet_fit(again, 3, cbs=[ra], start_epoch=start)
+    assert len(rf.losses) == 6
+    torch.testing.assert_close(torch.tensor(rp.losses + ra.losses), torch.tensor(rf.losses), rtol=1e-5, atol=1e-6)
+    a, b = full.model.state_dict(), again.model.state_dict()
+    for k in a:  # student, teacher, heads, centres and step
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert int(b['step']) == 6
+    rows = list(csv.DictReader(open(tmp_path / 'part' / 'pretrain_log.csv')))
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+
+
+def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    path = tmp_path / 'models' / 'checkpoint.pth'
+    assert [p.name for p in path.parent.iterdir()] == ['checkpoint.pth']  # no temporary file left behind
+    ck = torch.load(path, weights_only=True)
+    assert set(ck) >= {'model', 'opt', 'rng', 'epoch', 'config'}
+    assert any(k.startswith('teacher.') for k in ck['model']) and 'distill.gitd.center' in ck['model']
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a kill mid-copy
+    with pytest.raises(ValueError, match='checkpoint.pth'):
+        load_checkpoint(path)
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    other = make_learner(tmp_path, mask_ratio=0.5)
+    with pytest.raises(ValueError, match='mask_ratio'):
+        other.resume(tmp_path / 'models' / 'checkpoint.pth')
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    path = tmp_path / 'models' / 'checkpoint.pth'
+    good = path.read_bytes()
+
+    class Poison(Callback):
+        order = 25  # after the masking callback, before StopOnNaN's after_loss
+
+        def before_batch(self):
+            if self.epoch == 1:
+                self.learn.xb = (self.xb[0] * float('nan'), *self.xb[1:])
+
+    with pytest.raises(FloatingPointError, match=r'checkpoint.*checkpoint\.pth'):
+        quiet_fit(learn, 2, cbs=[Poison()])
+    assert path.read_bytes() != good  # epoch 0 of this fit was saved ...
+    ck = load_checkpoint(path)
+    assert ck['epoch'] == 0  # ... and nothing after the NaN
+    assert all(torch.isfinite(v).all() for v in learn.model.state_dict().values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_export_encoder_loads_weights_only_into_a_fresh_encoder_and_monai(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    path = learn.export_encoder(tmp_path / 'enc.pth')
+    raw = torch.load(path, weights_only=True)
+    assert raw['config']['arch'] == 'swin' and (tmp_path / 'enc.json').exists()
+    enc = load_encoder(path).eval()
+    student = learn.model.student.encoder.eval()
+    x = torch.rand(1, 1, CROP, CROP, CROP)
+    for a, b in zip(enc.forward_features(x), student.forward_features(x)):
+        torch.testing.assert_close(a, b)
+    twin = MonaiSwinTransformer(**monai_swin_kwargs(enc.config))
+    twin.load_state_dict(to_monai(enc), strict=True)
+    # also from the checkpoint, and from a wrapped state dict with prefixes
+    ck_enc = load_encoder(tmp_path / 'models' / 'checkpoint.pth')
+    torch.testing.assert_close(ck_enc.state_dict()['mask_token'], student.state_dict()['mask_token'])
+    wrapped = {f'module.student.encoder.{k}': v for k, v in raw['state_dict'].items()}
+    assert load_encoder(wrapped, config=raw['config']).load_report == dict(missing=[], unexpected=[])
+
+
+def test_load_encoder_reports_missing_and_unexpected(tmp_path):
+    learn = make_learner(tmp_path)
+    sd = dict(learn.model.student.encoder.state_dict())
+    sd.pop('mask_token')
+    sd['extra.weight'] = torch.zeros(1)
+    cfg = learn.model.encoder_config
+    with pytest.raises(ValueError, match='mask_token.*extra.weight'):
+        load_encoder(sd, config=cfg)
+    with pytest.warns(UserWarning, match='1 missing'):
+        enc = load_encoder(sd, config=cfg, strict=False)
+    assert enc.load_report == dict(missing=['mask_token'], unexpected=['extra.weight'])
+    with pytest.raises(ValueError, match='config='):
+        load_encoder(sd)
+
+
+# ---------------------------------------------------------------- methods and options
+
+
+@pytest.mark.parametrize('method', list(METHODS))
+def test_every_method_trains_a_step(tmp_path, method):
+    encoder = ViTConfig(img_size=CROP, patch_size=8, embed_dim=24, depth=2, num_heads=2) if method == 'attmask' else None
+    learn = make_learner(tmp_path, method=method, encoder=encoder)
+    m = learn.model
+    spec = METHODS[method]
+    assert m.config.masking == spec.get('masking', 'attention')
+    assert m.config.noisy_teacher == spec.get('noisy_teacher', True)
+    if method == 'smit':
+        assert m.student.encoder.sa is None and 'aitd' not in m.student.heads
+    before = [p.clone() for p in m.student.parameters()]
+    quiet_fit(learn, 1)
+    assert any(not torch.equal(a, b) for a, b in zip(before, m.student.parameters()))
+    assert all(math.isfinite(float(v)) for v in m.terms.values())
+
+
+def test_bad_options_are_named(tmp_path):
+    with pytest.raises(TypeError, match='mask_ratoi'):
+        make_learner(tmp_path, mask_ratoi=0.5)
+    with pytest.raises(ValueError, match='sa_stage'):
+        make_learner(tmp_path, encoder=enc_cfg(sa_stage=None))  # the default losses need the SA [CLS]
+    with pytest.raises(ValueError, match="Did you mean 'block'"):
+        make_learner(tmp_path, masking='blocks')
+    with pytest.raises(ValueError, match='CUDA'):
+        make_learner(tmp_path, amp='bf16')
+    with pytest.raises(ValueError, match='method'):
+        make_learner(tmp_path, method='dino')
+    with pytest.raises(ValueError, match='mask_ratio'):
+        DAGMaNConfig(mask_ratio=1.5)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    import json
+    cfg = DAGMaNConfig(masking='block', losses=('gitd', 'amip'), mask_ratio=0.6)
+    assert DAGMaNConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.losses == ('gitd', 'amip')
+
+
+def test_log_and_step_timer(tmp_path):
+    learn = make_learner(tmp_path)
+    timer = StepTimer(warmup=0)
+    quiet_fit(learn, 2, cbs=[timer])
+    rows = list(csv.DictReader(open(tmp_path / 'pretrain_log.csv')))
+    assert len(rows) == 2
+    for k in ('train_loss', 'aitd', 'ampd', 'gitd', 'amip', 'mask_ratio', 'aitd_entropy', 'gitd_mean_entropy',
+              'ampd_center_norm', 'head_diversity', 'ema_momentum', 'teacher_temp', 'lr'):
+        assert k in rows[0], k
+    assert float(rows[0]['mask_ratio']) == pytest.approx(int(0.7 * 8) / 8)
+    s = timer.summary()
+    assert len(timer.steps) == 4 and s['teacher'] > 0 and s['student'] > 0 and s['ema'] > 0 and s['backward'] > 0
+    assert 0 <= float(rows[1]['head_diversity']) <= 1
+
+
+def test_every_fit_runs_the_whole_ema_cosine(tmp_path):
+    "A second fit (or fine_tune's) starts again at the configured momentum instead of a frozen teacher."
+    learn = make_learner(tmp_path)
+    seen = []
+
+    class Momenta(Callback):
+        order = 50  # after EMATeacher
+
+        def after_batch(self):
+            if self.training:
+                seen.append(self.learn.ema_momentum)
+
+    for _ in range(2):
+        quiet_fit(learn, 1, cbs=[Momenta()])
+    assert seen[0] == seen[2] == pytest.approx(0.996)
+    assert all(m < 1 for m in seen) and int(learn.model.step) == 4
+
+
+def test_checkpoint_refuses_non_finite_weights(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    path = tmp_path / 'models' / 'checkpoint.pth'
+    good = path.read_bytes()
+    ck = next(c for c in learn.cbs if isinstance(c, DAGMaNCheckpoint))
+    with torch.no_grad():
+        next(learn.model.student.parameters()).fill_(float('nan'))
+    with pytest.raises(FloatingPointError, match='not overwritten'):
+        ck.save(1)
+    assert path.read_bytes() == good
+
+
+def test_lr_find_writes_no_checkpoint_and_keeps_a_pending_resume(tmp_path):
+    learn = make_learner(tmp_path)
+    quiet_fit(learn, 1)
+    path = tmp_path / 'models' / 'checkpoint.pth'
+    good, log = path.read_bytes(), (tmp_path / 'pretrain_log.csv').read_text()
+    again = make_learner(tmp_path)
+    again.resume(path)
+    with again.no_bar(), again.no_logging():
+        again.lr_find(num_it=4, show_plot=False)
+    assert path.read_bytes() == good and (tmp_path / 'pretrain_log.csv').read_text() == log
+    assert next(c for c in again.cbs if isinstance(c, DAGMaNCheckpoint)).pending_rng is not None
+
+
+def test_ct_loaders_and_learner_use_the_default_device(tmp_path):
+    from fastai.torch_core import default_device
+
+    from dagman_fast.data import ct_ssl_dls, synthetic_ct
+    synthetic_ct(tmp_path / 'ct', n=2, size=40)
+    dls = ct_ssl_dls(tmp_path / 'ct', crop=CROP, bs=1, cache_dir=tmp_path / 'cache', progress=False)
+    assert torch.device(dls.device) == default_device()
+    learn = dagman_learner(dls, encoder=enc_cfg(), path=tmp_path, **HEADS)
+    quiet_fit(learn, 1)
+    assert next(learn.model.parameters()).device.type == default_device().type
