@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import warnings
 
 import pytest
@@ -269,6 +270,9 @@ def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
     quiet_fit(learn, 1)
     path = tmp_path / 'models' / 'checkpoint.pth'
     assert [p.name for p in path.parent.iterdir()] == ['checkpoint.pth']  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions of any new file, not mkstemp's 0600
     ck = torch.load(path, weights_only=True)
     assert set(ck) >= {'model', 'opt', 'rng', 'epoch', 'config'}
     assert any(k.startswith('teacher.') for k in ck['model']) and 'distill.gitd.center' in ck['model']
