@@ -1,0 +1,155 @@
+"""Classification fine-tuning: frozen parameter sets, linear probing, encoder loading, metrics, MONAI hand-off."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from sklearn.metrics import confusion_matrix, recall_score
+
+from dagman_fast.finetune import ClsModel, cls_learner, cls_splitter, sensitivity, specificity
+from dagman_fast.swin import SwinConfig, ViTConfig, build_encoder, to_monai
+
+CFG = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
+                 drop_path_rate=0.1)
+
+
+def make_dls(n=8, size=32, classes=2):
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % classes
+    x = torch.rand(n, 1, size, size, size, generator=g) * 0.2 + y.view(-1, 1, 1, 1, 1).float() * 0.5
+    ds = torch.utils.data.TensorDataset(x, y)
+    dls = DataLoaders(DataLoader(ds, bs=4, shuffle=True, drop_last=True), DataLoader(ds, bs=4))
+    dls.c = classes
+    return dls
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return [not torch.equal(a, b) for a, b in zip(before, module.parameters())]
+
+
+class Phases(Callback):
+    "Which parameters require gradients at the start of every fit (fine_tune runs two)."
+    def __init__(self):
+        self.phases = []
+
+    def before_fit(self):
+        m = self.learn.model
+        self.phases.append(({p.requires_grad for p in m.encoder.parameters()},
+                            {p.requires_grad for p in m.head.parameters()}))
+
+
+def test_fine_tune_freezes_the_encoder_then_trains_all_with_spread_lrs(tmp_path):
+    learn = cls_learner(make_dls(), encoder=build_encoder(CFG), path=tmp_path)
+    phases = Phases()
+    learn.add_cb(phases)
+    enc0 = snapshot(learn.model.encoder)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(1, base_lr=1e-3, freeze_epochs=1)
+    assert phases.phases == [({False}, {True}), ({True}, {True})]  # frozen epoch, then everything
+    assert any(changed(enc0, learn.model.encoder))
+    lrs = [h['lr'] for h in learn.opt.hypers]
+    assert len(lrs) == 5 and lrs == sorted(lrs) and lrs[0] < lrs[-1] / 10  # stage 1 slowest, head fastest
+
+
+def test_frozen_phase_leaves_the_encoder_and_its_norms_untouched(tmp_path):
+    learn = cls_learner(make_dls(), encoder=build_encoder(CFG), path=tmp_path)
+    learn.freeze()
+    enc0, head0 = snapshot(learn.model.encoder), snapshot(learn.model.head)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3)
+    assert not any(changed(enc0, learn.model.encoder))  # LayerNorms included (train_bn=False)
+    assert all(changed(head0, learn.model.head))
+
+
+def test_linear_probe_never_trains_the_encoder(tmp_path):
+    learn = cls_learner(make_dls(), encoder=build_encoder(CFG), linear_probe=True, path=tmp_path)
+    assert cls_splitter(learn.model)[0] == []
+    enc0 = snapshot(learn.model.encoder)
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune(1, freeze_epochs=1)  # even fine_tune's unfreeze cannot reach it
+    assert not any(changed(enc0, learn.model.encoder))
+    learn.model.train()
+    assert not learn.model.encoder.training  # no drop path in a fixed feature extractor
+
+
+def test_loads_an_exported_encoder_and_a_checkpoint(tmp_path):
+    from fastai.torch_core import set_seed
+
+    from tests.test_learner import make_learner, quiet_fit  # a tiny DAGMaN run
+    set_seed(0)
+    pre = make_learner(tmp_path / 'pre')
+    quiet_fit(pre, 1)
+    path = pre.export_encoder(tmp_path / 'enc.pth')
+    student = pre.model.student.encoder.state_dict()
+    for source in (path, tmp_path / 'pre' / 'models' / 'checkpoint.pth', pre):
+        learn = cls_learner(make_dls(), encoder=source, path=tmp_path)
+        got = learn.model.encoder.state_dict()
+        assert all(torch.equal(got[k], student[k]) for k in student), source
+    assert learn.model.encoder is not pre.model.student.encoder  # a copy: fine-tuning leaves the run alone
+
+
+def test_padding_and_pools(tmp_path):
+    enc = build_encoder(CFG).eval()
+    model = ClsModel(enc, 3).eval()
+    x = torch.rand(2, 1, 28, 28, 28)
+    ref = enc.forward_features(F.pad(x, [2, 2, 2, 2, 2, 2]))[-1].mean((2, 3, 4))
+    torch.testing.assert_close(model.features(x), ref)
+    cls = ClsModel(enc, 3, pool='cls').eval()
+    assert cls(x).shape == (2, 3) and cls.head[1].in_features == 12 * 8
+    no_sa = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=None)
+    with pytest.raises(ValueError, match='sa_stage'):
+        ClsModel(build_encoder(no_sa), 2, pool='cls')
+    vit = build_encoder(ViTConfig(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=2))
+    learn = cls_learner(make_dls(), encoder=vit, pool='cls', path=tmp_path)
+    assert len(cls_splitter(learn.model)) == 5 and learn.model(torch.rand(1, 1, 32, 32, 32)).shape == (1, 2)
+
+
+@pytest.mark.parametrize('classes', [2, 3])
+def test_sensitivity_and_specificity_match_sklearn(classes):
+    rng = np.random.default_rng(classes)
+    y, p = rng.integers(0, classes, 200), rng.integers(0, classes, 200)
+    cm = confusion_matrix(y, p, labels=list(range(classes)))
+    spec = [(cm.sum() - cm[i].sum() - cm[:, i].sum() + cm[i, i]) / (cm.sum() - cm[i].sum()) for i in range(classes)]
+    if classes == 2:
+        assert sensitivity(y, p) == pytest.approx(recall_score(y, p))
+        assert specificity(y, p) == pytest.approx(recall_score(y, p, pos_label=0))
+    else:
+        assert sensitivity(y, p) == pytest.approx(recall_score(y, p, average='macro'))
+        assert specificity(y, p) == pytest.approx(np.mean(spec))
+
+
+def test_metrics_and_bad_input(tmp_path):
+    learn = cls_learner(make_dls(classes=3), encoder=build_encoder(CFG), path=tmp_path)
+    names = [m.name for m in learn.metrics]
+    assert names == ['roc_auc_score', 'accuracy', 'sensitivity', 'specificity']
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-4)
+    vals = learn.recorder.values[-1][2:]
+    assert len(vals) == 4 and all(0 <= v <= 1 for v in vals)
+    dls = make_dls()
+    dls.c = None
+    with pytest.raises(ValueError, match='n_out'):
+        cls_learner(dls, encoder=build_encoder(CFG))
+    with pytest.raises(TypeError, match='encoder must be'):
+        cls_learner(make_dls(), encoder=42)
+
+
+def test_monai_swinunetr_takes_the_encoder_strictly():
+    from monai.networks.nets import SwinUNETR
+    cfg = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=None)
+    enc = build_encoder(cfg).eval()
+    net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=cfg.depths, num_heads=cfg.num_heads,
+                    window_size=4, patch_norm=cfg.patch_norm, downsample='mergingv2').eval()
+    net.swinViT.load_state_dict(to_monai(enc), strict=True)
+    x = torch.rand(1, 1, 32, 32, 32)
+    for a, b in zip(net.swinViT(x, normalize=True), enc.forward_features(x)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert net(torch.rand(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)  # 32^3 has a 1-voxel bottleneck
