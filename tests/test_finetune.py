@@ -153,3 +153,104 @@ def test_monai_swinunetr_takes_the_encoder_strictly():
     for a, b in zip(net.swinViT(x, normalize=True), enc.forward_features(x)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert net(torch.rand(1, 1, 64, 64, 64)).shape == (1, 3, 64, 64, 64)  # 32^3 has a 1-voxel bottleneck
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def seg_dls(n=4, size=64, classes=3):
+    "Volumes with a bright box (class 1) and a darker sphere (class 2) on noise."
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, size, size, size, generator=g) * 0.1
+    y = torch.zeros(n, size, size, size, dtype=torch.long)
+    y[:, 8:24, 8:24, 8:24] = 1
+    zz, yy, xx = torch.meshgrid(*(torch.arange(size),) * 3, indexing='ij')
+    y[:, ((zz - 44) ** 2 + (yy - 44) ** 2 + (xx - 44) ** 2) < 100] = 2
+    x[:, 0][y == 1] += 0.8
+    x[:, 0][y == 2] += 0.4
+    ds = torch.utils.data.TensorDataset(x, y)
+    dls = DataLoaders(DataLoader(ds, bs=2, shuffle=True), DataLoader(ds, bs=2))
+    dls.c = classes
+    return dls
+
+
+def test_seg_model_equals_monai_swinunetr_with_the_same_weights():
+    from monai.networks.nets import SwinUNETR
+
+    from dagman_fast.finetune import SegModel
+    cfg = SwinConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=None)
+    model = SegModel(build_encoder(cfg), 3).eval()
+    net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=cfg.depths, num_heads=cfg.num_heads,
+                    window_size=4, patch_norm=cfg.patch_norm, downsample='mergingv2').eval()
+    net.swinViT.load_state_dict(to_monai(model.encoder), strict=True)
+    decoder = {k: v for k, v in model.state_dict().items() if not k.startswith('encoder.')}
+    missing, unexpected = net.load_state_dict(decoder, strict=False)
+    assert not unexpected and all(k.startswith('swinViT.') for k in missing)  # same decoder names and shapes
+    x = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), atol=1e-4, rtol=1e-4)
+
+
+def test_seg_learner_fine_tunes_and_the_dice_rises(tmp_path):
+    from monai.metrics import compute_dice
+
+    from dagman_fast.finetune import predict_volume, seg_learner, seg_splitter
+    dls = seg_dls()
+    learn = seg_learner(dls, encoder=build_encoder(SwinConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2),
+                                                              num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4)),
+                        path=tmp_path)
+    assert len(seg_splitter(learn.model)) == 5
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(6, 3e-3)
+    dice = learn.recorder.values[-1][-1]
+    x, y = dls.valid.one_batch()
+    pred = predict_volume(learn, x[0], roi_size=64, overlap=0.5)
+    with pytest.raises(ValueError, match='roi_size'):
+        predict_volume(learn, x[0], roi_size=32)
+    assert pred.shape == y[0].shape
+    ref = compute_dice(F.one_hot(pred[None], 3).movedim(-1, 1), F.one_hot(y[:1], 3).movedim(-1, 1),
+                       include_background=False).nanmean().item()
+    assert dice > 0.3 and ref > 0.3, (dice, ref)  # from ~0 for random weights
+
+
+def test_seg_learner_bad_input():
+    from dagman_fast.finetune import seg_learner
+    vit = build_encoder(ViTConfig(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2))
+    with pytest.raises(TypeError, match='SwinEncoder'):
+        seg_learner(seg_dls(size=32), encoder=vit)
+    dls = seg_dls(size=32)
+    dls.c = 1
+    with pytest.raises(ValueError, match='n_classes'):
+        seg_learner(dls, encoder=build_encoder(CFG))
+
+
+# ---------------------------------------------------------------- few-shot and cross-validation
+
+
+def test_few_shot_subsets_are_stratified_and_seeded():
+    from dagman_fast.finetune import few_shot_indices
+    labels = np.array([0] * 80 + [1] * 20 + [2] * 8)
+    for frac in (0.25, 0.5):
+        idx = few_shot_indices(labels, frac, seed=3)
+        counts = np.bincount(labels[idx], minlength=3)
+        assert abs(len(idx) - frac * len(labels)) <= 1
+        assert np.all(np.abs(counts - frac * np.bincount(labels)) <= 1), counts
+        assert np.array_equal(idx, few_shot_indices(labels, frac, seed=3))
+        assert not np.array_equal(idx, few_shot_indices(labels, frac, seed=4))
+    with pytest.raises(ValueError, match='fraction'):
+        few_shot_indices(labels, 0)
+
+
+def test_stratified_folds_partition_and_subset_loaders():
+    from dagman_fast.finetune import stratified_folds, subset_dls, summarize
+    dls = make_dls(n=12, classes=2)
+    labels = dls.train.dataset.tensors[1].numpy()
+    folds = stratified_folds(labels, k=3, seed=0)
+    assert len(folds) == 3
+    assert sorted(np.concatenate([v for _, v in folds]).tolist()) == list(range(12))
+    for tr, va in folds:
+        assert not set(tr) & set(va) and np.bincount(labels[va]).tolist() == [2, 2]
+    sub = subset_dls(dls, *folds[0], bs=2)
+    assert len(sub.train.dataset) == 8 and len(sub.valid.dataset) == 4 and sub.c == 2
+    s = summarize([dict(auc=0.7, acc=0.6), dict(auc=0.9, acc=0.8)])
+    assert s['auc']['mean'] == pytest.approx(0.8) and s['auc']['std'] == pytest.approx(np.std([0.7, 0.9], ddof=1))
