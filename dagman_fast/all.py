@@ -7,15 +7,16 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
            'dagman_learner', 'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS',
            'MaskGenerator', 'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics', 'SegModel',
            'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',
-           'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig',
-           'SwinEncoder', 'ViTConfig', 'ViTEncoder', 'build_encoder', 'encoder_config', 'from_monai',
-           'monai_swin_kwargs', 'to_monai']
+           'evaluate_classifier', 'load_classifier', 'save_classifier', 'plot_roc', 'ATTN_IMPLS', 'window_attention',
+           'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig', 'SwinEncoder', 'ViTConfig', 'ViTEncoder',
+           'build_encoder', 'encoder_config', 'from_monai', 'monai_swin_kwargs', 'to_monai']
 
-# %% ../nbs/09_all.ipynb #ea3a6ceb
+# %% ../nbs/09_all.ipynb #31ba67c7
 from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans,
                               medmnist3d_dls, nodule_crops_dls, seg_pairs_dls, show_batch_3d, synthetic_ct)
-from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, few_shot_indices, predict_volume,
-                                  seg_learner, stratified_folds, subset_dls, summarize)
+from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, evaluate_classifier, few_shot_indices,
+                                  load_classifier, plot_roc, predict_volume, save_classifier, seg_learner,
+                                  stratified_folds, subset_dls, summarize)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
 from .learner import (METHODS, AttentionGuidedMasking, DAGMaNConfig, DAGMaNLearner, DAGMaNModel, EMATeacher,
                                  PatchDropout, PretrainLog, dagman_learner, load_checkpoint, load_encoder)
@@ -31,6 +32,7 @@ _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'f
          'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
          'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',
          'SegModel', 'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',
+         'evaluate_classifier', 'load_classifier', 'save_classifier', 'plot_roc',
          'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig',
          'SwinEncoder', 'ViTConfig', 'ViTEncoder', 'build_encoder', 'encoder_config', 'from_monai',
          'monai_swin_kwargs', 'to_monai']

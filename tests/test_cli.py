@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import nibabel as nib
+import pytest
 import numpy as np
 
 from dagman_fast.cli import main
@@ -76,3 +77,45 @@ def test_pretrain_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, capsys)
     with pytest.raises(SystemExit, match='encoder.drop_path_rate'):
         main(['pretrain', '--out', str(tmp_path / 'other'), '--set', 'drop_path_rate=0'])
     assert not (tmp_path / 'other').exists()  # nothing written before the options are checked
+
+
+def _fake_medmnist(root, n=(12, 6, 8)):
+    "A file in the official MedMNIST layout: uint8 28^3 images, labels (n, 1); class 1 is brighter."
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, k in zip(('train', 'val', 'test'), n):
+        y = np.arange(k) % 2
+        x = (rng.random((k, 28, 28, 28)) * 100 + y[:, None, None, None] * 120).astype(np.uint8)
+        arrays[f'{split}_images'], arrays[f'{split}_labels'] = x, y[:, None]
+    np.savez(root / 'adrenalmnist3d.npz', **arrays)
+
+
+def test_finetune_and_evaluate(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from tests.test_learner import make_learner, quiet_fit
+    _fake_medmnist(tmp_path)
+    pre = make_learner(tmp_path / 'pre')
+    quiet_fit(pre, 1)
+    enc = pre.export_encoder(tmp_path / 'enc.pth')
+    data = ['--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--bs', '4']
+    out = tmp_path / 'ft'
+    assert main(['finetune', *data, '--encoder', str(enc), '--epochs', '1', '--out', str(out)]) == 0
+    res = json.loads((out / 'results.json').read_text())
+    assert res['n_train'] == 12 and res['test']['n'] == 8 and res['valid']['n'] == 6
+    assert set(res['test']) >= {'auc', 'accuracy', 'sensitivity', 'specificity'}
+    for name in ('classifier.pth', 'roc_test.png', 'roc_valid.png'):
+        assert (out / name).exists(), name
+    torch.load(out / 'classifier.pth', weights_only=True)
+    capsys.readouterr()
+    assert main(['evaluate', str(out / 'classifier.pth'), *data, '--out', str(tmp_path / 'ev')]) == 0
+    again = json.loads((tmp_path / 'ev' / 'results_test.json').read_text())
+    assert again == pytest.approx(res['test'])  # the saved classifier reproduces the fine-tuned one
+    probe = tmp_path / 'probe'
+    assert main(['finetune', *data, '--linear-probe', '--fraction', '0.5', '--epochs', '1', '--preset', 'swin-tiny',
+                 '--out', str(probe)]) == 0
+    assert json.loads((probe / 'results.json').read_text())['n_train'] == 6
+    with pytest.raises(SystemExit, match='one dataset'):
+        main(['finetune', '--out', str(tmp_path / 'x')])

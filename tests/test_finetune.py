@@ -254,3 +254,22 @@ def test_stratified_folds_partition_and_subset_loaders():
     assert len(sub.train.dataset) == 8 and len(sub.valid.dataset) == 4 and sub.c == 2
     s = summarize([dict(auc=0.7, acc=0.6), dict(auc=0.9, acc=0.8)])
     assert s['auc']['mean'] == pytest.approx(0.8) and s['auc']['std'] == pytest.approx(np.std([0.7, 0.9], ddof=1))
+
+
+def test_classifier_round_trip_and_evaluation(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from dagman_fast.finetune import evaluate_classifier, load_classifier, save_classifier
+    dls = make_dls(classes=3)
+    model = ClsModel(build_encoder(CFG), 3, pool='cls').eval()
+    path = save_classifier(model, tmp_path / 'c.pth')
+    again = load_classifier(path)
+    x = torch.rand(2, 1, 32, 32, 32)
+    torch.testing.assert_close(again(x), model(x))
+    res, probs, labels = evaluate_classifier(again, dls.valid)
+    assert res['n'] == 8 and probs.shape == (8, 3)
+    assert res['auc'] == pytest.approx(roc_auc_score(labels, probs, multi_class='ovr'))
+    assert res['accuracy'] == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    torch.save({'state_dict': {}}, tmp_path / 'other.pth')
+    with pytest.raises(ValueError, match='not a classifier'):
+        load_classifier(tmp_path / 'other.pth')
