@@ -110,12 +110,17 @@ def test_finetune_and_evaluate(tmp_path, capsys):
         assert (out / name).exists(), name
     torch.load(out / 'classifier.pth', weights_only=True)
     capsys.readouterr()
-    assert main(['evaluate', str(out / 'classifier.pth'), *data, '--out', str(tmp_path / 'ev')]) == 0
+    assert main(['evaluate', str(out / 'classifier.pth'), '--out', str(tmp_path / 'ev')]) == 0  # its own data
     again = json.loads((tmp_path / 'ev' / 'results_test.json').read_text())
     assert again == pytest.approx(res['test'])  # the saved classifier reproduces the fine-tuned one
+    assert main(['evaluate', str(out / 'classifier.pth'), *data, '--split', 'valid', '--out', str(tmp_path / 'ev')]) == 0
+    assert json.loads((tmp_path / 'ev' / 'results_valid.json').read_text()) == pytest.approx(res['valid'])
     probe = tmp_path / 'probe'
     assert main(['finetune', *data, '--linear-probe', '--fraction', '0.5', '--epochs', '1', '--preset', 'swin-tiny',
                  '--out', str(probe)]) == 0
     assert json.loads((probe / 'results.json').read_text())['n_train'] == 6
     with pytest.raises(SystemExit, match='one dataset'):
         main(['finetune', '--out', str(tmp_path / 'x')])
+    with pytest.raises(SystemExit, match='fraction'):
+        main(['finetune', *data, '--fraction', '0', '--out', str(tmp_path / 'x')])
+    assert not (tmp_path / 'x').exists()

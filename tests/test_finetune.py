@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
-from sklearn.metrics import confusion_matrix, recall_score
+from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 
-from dagman_fast.finetune import ClsModel, cls_learner, cls_splitter, sensitivity, specificity
+from dagman_fast.finetune import (ClsModel, cls_learner, cls_splitter, evaluate_classifier, sensitivity,
+                                  specificity)
 from dagman_fast.swin import SwinConfig, ViTConfig, build_encoder, to_monai
 
 CFG = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
@@ -60,7 +61,15 @@ def test_fine_tune_freezes_the_encoder_then_trains_all_with_spread_lrs(tmp_path)
 
 
 def test_frozen_phase_leaves_the_encoder_and_its_norms_untouched(tmp_path):
-    learn = cls_learner(make_dls(), encoder=build_encoder(CFG), path=tmp_path)
+    enc = build_encoder(CFG)
+    learn = cls_learner(make_dls(), encoder=enc, path=tmp_path)
+    assert learn.model.encoder is not enc  # a copy: the caller's encoder (e.g. across k folds) stays as it was
+    learn.freeze()
+    learn.model.train()
+    assert not learn.model.encoder.training  # frozen features without drop path, as in validation
+    learn.unfreeze()
+    learn.model.train()
+    assert learn.model.encoder.training
     learn.freeze()
     enc0, head0 = snapshot(learn.model.encoder), snapshot(learn.model.head)
     with learn.no_bar(), learn.no_logging():
@@ -129,11 +138,20 @@ def test_sensitivity_and_specificity_match_sklearn(classes):
 def test_metrics_and_bad_input(tmp_path):
     learn = cls_learner(make_dls(classes=3), encoder=build_encoder(CFG), path=tmp_path)
     names = [m.name for m in learn.metrics]
-    assert names == ['roc_auc_score', 'accuracy', 'sensitivity', 'specificity']
+    assert names == ['auc', 'accuracy', 'sensitivity', 'specificity']
     with learn.no_bar(), learn.no_logging():
         learn.fit(1, 1e-4)
-    vals = learn.recorder.values[-1][2:]
-    assert len(vals) == 4 and all(0 <= v <= 1 for v in vals)
+        vals = list(learn.validate()[1:])
+    res, probs, labels = evaluate_classifier(learn.model, learn.dls.valid)  # an independent pass with sklearn
+    assert vals == pytest.approx([res['auc'], res['accuracy'], res['sensitivity'], res['specificity']], abs=1e-6)
+    assert res['auc'] == pytest.approx(roc_auc_score(labels, probs, multi_class='ovr'))
+    # a validation set without class 2 (a fold, a few-shot split): metrics still computed, over the classes present
+    x, y = learn.dls.valid.dataset.tensors
+    keep = y < 2
+    small = DataLoaders(learn.dls.train, DataLoader(torch.utils.data.TensorDataset(x[keep], y[keep]), bs=4))
+    with learn.no_bar(), learn.no_logging():
+        got = learn.validate(dl=small.valid)[1:]
+    assert all(np.isfinite(got))
     dls = make_dls()
     dls.c = None
     with pytest.raises(ValueError, match='n_out'):
@@ -195,6 +213,8 @@ def test_seg_learner_fine_tunes_and_the_dice_rises(tmp_path):
     from monai.metrics import compute_dice
 
     from dagman_fast.finetune import predict_volume, seg_learner, seg_splitter
+    from fastai.torch_core import set_seed
+    set_seed(0)
     dls = seg_dls()
     learn = seg_learner(dls, encoder=build_encoder(SwinConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2),
                                                               num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4)),
@@ -239,6 +259,8 @@ def test_few_shot_subsets_are_stratified_and_seeded():
         assert not np.array_equal(idx, few_shot_indices(labels, frac, seed=4))
     with pytest.raises(ValueError, match='fraction'):
         few_shot_indices(labels, 0)
+    rare = np.array([0] * 98 + [1] * 2)
+    assert np.bincount(rare[few_shot_indices(rare, 0.01)], minlength=2).tolist() == [1, 1]  # no class dropped
 
 
 def test_stratified_folds_partition_and_subset_loaders():
