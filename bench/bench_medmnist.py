@@ -1,0 +1,197 @@
+"""AdrenalMNIST3D downstream benchmark: from scratch vs SMIT vs DAGMaN pretraining, linear probe and fine-tune.
+
+    python bench/bench_medmnist.py                       # the BENCHMARKS.md table (about an hour on 2 CPU cores)
+    python bench/bench_medmnist.py --out runs/medmnist   # keep the encoders, logs and results (rerun: reuses them)
+    python bench/bench_medmnist.py --quick               # a smoke run of every step (a minute)
+
+1. Pretraining (self-supervised, labels unused) on the 1188 official training images, padded 28^3 -> 36^3, two
+   random 32^3 views each (`medmnist3d_ssl_dls`), for `--pretrain-epochs` epochs with `dagman_learner`, once per
+   method (seed 0). Same encoder for every arm: `swin-tiny` at 32^3 with the SA stage, and the mask, after stage 2
+   (a 4^3 grid: after stage 3 a 32^3 input leaves only 2^3 cells to mask), no drop path, heads 1024 x 512.
+   Short-run DINO settings (`cross_view=False, ema_momentum=0.99`, teacher temperature held at 0.04): the paper's
+   are for 800 epochs and leave the teacher uniform in a few hundred steps (BENCHMARKS.md, issue 4).
+2. For every encoder (random init = scratch, smit, dagman) and every seed:
+   - linear probe: the frozen encoder's pooled features (eval mode, no augmentation, so computed once) standardised
+     with the training statistics, and a linear layer trained on them with fastai (`--probe-epochs`, one cycle,
+     its own learning rate and weight decay): the protocol of `cls_learner(linear_probe=True)` plus the usual
+     feature standardisation, at a small share of its cost;
+   - fine-tune: `cls_learner(...).fine_tune(E, lr, freeze_epochs=1, lr_mult=10)` for the pretrained encoders;
+     scratch trains all layers at one rate for the same 1 + E epochs (`fit_one_cycle`): freezing a random encoder
+     first would only waste an epoch.
+   The last epoch's model is scored on the official test split (no selection on test). Seeds change the head's
+   initialisation, the shuffling and the random encoder of the scratch arm; the pretraining itself runs once.
+3. A table (mean +- std over seeds of test AUC and ACC), `results.json` and per-run rows go to `--out`.
+
+Published MedMNIST v2 (Yang et al. 2023) bests on AdrenalMNIST3D test: AUC 0.839 (ResNet-18 + ACS, 28^3),
+ACC 0.802 (auto-sklearn).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.data.core import DataLoaders
+from fastai.data.load import DataLoader
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+
+from dagman_fast.analysis import plot_pretrain_log
+from dagman_fast.data import medmnist3d_dls, medmnist3d_ssl_dls
+from dagman_fast.finetune import ClsModel, cls_learner, cls_metrics, evaluate_classifier, few_shot_indices, subset_dls
+from dagman_fast.learner import dagman_learner, load_encoder
+from dagman_fast.swin import build_encoder, encoder_config
+
+PUBLISHED = {'auc': (0.839, 'ResNet-18 + ACS (28)'), 'acc': (0.802, 'auto-sklearn')}
+FLAG = 'adrenalmnist3d'
+ARMS = ('scratch', 'smit', 'dagman')
+SHORT = dict(cross_view=False, ema_momentum=0.99, teacher_temp_final=0.04, mask_stage=2, out_dim=1024, head_hidden=512)
+
+
+def encoder_cfg():
+    return encoder_config('swin-tiny', img_size=32, sa_stage=2, drop_path_rate=0.0)
+
+
+def pretrain(method: str, args, out: Path) -> tuple[Path, float]:
+    "Pretrain once with `method` (seed 0); reuse an earlier run's encoder in `out`."
+    enc_path = out / method / 'encoder.pth'
+    if enc_path.exists():
+        print(f'{method}: reusing {enc_path}')
+        return enc_path, None  # not timed in this run
+    set_seed(0)
+    dls = medmnist3d_ssl_dls(FLAG, args.root, bs=args.bs, seed=0)
+    if args.quick:
+        dls = subset_dls(dls, list(range(2 * args.bs)))
+    learn = dagman_learner(dls, method=method, encoder=encoder_cfg(), path=out / method, lr=args.pretrain_lr, **SHORT)
+    t0 = time.time()
+    warnings.filterwarnings('ignore', message='Your generator is empty')  # no validation split in pretraining
+    learn.fit_one_cycle(args.pretrain_epochs, args.pretrain_lr)
+    secs = time.time() - t0
+    learn.export_encoder(enc_path)
+    plot_pretrain_log(out / method / 'pretrain_log.csv', out / method / 'pretrain_log.png', out_dim=SHORT['out_dim'])
+    return enc_path, secs
+
+
+def labelled(args, seed: int):
+    set_seed(seed)
+    dls = medmnist3d_dls(FLAG, args.root, bs=args.bs)
+    if args.fraction < 1:
+        labels = dls.train.dataset.tensors[1].tolist()
+        dls = subset_dls(dls, few_shot_indices(labels, args.fraction, seed=seed))
+    return dls
+
+
+def encoder_for(arm: str, encoders: dict):
+    return build_encoder(encoder_cfg()) if arm == 'scratch' else load_encoder(encoders[arm])
+
+
+@torch.no_grad()
+def _features(model: ClsModel, dl) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    xs, ys = zip(*[(model.features(x).float().cpu(), y.cpu()) for x, y in dl])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def linear_probe(arm: str, seed: int, encoders: dict, args) -> dict:
+    """A linear layer on frozen, standardised features. The frozen encoder runs in eval mode on unaugmented data, so
+    its features are fixed and are computed once (hand-written here for that reason: `cls_learner(linear_probe=True)`
+    would run the encoder every epoch)."""
+    dls = labelled(args, seed)
+    set_seed(seed)
+    model = ClsModel(encoder_for(arm, encoders), dls.c, frozen_encoder=True)
+    plain = lambda dl: DataLoader(dl.dataset, bs=64)  # in order, no drop_last
+    (xtr, ytr), (xva, yva), (xte, yte) = (_features(model, plain(dl)) for dl in (dls.train, dls.valid, dls.test))
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-6
+    norm = lambda x: (x - mean) / std
+    fdl = lambda x, y, **kw: DataLoader(torch.utils.data.TensorDataset(norm(x), y), bs=64, **kw)
+    fdls = DataLoaders(fdl(xtr, ytr, shuffle=True), fdl(xva, yva), device='cpu')
+    set_seed(seed)
+    head = torch.nn.Linear(xtr.shape[1], dls.c)
+    learn = Learner(fdls, head, loss_func=CrossEntropyLossFlat(), opt_func=Adam, wd=args.probe_wd,
+                    metrics=cls_metrics(dls.c))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(args.probe_epochs, args.probe_lr)
+    res, _, _ = evaluate_classifier(head, fdl(xte, yte))
+    return res
+
+
+def fine_tune(arm: str, seed: int, encoders: dict, args) -> dict:
+    dls = labelled(args, seed)
+    set_seed(seed)
+    learn = cls_learner(dls, encoder=encoder_for(arm, encoders), lr=args.lr)
+    with learn.no_bar(), learn.no_logging():
+        if arm == 'scratch':
+            learn.fit_one_cycle(1 + args.ft_epochs, args.lr)
+        else:
+            learn.fine_tune(args.ft_epochs, args.lr, freeze_epochs=1, lr_mult=10)
+    res, _, _ = evaluate_classifier(learn.model, dls.test)
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    lines = ['| encoder | protocol | test AUC | test ACC | runs |', '|---|---|---|---|---|']
+    for arm in ARMS:
+        for proto in ('linear probe', 'fine-tune'):
+            r = [x for x in rows if x['arm'] == arm and x['protocol'] == proto]
+            if not r:
+                continue
+            f = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"
+            lines.append(f"| {arm} | {proto} | {f('auc')} | {f('accuracy')} | {len(r)} |")
+    lines.append(f"| published best (MedMNIST v2) | | {PUBLISHED['auc'][0]} ({PUBLISHED['auc'][1]}) | "
+                 f"{PUBLISHED['acc'][0]} ({PUBLISHED['acc'][1]}) | |")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    shared = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--root', default=str(shared), help='folder of adrenalmnist3d.npz (default ../shared/data/medmnist)')
+    p.add_argument('--out', default=None, help='output folder (default: a new temporary folder)')
+    p.add_argument('--arms', nargs='+', default=list(ARMS), choices=ARMS)
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--pretrain-epochs', type=int, default=8)
+    p.add_argument('--pretrain-lr', type=float, default=5e-4)
+    p.add_argument('--ft-epochs', type=int, default=4, help='unfrozen fine-tuning epochs (after 1 frozen)')
+    p.add_argument('--lr', type=float, default=1e-3)
+    p.add_argument('--probe-epochs', type=int, default=30)
+    p.add_argument('--probe-lr', type=float, default=1e-2)
+    p.add_argument('--probe-wd', type=float, default=1e-3)
+    p.add_argument('--fraction', type=float, default=1.0, help='stratified share of the labelled training set')
+    p.add_argument('--bs', type=int, default=32)
+    p.add_argument('--quick', action='store_true', help='smoke run: 1 epoch each on a 5%% subset, one seed')
+    args = p.parse_args(argv)
+    if args.quick:
+        args.pretrain_epochs, args.ft_epochs, args.probe_epochs, args.seeds = 1, 1, 2, args.seeds[:1]
+        args.fraction, args.bs = min(args.fraction, 0.05), 8
+    out = Path(args.out or tempfile.mkdtemp(prefix='bench_medmnist_'))
+    out.mkdir(parents=True, exist_ok=True)
+    encoders, timing = {}, {}
+    for arm in args.arms:
+        if arm != 'scratch':
+            encoders[arm], timing[f'pretrain_{arm}_s'] = pretrain(arm, args, out)
+    rows = []
+    for arm in args.arms:
+        for seed in args.seeds:
+            for proto, fn in (('linear probe', linear_probe), ('fine-tune', fine_tune)):
+                t0 = time.time()
+                res = fn(arm, seed, encoders, args)
+                rows.append(dict(arm=arm, protocol=proto, seed=seed, seconds=round(time.time() - t0, 1), **res))
+                print(json.dumps(rows[-1]), flush=True)
+                (out / 'results.json').write_text(json.dumps(dict(config=vars(args), timing=timing, rows=rows),
+                                                             indent=1) + '\n')
+    md = table(rows)
+    (out / 'table.md').write_text(md + '\n')
+    print(md)
+    print(f'results in {out}')
+    return rows
+
+
+if __name__ == '__main__':
+    main()
