@@ -12,9 +12,13 @@ Shapes (einops names): `q, k, v: ((b nw), nh, wn, hd)` with the windows of one i
   gradient itself. On the CPU, PyTorch's flash kernel accepts the bias but cannot give its gradient (with a bias
   that needs one, SDPA falls back to the math path that stores the attention matrix), so `_CPUWindowAttention`
   runs the flash kernel forward (storing no attention matrix) and a recomputing backward, in chunks of windows.
-- 'triton': the fused kernel (arrives with the kernels issue).
+- 'triton': the fused Triton kernel of `window_attention_triton` (forward and backward). Its home is the grid
+  layout (`window_attention_grid`, which the encoder's blocks call: roll, partition and shift mask in the kernel).
+  Here, on window-ordered q, k, v, it runs for unshifted windows (`mask=None`); a precomputed shift mask is the
+  eager paths' job.
 - 'auto': 'sdpa', except on the CPU under autograd where an attention matrix of at most `AUTO_RECOMPUTE_BYTES`
-  takes the eager path (measured faster there; see `resolve_attn_impl`); 'triton' on CUDA once the kernels land.
+  takes the eager path (measured faster there; see `resolve_attn_impl`). The encoder's blocks take 'triton' for
+  'auto' on CUDA when Triton is installed and a window holds at most 128 tokens.
 
 `window_attention(q, k, v, ...)` is the entry point; `window_attention_qkv(qkv, ...)` is the same for the packed
 projection the encoder holds (no re-layout of q, k, v or of their gradients).
@@ -186,12 +190,14 @@ def resolve_attn_impl(impl: str, attn_bytes: int | None = None, cpu_grad: bool =
     'auto' is 'sdpa', except on the CPU under autograd (`cpu_grad`) with an attention matrix of at most
     `AUTO_RECOMPUTE_BYTES` (`attn_bytes`): there the eager path, which keeps the small matrix instead of
     recomputing it, was faster for every stage of `swin-smit` but the first (where recomputing wins on time and
-    memory). 'triton' raises until the kernels land.
+    memory). 'triton' needs Triton installed.
     """
     check_option(impl, ATTN_IMPLS, 'attn_impl')
     if impl == 'triton':
-        raise NotImplementedError("attn_impl='triton' is not available yet (it arrives with the Triton kernels); "
-                                  "use 'sdpa' or 'auto'")
+        from dagman_fast.kernels.window_attention_triton import triton
+        if triton is None:
+            raise ImportError("attn_impl='triton' needs Triton (pip install triton, on Linux with an NVIDIA GPU); "
+                              "use 'sdpa' or 'auto'")
     if impl != 'auto':
         return impl
     small = attn_bytes is not None and attn_bytes <= AUTO_RECOMPUTE_BYTES
@@ -214,6 +220,8 @@ def window_attention(q, k, v, bias, mask=None, scale=None, impl: str = 'auto'):
     _check(q, k, v, bias, mask)
     bnw, nh, wn, _ = q.shape
     impl = resolve_attn_impl(impl, _attn_matrix_bytes(bnw, nh, wn, q.dtype), _cpu_grad_path(q, k, v, bias))
+    if impl == 'triton':
+        return window_attention_qkv(torch.stack([q, k, v], 2).transpose(1, 3), bias, mask, scale, 'triton')
     if impl == 'reference':
         return window_attention_reference(q, k, v, bias, mask, scale)
     return window_attention_sdpa(q, k, v, bias, mask, scale)
@@ -232,6 +240,14 @@ def window_attention_qkv(qkv, bias, mask=None, scale=None, impl: str = 'auto', c
     bnw, wn, _, nh, hd = qkv.shape
     cpu_grad = _cpu_grad_path(qkv, bias)
     impl = resolve_attn_impl(impl, _attn_matrix_bytes(bnw, nh, wn, qkv.dtype), cpu_grad)
+    if impl == 'triton':
+        if mask is not None:
+            raise ValueError("impl='triton' builds the shift mask from window coordinates: call "
+                             "window_attention_grid on the grid layout (the encoder does) instead of passing a mask")
+        from dagman_fast.kernels.window_attention_triton import window_attention_grid
+        # Each window is a 1 x 1 x wn grid of its own: the packed layout is already the kernel's grid layout.
+        out = window_attention_grid(qkv.reshape(bnw, 1, 1, wn, 3 * nh * hd), bias, (1, 1, wn), (0, 0, 0), nh, scale)
+        return out.view(bnw, wn, nh, hd).transpose(1, 2)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if impl == 'reference':
         return window_attention_reference(q, k, v, bias, mask, scale)

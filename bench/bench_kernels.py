@@ -1,0 +1,209 @@
+"""Kernel benchmarks (pytest-benchmark): window attention, the top-k mask and the whole encoder, every path.
+
+    python -m pytest bench/bench_kernels.py                 # what this machine can run (CPU: no Triton)
+    python -m pytest bench/bench_kernels.py --benchmark-json out.json
+
+Groups (compare within one group, same run):
+- `attn-fwd` / `attn-fwdbwd`: one block's window attention from the grid-ordered projection `qkv (b, D, H, W, 3c)`
+  to the grid-ordered output, as the encoder needs it. The eager and SDPA paths include the roll + partition
+  gather and its inverse (`window_order`); FlexAttention gets the windows as a block-diagonal mask with the
+  bias as a score modification (compiled, CUDA only); Triton folds all of it into the kernel.
+  Shapes: `swin-smit` stage 1 at a 128^3 crop on CUDA (b 2, 64^3 tokens, 4 heads of 12, 4^3 windows, shifted);
+  a `swin-tiny` stage 1 at 64^3 on the CPU.
+- `topk-mask`: the attention-guided mask from per-head SA attention `(b, nh, N)` (b 8, 8 heads, 8^3 cells).
+- `encoder-fwdbwd`: the whole encoder's forward and backward for each `attn_impl`.
+
+Each result's `extra_info` holds the compulsory bytes (inputs read once, outputs written once) and, on CUDA, the
+achieved share of the memory roofline (peak bandwidth from the environment variable `PEAK_GBS`, else from the
+device name: H100 SXM 3350, H100 PCIe 2000,
+H200 4800, A100 80GB 2039, A100 40GB 1555 GB/s).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from einops import rearrange
+
+from dagman_fast.kernels.window_attention import window_attention_qkv
+from dagman_fast.swin import build_encoder, shift_attention_mask, window_order
+
+CUDA = torch.cuda.is_available()
+DEVICE = 'cuda' if CUDA else 'cpu'
+try:
+    from dagman_fast.kernels.window_attention_triton import triton, window_attention_grid
+except ImportError:  # pragma: no cover
+    triton = None
+TRITON = CUDA and triton is not None
+PEAK_GBS = {'H100 80GB HBM3': 3350, 'H100 PCIe': 2000, 'H200': 4800, 'A100-SXM4-80GB': 2039, 'A100-SXM4-40GB': 1555,
+            'A100 80GB PCIe': 1935}
+
+# (b, grid, heads, head dim, window, shift)
+SHAPE = (2, (64, 64, 64), 4, 12, (4, 4, 4), (2, 2, 2)) if CUDA else (1, (32, 32, 32), 2, 12, (4, 4, 4), (2, 2, 2))
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _peak_gbs(request) -> float | None:
+    if not CUDA:
+        return None
+    if os.environ.get('PEAK_GBS'):
+        return float(os.environ['PEAK_GBS'])
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_GBS.items() if k in name), None)
+
+
+def _record(benchmark, request, nbytes: int):
+    benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else 'cpu', torch=torch.__version__,
+                                triton=getattr(triton, '__version__', None), dtype=str(DTYPE), bytes=nbytes)
+    peak = _peak_gbs(request)
+    if peak and benchmark.stats:
+        benchmark.extra_info['roofline_pct'] = round(100 * nbytes / benchmark.stats['median'] / (peak * 1e9), 1)
+
+
+def _inputs(requires_grad=False):
+    b, grid, nh, hd, window, shift = SHAPE
+    c = nh * hd
+    wn = window[0] * window[1] * window[2]
+    qkv = torch.randn(b, *grid, 3 * c, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)
+    bias = (torch.randn(nh, wn, wn, device=DEVICE) * 0.1).to(DTYPE).requires_grad_(requires_grad)
+    return qkv, bias
+
+
+def _windowed(impl):
+    "Grid qkv -> roll + partition (one gather) -> window attention -> inverse gather: the encoder's non-fused path."
+    b, grid, nh, hd, window, shift = SHAPE
+    perm = window_order(grid, window, shift).to(DEVICE)
+    inv = perm.argsort()
+    mask = shift_attention_mask(grid, window, shift).to(DEVICE)
+    wn = window[0] * window[1] * window[2]
+
+    def run(qkv, bias):
+        t = qkv.reshape(b, -1, qkv.shape[-1])[:, perm].view(-1, wn, 3, nh, hd)
+        o = window_attention_qkv(t, bias, mask, impl=impl)  # (b nw) nh wn hd
+        return rearrange(o, '(b nw) nh wn hd -> b (nw wn) (nh hd)', b=b)[:, inv].view(b, *grid, nh * hd)
+    return run
+
+
+def _flex():
+    "FlexAttention over the rolled, partitioned tokens: windows and shift regions as a block mask, bias as a score mod."
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    b, grid, nh, hd, window, shift = SHAPE
+    wn = window[0] * window[1] * window[2]
+    n = grid[0] * grid[1] * grid[2]
+    perm = window_order(grid, window, shift).to(DEVICE)
+    inv = perm.argsort()
+    region = (shift_attention_mask(grid, window, shift) == 0).to(DEVICE)  # (nw, wn, wn) allowed pairs
+
+    def allowed(bb, h, qi, ki):
+        same = qi // wn == ki // wn
+        return same & region[qi // wn, qi % wn, ki % wn]
+    block = create_block_mask(allowed, None, None, n, n, device=DEVICE)
+    fn = torch.compile(flex_attention)
+
+    def run(qkv, bias):
+        t = rearrange(qkv.reshape(b, n, -1)[:, perm], 'b n (three nh hd) -> three b nh n hd', three=3, nh=nh)
+
+        def score(s, bb, h, qi, ki):
+            return s + bias[h, qi % wn, ki % wn]
+        o = fn(t[0], t[1], t[2], score_mod=score, block_mask=block)
+        return rearrange(o, 'b nh n hd -> b n (nh hd)')[:, inv].view(b, *grid, nh * hd)
+    return run
+
+
+def _triton(qkv, bias):
+    b, grid, nh, hd, window, shift = SHAPE
+    return window_attention_grid(qkv, bias, window, shift, nh, windows_per_program=8)
+
+
+PATHS = {
+    'eager': lambda: _windowed('reference'),
+    'sdpa': lambda: _windowed('sdpa'),
+    'flex': _flex,
+    'triton': lambda: _triton,
+}
+
+
+def _available(path):
+    if path == 'triton' and not TRITON:
+        pytest.skip('Triton needs CUDA')
+    if path == 'flex' and not CUDA:
+        pytest.skip('FlexAttention has no CPU backward and compiles for CUDA here')
+
+
+@pytest.mark.parametrize('path', list(PATHS))
+def test_attention_forward(benchmark, request, path):
+    _available(path)
+    benchmark.group = 'attn-fwd'
+    fn, (qkv, bias) = PATHS[path](), _inputs()
+
+    def step():
+        with torch.no_grad():
+            fn(qkv, bias)
+        _sync()
+    step()  # compile / warm up
+    benchmark(step)
+    _record(benchmark, request, qkv.numel() * qkv.element_size() * 4 // 3)  # read qkv, write out (c = 3c / 3)
+
+
+@pytest.mark.parametrize('path', list(PATHS))
+def test_attention_forward_backward(benchmark, request, path):
+    _available(path)
+    benchmark.group = 'attn-fwdbwd'
+    fn, (qkv, bias) = PATHS[path](), _inputs(requires_grad=True)
+    grad = torch.randn(*qkv.shape[:4], qkv.shape[-1] // 3, device=DEVICE, dtype=DTYPE)
+
+    def step():
+        torch.autograd.grad(fn(qkv, bias), (qkv, bias), grad)
+        _sync()
+    step()
+    benchmark(step)
+    # forward: qkv in, out out; backward: qkv, out, dout in, dqkv out
+    size = qkv.numel() * qkv.element_size()
+    _record(benchmark, request, size * 4 // 3 + size + 2 * size // 3 + size)
+
+
+@pytest.mark.parametrize('impl', ['torch', 'triton'])
+def test_topk_mask(benchmark, request, impl):
+    from dagman_fast.kernels.topk_mask import attention_mask_triton
+    from dagman_fast.masking import attention_mask
+    if impl == 'triton' and not TRITON:
+        pytest.skip('Triton needs CUDA')
+    benchmark.group = 'topk-mask'
+    b, nh, n = 8, 8, 512
+    attn = torch.rand(b, nh, n, device=DEVICE)
+    k, pool = int(0.7 * n), int(0.1 * n)
+    n_hint = min(int(0.07 * n), pool)
+    noise = torch.rand(b, pool, device=DEVICE)
+    fn = attention_mask_triton if impl == 'triton' else attention_mask
+
+    def step():
+        fn(attn, k, n_hint, pool, noise)
+        _sync()
+    step()
+    benchmark(step)
+    _record(benchmark, request, attn.numel() * 4 + noise.numel() * 4 + b * n)
+
+
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'triton'])
+def test_encoder_forward_backward(benchmark, request, impl):
+    if impl == 'triton' and not TRITON:
+        pytest.skip('Triton needs CUDA')
+    benchmark.group = 'encoder-fwdbwd'
+    preset, crop, bs = ('swin-smit', 128, 2) if CUDA else ('swin-tiny', 64, 1)
+    enc = build_encoder(preset, attn_impl=impl, drop_path_rate=0.0).to(DEVICE)
+    x = torch.randn(bs, 1, crop, crop, crop, device=DEVICE)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=DTYPE, enabled=CUDA):
+            out = enc(x)
+        sum(f.float().mean() for f in out.features).backward()
+        _sync()
+    step()
+    benchmark(step)
+    _record(benchmark, request, 0)

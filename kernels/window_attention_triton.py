@@ -1,0 +1,242 @@
+"""Fused 3-D (shifted) window attention in Triton, forward and backward, on the grid layout of the projection.
+
+`window_attention_grid(qkv, bias, window, shift, num_heads)` takes the packed projection of a Swin block *in grid
+order*, `qkv: (b, D, H, W, 3 * nh * hd)` (the output of `Linear(c, 3c)` on the normed map, no roll, no window
+partition), and returns the attention output in grid order, `(b, D, H, W, nh * hd)`, ready for the output
+projection. Per window and head it computes `softmax(q k^T * scale + bias + shift_mask) v` (Liu et al., Swin
+Transformer, eq. 4, in 3-D), exactly what the eager reference computes on the rolled, partitioned tokens:
+
+- The cyclic roll and the window partition are address arithmetic: token `t` of window `w` (window order after
+  the roll by `-shift`, as `window_order`) reads grid position `(w * window + t + shift) mod grid` per axis, and
+  its output goes back to that position. Nothing is copied or permuted.
+- The shift mask is computed in the kernel from window coordinates: a token's region along a shifted axis is
+  0, 1 or 2 as in `shift_attention_mask` (rolled coordinate `< G - window`, `< G - shift`, else); tokens of
+  different regions do not attend to each other (`-inf`, as the reference).
+- Each program takes `WPP` windows of one head (the heads of a window are neighbouring programs) (`tl.dot` on `(wn, hd)` tiles, the whole `wn x wn` score tile in
+  registers, so windows of up to 128 tokens: 4^3 = 64 in this project's presets). Head dims are padded to a
+  power of two (at least 16) inside the kernel: 12, 24, 32, 48, 96 all work.
+- The backward recomputes the attention (FlashAttention-2's backward with the whole row in one tile) and writes
+  `dq, dk, dv` straight into the gradient of `qkv` in the same grid layout. The gradient of the bias is summed
+  over a program's windows in registers and written once per program; the partial sums are added in a fixed
+  order by PyTorch afterwards: deterministic, no atomics.
+- fp32 (IEEE dot products), fp16 and, on the GPU, bf16 inputs; softmax and accumulations in fp32.
+
+The reference it is tested against is `window_attention_reference` on `window_order` / `shift_attention_mask`
+(`dagman_fast.swin`). Runs on CUDA tensors, or on the CPU when `TRITON_INTERPRET=1` is set before Triton is
+imported (tests only: the interpreter is slow and cannot time anything).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional: the PyTorch paths run everywhere
+    triton = tl = None
+
+__all__ = ['MAX_WINDOW_TOKENS', 'MAX_HEAD_DIM', 'PROGRAMS_PER_HEAD', 'fused_supported', 'window_attention_grid']
+
+MAX_WINDOW_TOKENS = 128  # the whole score tile of a window lives in registers
+MAX_HEAD_DIM = 128       # q, k, v tiles of (128, 128) at most
+PROGRAMS_PER_HEAD = 256  # default split of the windows: 256 x heads programs (about 8 per SM on an H100) and as
+                         # many (wn x wn) fp32 partial sums of the bias gradient (4 MB per head at wn = 64)
+
+
+if triton is not None:
+    @triton.jit
+    def _window_tokens(win, D, H, W, nwd, nwh, nww, sd, sh, sw, t,
+                       WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
+        "Grid token index (flattened over b, D, H, W) of token `t` of window `win`, after the roll by -shift."
+        per_img = nwd * nwh * nww
+        b = win // per_img
+        r = win % per_img
+        wz = r // (nwh * nww)
+        wy = (r // nww) % nwh
+        wx = r % nww
+        rz = wz * WD + t // (WH * WW)
+        ry = wy * WH + (t // WW) % WH
+        rx = wx * WW + t % WW
+        gz = (rz + sd) % D
+        gy = (ry + sh) % H
+        gx = (rx + sw) % W
+        tok = ((b.to(tl.int64) * D + gz) * H + gy) * W + gx
+        return tok, rz, ry, rx
+
+    @triton.jit
+    def _region(r, G, WIN, S):
+        "Region label (0, 1, 2) of rolled coordinate `r` along an axis shifted by S (0 when unshifted)."
+        lab = (r >= G - WIN).to(tl.int32) + (r >= G - S).to(tl.int32)
+        return tl.where(S > 0, lab, 0)
+
+    @triton.jit
+    def _scores(q, k, bias_tile, rz, ry, rx, D, H, W, sd, sh, sw, valid, scale,
+                WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, PREC: tl.constexpr):
+        "Masked logits of one window-head, fp32 `(BLOCK_WN, BLOCK_WN)`."
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias_tile
+        keep = valid[None, :]
+        if SHIFTED:
+            lab = (_region(rz, D, WD, sd) * 9 + _region(ry, H, WH, sh) * 3 + _region(rx, W, WW, sw))
+            # padding rows keep their (finite) scores: they are never stored, and must not make NaN
+            keep = keep & ((lab[:, None] == lab[None, :]) | ~valid[:, None])
+        return tl.where(keep, s, float('-inf'))
+
+    @triton.jit
+    def _window(qkv_ptr, bias_tile, win, n_windows, D, H, W, nwd, nwh, nww, sd, sh, sw, scale, h, t, e, valid, ve,
+                C: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                SHIFTED: tl.constexpr, PREC: tl.constexpr):
+        "One window-head: its grid tokens, load mask, q, k, v and the attention probabilities `p` (fp32)."
+        ok = (tl.zeros_like(t) + win) < n_windows  # a window past the end (the last program's spare slots)
+        tok, rz, ry, rx = _window_tokens(win, D, H, W, nwd, nwh, nww, sd, sh, sw, t, WD, WH, WW)
+        m2 = (valid & ok)[:, None] & ve[None, :]
+        base = tok[:, None] * (3 * C) + h * HD + e[None, :]
+        q = tl.load(qkv_ptr + base, mask=m2, other=0.0)
+        k = tl.load(qkv_ptr + base + C, mask=m2, other=0.0)
+        v = tl.load(qkv_ptr + base + 2 * C, mask=m2, other=0.0)
+        s = _scores(q, k, bias_tile, rz, ry, rx, D, H, W, sd, sh, sw, valid, scale, WD, WH, WW, SHIFTED, PREC)
+        p = tl.exp(s - tl.max(s, 1)[:, None])
+        p = p / tl.sum(p, 1)[:, None]
+        return tok, m2, base, q, k, v, p
+
+    @triton.jit
+    def _kernel(qkv_ptr, out_ptr, bias_ptr, dout_ptr, dqkv_ptr, dbias_ptr, n_windows, D, H, W, nwd, nwh, nww,
+                sd, sh, sw, scale, NH,
+                C: tl.constexpr, HD: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+                BLOCK_WN: tl.constexpr, BLOCK_HD: tl.constexpr, WPP: tl.constexpr, SHIFTED: tl.constexpr,
+                PREC: tl.constexpr, BACKWARD: tl.constexpr):
+        "`WPP` windows of head `program_id(1)`: the forward, or (BACKWARD) the recomputing backward."
+        WN: tl.constexpr = WD * WH * WW
+        h = tl.program_id(0)  # the fast axis: the heads of a window run side by side and share its cache lines
+        g = tl.program_id(1)
+        t = tl.arange(0, BLOCK_WN)
+        e = tl.arange(0, BLOCK_HD)
+        valid = t < WN
+        ve = e < HD
+        vv = valid[:, None] & valid[None, :]
+        bias_tile = tl.load(bias_ptr + h * WN * WN + t[:, None] * WN + t[None, :], mask=vv, other=0.0).to(tl.float32)
+        dbias = tl.zeros([BLOCK_WN, BLOCK_WN], dtype=tl.float32)
+        for i in range(WPP):
+            tok, m2, base, q, k, v, p = _window(qkv_ptr, bias_tile, g * WPP + i, n_windows, D, H, W, nwd, nwh, nww,
+                                                sd, sh, sw, scale, h, t, e, valid, ve, C, HD, WD, WH, WW, SHIFTED,
+                                                PREC)
+            obase = tok[:, None] * C + h * HD + e[None, :]
+            if BACKWARD:
+                o = tl.load(out_ptr + obase, mask=m2, other=0.0).to(tl.float32)
+                do = tl.load(dout_ptr + obase, mask=m2, other=0.0)
+                dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+                delta = tl.sum(do.to(tl.float32) * o, 1)
+                ds = p * (dp - delta[:, None])  # zero in spare slots and padding: do and o load as zeros there
+                dq = tl.dot(ds.to(q.dtype), k, input_precision=PREC) * scale
+                dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC) * scale
+                dbias += ds
+                ty = dqkv_ptr.dtype.element_ty
+                tl.store(dqkv_ptr + base, dq.to(ty), mask=m2)
+                tl.store(dqkv_ptr + base + C, dk.to(ty), mask=m2)
+                tl.store(dqkv_ptr + base + 2 * C, dv.to(ty), mask=m2)
+            else:
+                o = tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                tl.store(out_ptr + obase, o.to(out_ptr.dtype.element_ty), mask=m2)
+        if BACKWARD:  # one partial sum per program; PyTorch adds them in a fixed order
+            tl.store(dbias_ptr + (g.to(tl.int64) * NH + h) * WN * WN + t[:, None] * WN + t[None, :], dbias, mask=vv)
+
+
+def _geometry(qkv, bias, window, shift, num_heads):
+    if qkv.ndim != 5:
+        raise ValueError(f'qkv must be (b, D, H, W, 3 * nh * hd) in grid order; got {tuple(qkv.shape)}')
+    b, D, H, W, c3 = qkv.shape
+    if c3 % (3 * num_heads):
+        raise ValueError(f'the last dim of qkv ({c3}) must be 3 * num_heads ({num_heads}) * head_dim')
+    window, shift = tuple(int(w) for w in window), tuple(int(s) for s in shift)
+    if len(window) != 3 or len(shift) != 3:
+        raise ValueError(f'window and shift need 3 values each; got {window}, {shift}')
+    for g, w, s, name in zip((D, H, W), window, shift, 'DHW'):
+        if w < 1 or g % w:
+            raise ValueError(f'grid axis {name} ({g}) must be a multiple of the window ({w}): pad the map first')
+        if not 0 <= s < w:
+            raise ValueError(f'shift {shift} must be in [0, window) per axis; window {window}')
+    wn = window[0] * window[1] * window[2]
+    if wn > MAX_WINDOW_TOKENS:
+        raise ValueError(f'windows of {wn} tokens exceed the kernel limit of {MAX_WINDOW_TOKENS}; use the sdpa path')
+    if bias.shape != (num_heads, wn, wn):
+        raise ValueError(f'bias must be (nh, wn, wn) = {(num_heads, wn, wn)}; got {tuple(bias.shape)}')
+    hd = c3 // 3 // num_heads
+    if hd > MAX_HEAD_DIM:
+        raise ValueError(f'head dim {hd} exceeds the kernel limit of {MAX_HEAD_DIM}; use the sdpa path')
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f'the kernel takes float16, bfloat16 or float32; got {qkv.dtype}')
+    return b, (D, H, W), window, shift, c3 // 3, hd, wn
+
+
+def _launch_args(qkv, bias, window, shift, num_heads, scale, wpp):
+    b, grid, window, shift, c, hd, wn = _geometry(qkv, bias, window, shift, num_heads)
+    nwin = tuple(g // w for g, w in zip(grid, window))
+    n_windows = b * nwin[0] * nwin[1] * nwin[2]
+    if wpp is None:  # at most PROGRAMS_PER_HEAD programs per head: enough to fill a GPU, few bias partial sums
+        wpp = max(1, triton.cdiv(n_windows, PROGRAMS_PER_HEAD))
+    n_prog = triton.cdiv(n_windows, wpp)
+    prec = 'ieee' if qkv.dtype == torch.float32 else 'tf32'  # fp32: exact products; 16-bit: ignored
+    common = (n_windows, *grid, *nwin, *shift, scale if scale is not None else hd ** -0.5)
+    meta = dict(C=c, HD=hd, WD=window[0], WH=window[1], WW=window[2], BLOCK_WN=max(16, triton.next_power_of_2(wn)),
+                BLOCK_HD=max(16, triton.next_power_of_2(hd)), WPP=wpp, SHIFTED=any(shift), PREC=prec)
+    return common, meta, (num_heads, n_prog), c
+
+
+class _WindowAttentionGrid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, bias, window, shift, num_heads, scale, wpp):
+        qkv = qkv.contiguous()
+        common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
+        out = torch.empty(*qkv.shape[:4], c, dtype=qkv.dtype, device=qkv.device)
+        bias_c = bias.contiguous()
+        _kernel[grid](qkv, out, bias_c, out, out, out, *common, num_heads, **meta, BACKWARD=False)
+        ctx.save_for_backward(qkv, bias_c, out)
+        ctx.args = (window, shift, num_heads, scale, wpp)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qkv, bias, out = ctx.saved_tensors
+        window, shift, num_heads, scale, wpp = ctx.args
+        common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
+        dqkv = torch.empty_like(qkv)
+        wn = bias.shape[-1]
+        partial = torch.empty(grid[1], num_heads, wn, wn, dtype=torch.float32, device=qkv.device)
+        _kernel[grid](qkv, out, bias, dout.contiguous(), dqkv, partial, *common, num_heads, **meta, BACKWARD=True)
+        return dqkv, partial.sum(0).to(bias.dtype), None, None, None, None, None
+
+
+def fused_supported(x: torch.Tensor, wn: int, head_dim: int) -> bool:
+    """Whether 'auto' may take the fused kernel for a block on `x`: Triton installed, a CUDA tensor on an Ampere or
+    newer GPU (bf16 dot products), fp16/bf16/fp32, windows of at most `MAX_WINDOW_TOKENS` tokens and head dims of at
+    most `MAX_HEAD_DIM`."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and wn <= MAX_WINDOW_TOKENS and head_dim <= MAX_HEAD_DIM
+            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def window_attention_grid(qkv: torch.Tensor, bias: torch.Tensor, window, shift, num_heads: int,
+                          scale: float | None = None, windows_per_program: int | None = None) -> torch.Tensor:
+    """Fused (shifted) window attention on the grid-ordered projection (see the module docstring).
+
+    Args:
+        qkv: `(b, D, H, W, 3 * nh * hd)`, the `Linear(c, 3c)` output in grid order; D, H, W multiples of `window`.
+        bias: `(nh, wn, wn)` relative position bias (gets a gradient), `wn = prod(window) <= 128`.
+        window, shift: 3 ints each, `0 <= shift < window` (the block's effective window and shift).
+        scale: logit scale, default `hd ** -0.5`.
+        windows_per_program: windows one program takes (and sums the bias gradient over); default: enough for
+            at most `PROGRAMS_PER_HEAD` programs per head.
+
+    Returns:
+        `(b, D, H, W, nh * hd)` in grid order.
+    """
+    if triton is None:
+        raise RuntimeError("window_attention_grid needs Triton (pip install triton); use attn_impl='sdpa'")
+    if windows_per_program is not None and windows_per_program < 1:
+        raise ValueError(f'windows_per_program must be at least 1; got {windows_per_program}')
+    if not qkv.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        raise RuntimeError("the Triton window attention runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, "
+                           "for tests); on the CPU use attn_impl='sdpa' or 'auto'")
+    return _WindowAttentionGrid.apply(qkv, bias, tuple(window), tuple(shift), num_heads, scale, windows_per_program)
