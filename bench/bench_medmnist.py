@@ -177,8 +177,8 @@ def main(argv=None):
         if arm != 'scratch':
             encoders[arm], timing[f'pretrain_{arm}_s'] = pretrain(arm, args, out)
     rows = []
-    for arm in args.arms:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a stopped run still has every arm for its first seeds
+        for arm in args.arms:
             for proto, fn in (('linear probe', linear_probe), ('fine-tune', fine_tune)):
                 t0 = time.time()
                 res = fn(arm, seed, encoders, args)

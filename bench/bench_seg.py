@@ -1,6 +1,6 @@
 """Segmentation evidence on the labelled real CT in ../shared/data, through the `dagman` command line.
 
-    python bench/bench_seg.py                        # both tasks, random and DAGMaN-pretrained encoders (~40 min CPU)
+    python bench/bench_seg.py                        # both tasks, random and DAGMaN-pretrained encoders (~15 min on 2 CPU cores)
     python bench/bench_seg.py --out runs/seg --tasks organs --arms scratch
 
 Tasks (tiny: one abdomen and six nodules; the Dice says the pipeline learns, not how well it generalises):
@@ -105,9 +105,9 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='output folder (default: a new temporary folder); reruns reuse it')
     p.add_argument('--tasks', nargs='+', default=['organs', 'nodules'], choices=['organs', 'nodules'])
     p.add_argument('--arms', nargs='+', default=['scratch', 'dagman'], choices=['scratch', 'dagman'])
-    p.add_argument('--pretrain-epochs', type=int, default=150, help='one step of 2 volumes per epoch')
-    p.add_argument('--organ-epochs', type=int, default=20, help='after 2 frozen ones (pretrained) ; 4 steps each')
-    p.add_argument('--nodule-epochs', type=int, default=15, help='after 2 frozen ones (pretrained); 4 steps each')
+    p.add_argument('--pretrain-epochs', type=int, default=80, help='one step of 2 volumes per epoch')
+    p.add_argument('--organ-epochs', type=int, default=10, help='after 2 frozen ones (pretrained); 4 steps each')
+    p.add_argument('--nodule-epochs', type=int, default=8, help='after 2 frozen ones (pretrained); 5 steps each')
     p.add_argument('--lr', type=float, default=1e-3)
     args = p.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix='bench_seg_'))
