@@ -1,6 +1,6 @@
 """AdrenalMNIST3D downstream benchmark: from scratch vs SMIT vs DAGMaN pretraining, linear probe and fine-tune.
 
-    python bench/bench_medmnist.py                       # the BENCHMARKS.md table (about an hour on 2 CPU cores)
+    python bench/bench_medmnist.py --seeds 0 1           # the BENCHMARKS.md table (see there for the times)
     python bench/bench_medmnist.py --out runs/medmnist   # keep the encoders, logs and results (rerun: reuses them)
     python bench/bench_medmnist.py --quick               # a smoke run of every step (a minute)
 
@@ -44,6 +44,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
 from dagman_fast.analysis import plot_pretrain_log
+from dagman_fast.cli import MEDMNIST_RUN, TINY_HEADS
 from dagman_fast.data import medmnist3d_dls, medmnist3d_ssl_dls
 from dagman_fast.finetune import ClsModel, cls_learner, cls_metrics, evaluate_classifier, few_shot_indices, subset_dls
 from dagman_fast.learner import dagman_learner, load_encoder
@@ -52,11 +53,12 @@ from dagman_fast.swin import build_encoder, encoder_config
 PUBLISHED = {'auc': (0.839, 'ResNet-18 + ACS (28)'), 'acc': (0.802, 'auto-sklearn')}
 FLAG = 'adrenalmnist3d'
 ARMS = ('scratch', 'smit', 'dagman')
-SHORT = dict(cross_view=False, ema_momentum=0.99, teacher_temp_final=0.04, mask_stage=2, out_dim=1024, head_hidden=512)
+# The settings `dagman pretrain --medmnist` uses (one source): short-run DINO, tiny-encoder heads, mask on stage 2.
+SHORT = {**{k: v for k, v in MEDMNIST_RUN.items() if not k.startswith('encoder.')}, **TINY_HEADS, 'mask_stage': 2}
 
 
 def encoder_cfg():
-    return encoder_config('swin-tiny', img_size=32, sa_stage=2, drop_path_rate=0.0)
+    return encoder_config('swin-tiny', img_size=32, sa_stage=2, drop_path_rate=MEDMNIST_RUN['encoder.drop_path_rate'])
 
 
 def pretrain(method: str, args, out: Path) -> tuple[Path, float]:

@@ -74,6 +74,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'dagman_fast.data._root_cause': ('data.html#_root_cause', 'dagman_fast/data.py'),
                                   'dagman_fast.data._split': ('data.html#_split', 'dagman_fast/data.py'),
                                   'dagman_fast.data._stamp': ('data.html#_stamp', 'dagman_fast/data.py'),
+                                  'dagman_fast.data._views_dls': ('data.html#_views_dls', 'dagman_fast/data.py'),
                                   'dagman_fast.data.ct_ssl_dls': ('data.html#ct_ssl_dls', 'dagman_fast/data.py'),
                                   'dagman_fast.data.find_ct_scans': ('data.html#find_ct_scans', 'dagman_fast/data.py'),
                                   'dagman_fast.data.label_groups': ('data.html#label_groups', 'dagman_fast/data.py'),

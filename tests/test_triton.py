@@ -21,7 +21,7 @@ pytest.importorskip('triton')
 
 from einops import rearrange  # noqa: E402
 
-from dagman_fast.kernels.topk_mask import attention_mask_triton, head_sum  # noqa: E402
+from dagman_fast.kernels.topk_mask import attention_mask_triton  # noqa: E402
 from dagman_fast.kernels.window_attention import window_attention, window_attention_reference  # noqa: E402
 from dagman_fast.kernels.window_attention_triton import window_attention_grid  # noqa: E402
 from dagman_fast.masking import MaskGenerator, attention_mask  # noqa: E402
@@ -175,14 +175,6 @@ def test_topk_reference_against_a_hand_computed_mask():
     expected = torch.tensor([[0, 1, 1, 0, 0, 1], [1, 0, 0, 1, 0, 1]], dtype=torch.bool, device=DEVICE)
     for fn in (attention_mask, attention_mask_triton):
         assert torch.equal(fn(attn, 4, 1, 2, noise), expected), fn.__name__
-
-
-def test_head_sum_is_the_kernel_order():
-    attn = torch.rand(2, 5, 9, dtype=torch.float16)
-    acc = attn[:, 0].float()
-    for h in range(1, 5):
-        acc = acc + attn[:, h].float()
-    assert torch.equal(head_sum(attn), acc)
 
 
 def test_mask_generator_triton_and_torch_agree_with_the_same_generator():
