@@ -2,7 +2,8 @@
 
 # %% auto #0
 __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'label_groups', 'medmnist3d_dls',
-           'medmnist3d_ssl_dls', 'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'METHODS',
+           'medmnist3d_ssl_dls', 'nodule_crops_dls', 'nodule_labels', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct',
+           'METHODS', 'METHOD_HELP', 'PAPER_LOSS_WEIGHTS', 'StepTimer', 'warmup_cosine_scheds',
            'AttentionGuidedMasking', 'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout',
            'PretrainLog', 'dagman_learner', 'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss',
            'MASKINGS', 'MaskGenerator', 'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',
@@ -14,15 +15,17 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
 
 # %% ../nbs/09_all.ipynb #fabad7a1
 from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans, label_groups,
-                              medmnist3d_dls, medmnist3d_ssl_dls, nodule_crops_dls, seg_pairs_dls, show_batch_3d,
-                              synthetic_ct)
+                              medmnist3d_dls, medmnist3d_ssl_dls, nodule_crops_dls, nodule_labels, seg_pairs_dls,
+                              show_batch_3d, synthetic_ct)
 from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_class, evaluate_classifier,
                                   evaluate_segmenter, few_shot_indices, load_classifier, load_segmenter, plot_overlay,
                                   plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
                                   stratified_folds, subset_dls, summarize)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
-from .learner import (METHODS, AttentionGuidedMasking, DAGMaNConfig, DAGMaNLearner, DAGMaNModel, EMATeacher,
-                                 PatchDropout, PretrainLog, dagman_learner, load_checkpoint, load_encoder)
+from .callbacks import AttentionGuidedMasking, EMATeacher, PatchDropout, PretrainLog, StepTimer
+from .checkpoint import load_checkpoint, load_encoder
+from .learner import DAGMaNLearner, dagman_learner, warmup_cosine_scheds
+from .model import METHOD_HELP, METHODS, PAPER_LOSS_WEIGHTS, DAGMaNConfig, DAGMaNModel
 from .losses import DINOHead, DistillLoss, amip_loss
 from .masking import MASKINGS, MaskGenerator, patch_dropout_mask, upsample_mask
 from .swin import (PRESETS, EncoderOutput, SemanticAttention, SwinConfig, SwinEncoder, ViTConfig, ViTEncoder,
@@ -30,7 +33,8 @@ from .swin import (PRESETS, EncoderOutput, SemanticAttention, SwinConfig, SwinEn
 
 # nbdev adds the names in `_all_` to the module's generated `__all__` (imports are not added on their own)
 _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'label_groups',
-         'medmnist3d_dls', 'medmnist3d_ssl_dls', 'nodule_crops_dls', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'METHODS', 'AttentionGuidedMasking',
+         'medmnist3d_dls', 'medmnist3d_ssl_dls', 'nodule_crops_dls', 'nodule_labels', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'METHODS', 'METHOD_HELP',
+         'PAPER_LOSS_WEIGHTS', 'StepTimer', 'warmup_cosine_scheds', 'AttentionGuidedMasking',
          'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner',
          'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
          'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',

@@ -144,7 +144,7 @@ def _pretrain(args) -> int:
                                                      dagman=learn.model.config.to_dict()), indent=1) + '\n')
     try:
         if start < args.epochs:
-            learn.fit_one_cycle(args.epochs, args.lr, start_epoch=start)
+            learn.fit_warmup_cosine(args.epochs, args.lr, warmup=args.warmup, start_epoch=start)
     except FloatingPointError as e:
         print(f'error: {e}', file=sys.stderr)
         return 3
@@ -189,7 +189,8 @@ def _cls_dls(args):
         if not args.root:
             raise SystemExit('--medmnist needs --root, the folder of the official .npz files')
         return medmnist3d_dls(args.medmnist, root=args.root, size=args.size or 28, bs=args.bs or 32)
-    return nodule_crops_dls(args.nodules, size=args.size or 32, bs=args.bs or 32, seed=args.seed)
+    return nodule_crops_dls(args.nodules, size=args.size or 32, bs=args.bs or 32, seed=args.seed,
+                            label_rule=args.label_rule or 'paper')
 
 
 def _finite(x):
@@ -210,7 +211,7 @@ def _report(model, dls, out: Path, split: str) -> dict:
     return _finite(res)
 
 
-DATA_ARGS = ('medmnist', 'root', 'nodules', 'size', 'seed')
+DATA_ARGS = ('medmnist', 'root', 'nodules', 'size', 'seed', 'label_rule')
 
 
 def _train(learn, args, pretrained: bool) -> None:
@@ -279,8 +280,8 @@ def _evaluate(args) -> int:
     model = load_classifier(args.classifier)
     saved = getattr(model, 'data', {})
     if not (args.medmnist or args.nodules):  # the data it was fine-tuned on, split as it was
-        for k in DATA_ARGS:
-            setattr(args, k, saved.get(k))
+        for k in DATA_ARGS:  # a classifier saved before label_rule existed was trained on 'drop-indeterminate'
+            setattr(args, k, saved.get(k, 'drop-indeterminate' if k == 'label_rule' else None))
     elif args.size is None:
         args.size = saved.get('size')
     if args.seed is None:
@@ -321,7 +322,7 @@ def _seg_pairs(args) -> tuple[list, list]:
 
 
 SEG_DATA_ARGS = ('labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')
-CLS_ONLY = ('medmnist', 'nodules', 'root', 'size')
+CLS_ONLY = ('medmnist', 'nodules', 'root', 'size', 'label_rule')
 SEG_ONLY = ('seg', 'seg_csv', 'valid_seg', 'labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')
 
 
@@ -474,6 +475,9 @@ def _add_cls_data(s):
     s.add_argument('--medmnist', default=None, help='a MedMNIST 3-D set, e.g. adrenalmnist3d (official splits)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
     s.add_argument('--nodules', default=None, help='an .npz of labelled nodule crops (LIDC layout)')
+    s.add_argument('--label-rule', choices=['paper', 'drop-indeterminate'], default=None,
+                   help="nodules: 'paper' (median malignancy 1-3 benign, 4-5 malignant, all kept; the default) or "
+                        "'drop-indeterminate' (median 3 left out)")
     s.add_argument('--size', type=int, default=None,
                    help='image size: 28 or 64 for MedMNIST (default 28), 32 or 64 for nodules (default 32)')
     s.add_argument('--bs', type=int, default=None, help='batch size (default 32; 2 for segmentation)')
@@ -497,12 +501,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out', default='batch.png', help='PNG to write (default batch.png)')
     s.set_defaults(func=_show_batch)
 
-    from dagman_fast.learner import METHODS
+    from dagman_fast.model import METHOD_HELP, METHODS
     from dagman_fast.swin import PRESETS
-    s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN or a baseline) on CT scans',
+    width = max(map(len, METHODS))
+    s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Pretrain an encoder on CT scans; with no --data, on synthetic volumes. Writes '
-                                   'OUT/models/checkpoint.pth every epoch, OUT/pretrain_log.csv (+ .png), '
-                                   'OUT/config.json and, at the end, OUT/encoder.pth (+ .json).')
+                                   'OUT/models/checkpoint.pth every epoch, OUT/pretrain_log.csv (+ .png),\n'
+                                   'OUT/config.json and, at the end, OUT/encoder.pth (+ .json). The schedule is the '
+                                   "paper's: a linear warm-up, then a cosine.",
+                       epilog='methods (--method):\n' + '\n'.join(f'  {k:<{width}}  {METHOD_HELP[k]}' for k in METHODS))
     s.add_argument('--data', nargs='*', default=None,
                    help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV with a path column; '
                         'omitted: synthetic volumes')
@@ -510,8 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
     s.add_argument('--size', type=int, default=None, help='MedMNIST image size, 28 (default) or 64')
-    s.add_argument('--method', '--preset', dest='method', choices=list(METHODS), default='dagman',
-                   help='the method: dagman (default) or a baseline on the same engine')
+    s.add_argument('--method', '--preset', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
+                   help="the method: dagman (default, the paper's), a baseline or an ablation on the same engine "
+                        '(listed below)')
     s.add_argument('--encoder', choices=list(PRESETS), default=None,
                    help='encoder preset (default: swin-smit on CUDA, swin-tiny on the CPU; vit-base / vit-tiny for '
                         'attmask; tiny encoders get heads '
@@ -519,7 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--epochs', type=int, default=10, help='epochs (default 10)')
     s.add_argument('--crop', type=int, default=None, help='crop size (default 128 on CUDA with data, 32 for MedMNIST 28^3, else 64)')
     s.add_argument('--bs', type=int, default=None, help='batch size in volumes, two views each (default 2; 32 with --medmnist)')
-    s.add_argument('--lr', type=float, default=5e-4, help='peak learning rate of the one-cycle schedule (5e-4)')
+    s.add_argument('--lr', type=float, default=5e-4, help='peak learning rate (default 5e-4)')
+    s.add_argument('--warmup', type=float, default=None,
+                   help="epochs of linear learning-rate warm-up before the cosine decay (default: 10%% of --epochs, the "
+                        "paper's 80 of 800)")
     s.add_argument('--out', default='dagman_run', help='output folder (default dagman_run)')
     s.add_argument('--resume', nargs='?', const='last', default=None,
                    help='continue from a checkpoint (default: OUT/models/checkpoint.pth)')

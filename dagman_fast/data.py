@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from .core import as_triple, check_option
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MEDMNIST3D', 'find_ct_scans', 'synthetic_ct', 'CTPreprocess', 'label_groups', 'CTVolumes',
-           'TwoViews', 'ct_ssl_dls', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls', 'nodule_crops_dls',
-           'SegVolumes', 'seg_pairs_dls']
+__all__ = ['NIFTI_SUFFIXES', 'MEDMNIST3D', 'NODULE_LABEL_RULES', 'find_ct_scans', 'synthetic_ct', 'CTPreprocess', 'label_groups',
+           'CTVolumes', 'TwoViews', 'ct_ssl_dls', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
+           'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -571,17 +571,52 @@ def medmnist3d_ssl_dls(flag: str, root, size: int = 28, crop: int = 32, bs: int 
                       flip_prob=flip_prob, intensity=intensity)
 
 
+NODULE_LABEL_RULES = ('paper', 'drop-indeterminate')
+
+
+def nodule_labels(median, rule: str = 'paper') -> np.ndarray:
+    """Benign (0) / malignant (1) labels from the radiologists' median malignancy rating (1-5); -1 marks a nodule
+    the rule leaves out.
+
+    Args:
+        median: (n,) median malignancy per nodule (a half when an even number of readers split, e.g. 3.5).
+        rule: 'paper' (DAGMaN's LIDC task: median 1-3 benign, above 3 malignant, every nodule kept; a median of 3.5
+            rounds up to malignant) or 'drop-indeterminate' (NoduleMNIST3D's convention: below 3 benign, above 3
+            malignant, exactly 3 left out).
+    """
+    check_option(rule, NODULE_LABEL_RULES, 'label_rule')
+    median = np.asarray(median, dtype=np.float64)
+    bad = ~((median >= 1) & (median <= 5))
+    if bad.any():
+        raise ValueError(f'malignancy medians must be in 1..5; got {median[bad][:5].tolist()} at nodule(s) '
+                         f'{np.flatnonzero(bad)[:5].tolist()}')
+    labels = (median > 3).astype(np.int64)
+    if rule == 'drop-indeterminate':
+        labels[median == 3] = -1
+    return labels
+
+
 def nodule_crops_dls(path, size: int = 32, hu_range=(-1000.0, 400.0), min_readers: int = 1,
-                     drop_indeterminate: bool = True, valid_pct: float = 0.34, bs: int = 4, seed: int = 0,
-                     num_workers: int = 0):
+                     label_rule: str = 'paper', valid_pct: float = 0.34, bs: int = 4, seed: int = 0,
+                     num_workers: int = 0, drop_indeterminate: bool | None = None):
     """fastai `DataLoaders` for labelled nodule crops in the layout of `lidc_idri_0001-0003_nodules.npz`
-    (`images_{size}` HU, `labels` 0 benign / 1 malignant / -1 indeterminate, `n_readers`), lung-windowed to [0, 1].
+    (`images_{size}` HU, `malignancy_median`, `n_readers`), lung-windowed to [0, 1], labels 0 benign / 1 malignant.
 
     Args:
         min_readers: keep nodules marked by at least this many radiologists (2 for a LUNA16-like set).
-        drop_indeterminate: drop label -1 (median malignancy 3).
+        label_rule: how the median malignancy becomes a label (`nodule_labels`): 'paper' (1-3 benign, 4-5
+            malignant, all nodules kept) or 'drop-indeterminate' (median 3 left out). A file without
+            `malignancy_median` falls back to its `labels` (-1 indeterminate), which only 'drop-indeterminate' can use.
         valid_pct: share of the kept nodules held out (at least one when there are two or more).
+        drop_indeterminate: deprecated; True is `label_rule='drop-indeterminate'`, False `label_rule='paper'`.
+
+    No label below 0 ever reaches a batch. `dls.label_rule` and `dls.counts` (nodules per class, train + valid)
+    say what was used.
     """
+    if drop_indeterminate is not None:
+        label_rule = 'drop-indeterminate' if drop_indeterminate else 'paper'
+        warnings.warn(f"drop_indeterminate is deprecated: use label_rule={label_rule!r}", FutureWarning, stacklevel=2)
+    check_option(label_rule, NODULE_LABEL_RULES, 'label_rule')
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f'nodule crops file {path} not found')
@@ -589,18 +624,31 @@ def nodule_crops_dls(path, size: int = 32, hu_range=(-1000.0, 400.0), min_reader
         key = f'images_{size}'
         if key not in f:
             raise ValueError(f'{path}: no {key!r}; sizes present: {sorted(k for k in f if k.startswith("images_"))}')
-        hu, labels, readers = f[key].astype(np.float32), f['labels'].astype(np.int64), f['n_readers']
-    keep = (readers >= min_readers) & ((labels >= 0) if drop_indeterminate else True)
+        hu, readers = f[key].astype(np.float32), f['n_readers']
+        if 'malignancy_median' in f:
+            labels = nodule_labels(f['malignancy_median'], label_rule)
+        elif label_rule == 'drop-indeterminate' and 'labels' in f:
+            labels = f['labels'].astype(np.int64)
+        else:
+            raise ValueError(f"{path}: label_rule={label_rule!r} needs 'malignancy_median' (the median rating of each "
+                             f"nodule); the file has {sorted(f)}")
+    if not len(hu) == len(labels) == len(readers):
+        raise ValueError(f'{path}: {len(hu)} images, {len(labels)} labels and {len(readers)} reader counts; '
+                         f'expected one of each per nodule')
+    keep = (readers >= min_readers) & (labels >= 0)  # -1: left out by the rule, never a class
     if keep.sum() < 2:
         raise ValueError(f'{path}: {int(keep.sum())} nodule(s) left after min_readers={min_readers} and '
-                         f'drop_indeterminate={drop_indeterminate}; need at least 2 (one to train, one to validate)')
+                         f'label_rule={label_rule!r}; need at least 2 (one to train, one to validate)')
     lo, hi = hu_range
     x = torch.from_numpy((np.clip(hu[keep], lo, hi) - lo) / (hi - lo))[:, None]
     y = torch.from_numpy(labels[keep])
+    assert int(y.min()) >= 0, 'a left-out nodule reached the labels'
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_valid = min(len(x) - 1, max(1, int(round(valid_pct * len(x)))))
     splits = {'valid': (x[order[:n_valid]], y[order[:n_valid]]), 'train': (x[order[n_valid:]], y[order[n_valid:]])}
-    return _labelled_dls(splits, bs, num_workers, classes=int(labels.max()) + 1)
+    dls = _labelled_dls(splits, bs, num_workers, classes=2)  # benign / malignant, whichever are present
+    dls.label_rule, dls.counts = label_rule, {c: int((y == c).sum()) for c in (0, 1)}
+    return dls
 
 # %% ../nbs/01_data.ipynb #92458bf1
 class SegVolumes(CTVolumes):

@@ -231,3 +231,30 @@ def test_pretrain_on_medmnist_then_finetune(tmp_path, capsys):
     with pytest.raises(SystemExit, match='not both'):
         main(['pretrain', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--data', 'x', '--out',
               str(tmp_path / 'y')])
+
+
+def test_pretrain_help_lists_every_method(capsys):
+    from dagman_fast.model import METHODS
+    with pytest.raises(SystemExit) as e:
+        main(['pretrain', '--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in METHODS:
+        assert f'\n  {name} ' in out, name
+
+
+@pytest.mark.parametrize('method', ['ibot3d', 'sa-stage-4', 'no-amip'])
+def test_pretrain_runs_baselines_and_ablations(tmp_path, method):
+    import json
+
+    from dagman_fast.model import METHODS
+    out = tmp_path / method
+    assert main(['pretrain', '--method', method, '--out', str(out), '--synthetic', '2', '--crop', '64', '--bs', '1',
+                 '--epochs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32',
+                 '--cache-dir', str(tmp_path / 'cache')]) == 0
+    cfg = json.loads((out / 'config.json').read_text())
+    spec = METHODS[method]
+    assert tuple(cfg['dagman']['losses']) == spec.get('losses', ('aitd', 'ampd', 'gitd', 'amip'))
+    assert cfg['dagman']['masking'] == spec.get('masking', 'attention')
+    assert cfg['encoder']['sa_stage'] == spec.get('encoder', {}).get('sa_stage', 3)
+    assert (out / 'encoder.pth').exists()

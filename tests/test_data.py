@@ -186,7 +186,7 @@ def test_medmnist3d_official_splits(shared_data):
 def test_nodule_crops(shared_data):
     from dagman_fast.data import nodule_crops_dls
     path = shared_data / 'lidc_idri' / 'lidc_idri_0001-0003_nodules.npz'
-    dls = nodule_crops_dls(path, size=64, min_readers=1, drop_indeterminate=True)
+    dls = nodule_crops_dls(path, size=64, min_readers=1, label_rule='drop-indeterminate')
     n = len(dls.train.dataset) + len(dls.valid.dataset)
     assert n == 6 and len(dls.valid.dataset) == 2  # every nodule has a label 0/1; 34% held out
     x, y = dls.train.one_batch()
@@ -325,3 +325,59 @@ def test_orientation_and_spacing_are_normalised(tmp_path):
     marker = lambda v: np.unravel_index(int(v[0].argmax()), v.shape[1:])  # noqa: E731
     assert marker(a) == marker(b)
     assert float((a - b).abs().mean()) < 0.05
+
+
+def _nodule_file(path, medians, readers=None, labels=True, size=8):
+    "A nodule file in the shared layout with other counts: `len(medians)` nodules of `size`^3."
+    n = len(medians)
+    rs = np.random.RandomState(0)
+    arrays = {f'images_{size}': rs.randint(-1000, 400, (n, size, size, size)).astype(np.int16),
+              'n_readers': np.asarray(readers if readers is not None else [4] * n)}
+    if medians is not None:
+        arrays['malignancy_median'] = np.asarray(medians, np.float32)
+    if labels:  # the file's own rule: below 3 benign, above malignant, 3 indeterminate (-1)
+        m = np.asarray(medians, np.float32)
+        arrays['labels'] = np.where(m < 3, 0, np.where(m > 3, 1, -1)).astype(np.int8)
+    np.savez(path, **arrays)
+    return path
+
+
+def test_nodule_label_rules(tmp_path):
+    from dagman_fast.data import nodule_crops_dls, nodule_labels
+    medians = [1, 2, 2.5, 3, 3, 3.5, 4, 4.5, 5, 3]
+    assert nodule_labels(medians, 'paper').tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0]
+    assert nodule_labels(medians, 'drop-indeterminate').tolist() == [0, 0, 0, -1, -1, 1, 1, 1, 1, -1]
+    path = _nodule_file(tmp_path / 'n.npz', medians)
+
+    def everything(dls):
+        return torch.cat([torch.cat([y for _, y in dl]) for dl in (dls.train, dls.valid)])
+
+    paper = nodule_crops_dls(path, size=8, bs=3)  # the default is the paper's grouping: every nodule kept
+    y = everything(paper)
+    assert len(y) == 10 and sorted(y.tolist()) == [0] * 6 + [1] * 4 and paper.counts == {0: 6, 1: 4}
+    assert paper.c == 2 and paper.label_rule == 'paper'
+    drop = nodule_crops_dls(path, size=8, bs=3, label_rule='drop-indeterminate')
+    y = everything(drop)
+    assert len(y) == 7 and int(y.min()) >= 0 and drop.counts == {0: 3, 1: 4}
+    # readers and rules together; a label of -1 never reaches a batch
+    few = nodule_crops_dls(path, size=8, label_rule='drop-indeterminate', min_readers=1)
+    assert int(everything(few).min()) >= 0
+    with pytest.raises(ValueError, match="Did you mean 'paper'"):
+        nodule_crops_dls(path, size=8, label_rule='papr')
+    with pytest.warns(FutureWarning, match='label_rule'):
+        assert len(everything(nodule_crops_dls(path, size=8, drop_indeterminate=True))) == 7
+
+
+def test_nodule_files_without_medians_or_with_bad_ratings(tmp_path):
+    from dagman_fast.data import nodule_crops_dls
+    path = _nodule_file(tmp_path / 'old.npz', [1, 3, 5, 2], labels=True)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f if k != 'malignancy_median'}
+    np.savez(path, **arrays)  # an older file: labels only
+    with pytest.raises(ValueError, match='malignancy_median'):
+        nodule_crops_dls(path, size=8)
+    dls = nodule_crops_dls(path, size=8, label_rule='drop-indeterminate')
+    assert dls.counts == {0: 2, 1: 1}
+    bad = _nodule_file(tmp_path / 'bad.npz', [1, 0, 5], labels=False)
+    with pytest.raises(ValueError, match='1..5'):
+        nodule_crops_dls(bad, size=8)

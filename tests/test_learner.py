@@ -168,14 +168,37 @@ def test_student_mask_covers_whole_cells_of_the_patch_grid(tmp_path):
     assert not torch.allclose(unmasked.features[-1], ref.features[-1])
 
 
-def test_total_loss_is_amip_plus_weighted_distillation(tmp_path):
-    m = make_learner(tmp_path, distill_weight=0.5).model.train()
+@pytest.mark.parametrize('kw, weights', [
+    ({}, dict(aitd=0.1, ampd=0.1, gitd=0.1, amip=1.0)),                # the paper's Appendix A
+    ({'loss_weights': {'gitd': 0.3, 'amip': 2}}, dict(aitd=0.1, ampd=0.1, gitd=0.3, amip=2.0)),
+])
+def test_total_loss_is_the_weighted_sum_of_the_terms(tmp_path, kw, weights):
+    m = make_learner(tmp_path, **kw).model.train()
     views = [torch.rand(2, 1, CROP, CROP, CROP) for _ in range(2)]
     guide = m.guide(views)
     total = m.loss(m(*views, guide['cell_mask']), guide)
     t = m.terms
     assert set(t) == {'aitd', 'ampd', 'gitd', 'amip'}
-    torch.testing.assert_close(total.detach(), t['amip'] + 0.5 * (t['aitd'] + t['ampd'] + t['gitd']))
+    torch.testing.assert_close(total.detach(), sum(weights[k] * t[k] for k in t))
+
+
+def test_distill_weight_still_works_with_a_future_warning(tmp_path):
+    with pytest.warns(FutureWarning, match='loss_weights'):
+        m = make_learner(tmp_path, distill_weight=0.5).model
+    assert m.config.loss_weights == dict(aitd=0.5, ampd=0.5, gitd=0.5, amip=1.0)
+
+
+def test_defaults_are_the_papers(tmp_path):
+    from dagman_fast.swin import PRESETS
+    learn = make_learner(tmp_path)
+    c = learn.model.config
+    assert c.loss_weights == dict(aitd=0.1, ampd=0.1, gitd=0.1, amip=1.0)
+    assert (c.masking, c.mask_ratio, c.noisy_teacher, c.patch_drop_fill, c.valid_noise) == (
+        'attention', 0.7, True, 'zero', False)
+    assert PRESETS['swin-smit'].drop_path_rate == 0.1
+    learn.create_opt()
+    h = learn.opt.hypers[0]
+    assert (h['mom'], h['sqr_mom'], h['eps'], learn.wd) == (0.9, 0.999, 1e-8, 0.05)  # AdamW (fit sets wd)
 
 
 def test_global_loss_is_cross_view(tmp_path):
@@ -208,12 +231,13 @@ def test_loss_switches_and_ampd_on_masked_cells_only(tmp_path):
     assert set(m.terms) == {'ampd'}
 
 
-def test_patch_dropout_feeds_the_teacher_an_exact_share_of_mask_tokens(tmp_path):
+def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     learn = make_learner(tmp_path, patch_drop=0.25)
     assert any(isinstance(c, PatchDropout) for c in learn.cbs)
     seen = {}
     def hook(mod, args):  # returns None: the arguments stay as they are
         seen.setdefault('mask', args[1])
+        seen.setdefault('fill', args[2])
 
     h = learn.model.teacher.encoder.register_forward_pre_hook(hook)
     quiet_fit(learn, 1)
@@ -221,6 +245,12 @@ def test_patch_dropout_feeds_the_teacher_an_exact_share_of_mask_tokens(tmp_path)
     mask = seen['mask']
     assert mask.dtype == torch.bool and mask.shape == (4, 16, 16, 16)  # 2 views x bs 2 on the patch grid
     assert mask.flatten(1).sum(1).tolist() == [int(0.25 * 16 ** 3)] * 4
+    assert seen['fill'] == 'zero'  # the paper: dropped patch tokens are set to 0
+    # and the encoder does set them to zero (the mask token is another option)
+    enc = learn.model.teacher.encoder
+    x = torch.rand(1, 1, CROP, CROP, CROP)
+    t = enc._apply_mask(enc.patch_embed(x), mask[:1], 'zero')[0]  # (d, h, w, c)
+    assert t[mask[0]].abs().max() == 0 and t[~mask[0]].abs().min() >= 0 and t[~mask[0]].abs().max() > 0
     plain = make_learner(tmp_path, noisy_teacher=False)
     assert not any(isinstance(c, PatchDropout) for c in plain.cbs)
 
@@ -351,7 +381,7 @@ def test_load_encoder_reports_missing_and_unexpected(tmp_path):
 # ---------------------------------------------------------------- methods and options
 
 
-@pytest.mark.parametrize('method', list(METHODS))
+@pytest.mark.parametrize('method', [m for m in METHODS if m != 'sa-stage-4'])  # stage 4 of a 32^3 crop: one cell
 def test_every_method_trains_a_step(tmp_path, method):
     encoder = ViTConfig(img_size=CROP, patch_size=8, embed_dim=24, depth=2, num_heads=2) if method == 'attmask' else None
     learn = make_learner(tmp_path, method=method, encoder=encoder)
@@ -359,8 +389,10 @@ def test_every_method_trains_a_step(tmp_path, method):
     spec = METHODS[method]
     assert m.config.masking == spec.get('masking', 'attention')
     assert m.config.noisy_teacher == spec.get('noisy_teacher', True)
-    if method == 'smit':
-        assert m.student.encoder.sa is None and 'aitd' not in m.student.heads
+    assert m.config.losses == spec.get('losses', ('aitd', 'ampd', 'gitd', 'amip'))
+    assert any(isinstance(c, PatchDropout) for c in learn.cbs) == m.config.noisy_teacher
+    if 'sa_stage' in spec.get('encoder', {}):
+        assert m.encoder_config.sa_stage == spec['encoder']['sa_stage']
     before = [p.clone() for p in m.student.parameters()]
     quiet_fit(learn, 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.student.parameters()))
@@ -458,3 +490,124 @@ def test_ct_loaders_and_learner_use_the_default_device(tmp_path):
     learn = dagman_learner(dls, encoder=enc_cfg(), path=tmp_path, **HEADS)
     quiet_fit(learn, 1)
     assert next(learn.model.parameters()).device.type == default_device().type
+
+
+# ---------------------------------------------------------------- the paper's methods, baselines and ablations
+
+
+def test_baselines_are_the_methods_they_are_named_after(tmp_path):
+    for name in ('smit', 'ibot3d'):  # nothing in them needs a [CLS]: no SA module, no AITD
+        m = make_learner(tmp_path, method=name).model
+        assert m.student.encoder.sa is None and 'aitd' not in m.student.heads, name
+        assert not m.config.noisy_teacher, name
+    assert make_learner(tmp_path, method='smit').model.config.losses == ('ampd', 'gitd', 'amip')
+    ibot = make_learner(tmp_path, method='ibot3d').model.config
+    assert (ibot.masking, ibot.losses) == ('block', ('ampd', 'gitd'))  # no pixel reconstruction in iBOT
+    mst = make_learner(tmp_path, method='mst').model
+    assert mst.student.encoder.sa is not None and mst.config.masking == 'low' and mst.config.losses == ('aitd', 'amip')
+    vit = ViTConfig(img_size=CROP, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+    att = make_learner(tmp_path, method='attmask', encoder=vit).model
+    assert att.is_vit and att.config.losses == ('aitd', 'ampd') and att.config.masking == 'attention'
+    assert att.config.hint_ratio > 0 and not att.config.noisy_teacher
+
+
+def test_ablation_presets(tmp_path):
+    dag = make_learner(tmp_path).model.config
+    sa = make_learner(tmp_path, method='sa-only').model.config
+    nt = make_learner(tmp_path, method='nt-only').model.config
+    assert (sa.masking, sa.noisy_teacher) == ('attention', False)
+    assert (nt.masking, nt.noisy_teacher) == ('random', True)
+    for k in (1, 2):
+        m = make_learner(tmp_path, method=f'sa-stage-{k}').model
+        assert m.encoder_config.sa_stage == k and m.cell_stage == k
+        assert m.guide([torch.rand(1, 1, CROP, CROP, CROP)])['attn'].shape[1] == (16 // 2 ** k) ** 3
+    with pytest.raises(ValueError, match='masks no cell'):  # stage 4 of a 32^3 crop is a single cell
+        make_learner(tmp_path, method='sa-stage-4')
+    for t in ('aitd', 'ampd', 'gitd', 'amip'):
+        c = make_learner(tmp_path, method=f'no-{t}').model.config
+        assert c.losses == tuple(n for n in dag.losses if n != t) and c.loss_weights == dag.loss_weights
+
+
+def test_encoder_fields_are_options_of_dagman_learner(tmp_path):
+    m = make_learner(tmp_path, sa_stage=2, drop_path_rate=0.0).model
+    assert (m.encoder_config.sa_stage, m.encoder_config.drop_path_rate, m.cell_stage) == (2, 0.0, 2)
+    with pytest.raises(TypeError, match='SwinConfig fields'):
+        make_learner(tmp_path, sa_stag=2)
+
+
+class GuideLog(Callback):
+    "The student's cell mask of every batch, by phase (training or not)."
+    order = AttentionGuidedMasking.order + 1
+
+    def before_fit(self):
+        self.masks = {True: [], False: []}
+
+    def before_batch(self):
+        self.masks[self.training].append(self.xb[-1].clone())
+
+
+def test_validation_batches_get_a_clean_teacher_and_the_same_masks_every_epoch(tmp_path):
+    seen = []
+    learn = make_learner(tmp_path, masking='random')
+    enc = learn.model.teacher.encoder
+    h = enc.register_forward_pre_hook(lambda mod, args: seen.append((learn.training, args[1])))
+    log = GuideLog()
+    quiet_fit(learn, 2, cbs=[log])
+    h.remove()
+    assert all(drop is not None for training, drop in seen if training)
+    assert all(drop is None for training, drop in seen if not training), 'patch dropout on a validation batch'
+    valid = log.masks[False]
+    assert len(valid) == 2 and torch.equal(valid[0], valid[1])  # one validation batch per epoch, same mask
+    train = log.masks[True]
+    assert not all(torch.equal(train[0], t) for t in train[1:])  # training masks are drawn afresh
+    # asked for, validation batches are noisy too
+    seen.clear()
+    noisy, log = make_learner(tmp_path, masking='random', valid_noise=True), GuideLog()
+    noisy.model.teacher.encoder.register_forward_pre_hook(lambda mod, args: seen.append((noisy.training, args[1])))
+    quiet_fit(noisy, 2, cbs=[log])
+    assert all(drop is not None for _, drop in seen)
+    assert not torch.equal(log.masks[False][0], log.masks[False][1])
+
+
+class HyperLog(Callback):
+    order = 100
+
+    def before_fit(self):
+        self.rows = []
+
+    def before_step(self):
+        h = self.opt.hypers[-1]
+        self.rows.append((h['lr'], h['mom'], h['sqr_mom']))
+
+
+def test_fit_warmup_cosine_is_the_papers_schedule(tmp_path):
+    learn, log = make_learner(tmp_path), HyperLog()
+    n_epoch, lr, warm = 10, 1e-3, 2  # 2 steps an epoch: 20 steps, 4 of warm-up
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_warmup_cosine(n_epoch, lr, warmup=warm, cbs=[log])
+    lrs, moms, sqr = zip(*log.rows)
+    total = len(lrs)
+    assert total == 20 and set(moms) == {0.9} and set(sqr) == {0.999}  # constant betas
+    for i, got in enumerate(lrs):  # fastai evaluates the schedule at i / total
+        p = i / total
+        want = lr * p / 0.2 if p < 0.2 else 1e-6 + (lr - 1e-6) * (1 + math.cos(math.pi * (p - 0.2) / 0.8)) / 2
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-12), i
+    assert max(lrs) == pytest.approx(lr, rel=0.05) and lrs.index(max(lrs)) in (3, 4)
+    with pytest.raises(ValueError, match='warmup'):
+        learn.fit_warmup_cosine(4, warmup=4)
+
+
+def test_killed_warmup_cosine_run_resumes_with_the_same_losses(tmp_path):
+    def fit(learn, n, **kw):
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_warmup_cosine(n, **kw)
+    set_seed(0)
+    full, rf = make_learner(tmp_path / 'full'), LossLog()
+    fit(full, 3, cbs=[rf])
+    set_seed(0)
+    part, rp = make_learner(tmp_path / 'part'), LossLog(stop=2)
+    fit(part, 3, cbs=[rp])
+    set_seed(99)
+    again, ra = make_learner(tmp_path / 'part'), LossLog()
+    fit(again, 3, cbs=[ra], start_epoch=again.resume(tmp_path / 'part' / 'models' / 'checkpoint.pth'))
+    torch.testing.assert_close(torch.tensor(rp.losses + ra.losses), torch.tensor(rf.losses), rtol=1e-5, atol=1e-6)
