@@ -74,7 +74,7 @@ def pretrain(method: str, args, out: Path) -> tuple[Path, float]:
     learn = dagman_learner(dls, method=method, encoder=encoder_cfg(), path=out / method, lr=args.pretrain_lr, **SHORT)
     t0 = time.time()
     warnings.filterwarnings('ignore', message='Your generator is empty')  # no validation split in pretraining
-    learn.fit_one_cycle(args.pretrain_epochs, args.pretrain_lr)
+    learn.fit_warmup_cosine(args.pretrain_epochs, args.pretrain_lr)  # the paper's schedule, as dagman pretrain
     secs = time.time() - t0
     learn.export_encoder(enc_path)
     plot_pretrain_log(out / method / 'pretrain_log.csv', out / method / 'pretrain_log.png', out_dim=SHORT['out_dim'])

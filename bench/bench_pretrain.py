@@ -32,7 +32,7 @@ def run(dls, method, args):
     n_iter = len(dls.train)
     epochs = -(-(args.steps + args.warmup) // n_iter)
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(epochs, 5e-4, cbs=[timer])
+        learn.fit_warmup_cosine(epochs, 5e-4, cbs=[timer])
     return timer.summary(), len(timer.steps) - args.warmup
 
 

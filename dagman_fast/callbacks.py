@@ -291,17 +291,26 @@ class PretrainLog(_DAGMaNCallback):
         self._check_collapse(row)
 
     def _check_collapse(self, row):
-        "Warn once per fit when a teacher's outputs are near uniform after the warm-up: that distillation is not learning."
+        """Warn once per fit when a teacher has collapsed after the warm-up, in either of DINO's two ways: outputs near
+        uniform (per-sample entropy > 99.5% of log(out_dim)), or the whole batch on one or two prototypes (entropy of
+        the batch-mean output < log 2). Either way that distillation teaches nothing."""
         if self._warned or self.epoch < 5:
             return
         k = math.log(self.dm.config.out_dim)
         flat = [n for n in self.dm.distill if float(row.get(f'{n}_entropy', 0) or 0) > 0.995 * k]
+        peaked = [n for n in self.dm.distill if f'{n}_mean_entropy' in row and float(row[f'{n}_mean_entropy']) < math.log(2)]
         if flat:
             self._warned = True
             warnings.warn(f'epoch {self.epoch}: the teacher outputs of {flat} are near uniform (entropy > 99.5% of '
                           f'log({self.dm.config.out_dim})), so their losses sit at log(out_dim) and teach nothing. '
                           'Known for DINO-style losses on small data or short runs; try cross_view=False, '
                           'ema_momentum=0.99, a smaller out_dim or more scans (see the README).')
+        elif peaked:
+            self._warned = True
+            warnings.warn(f'epoch {self.epoch}: the teacher puts every sample of a batch on the same one or two '
+                          f'prototypes for {peaked} (entropy of the batch-mean output < log 2): a collapse, and their '
+                          'losses teach nothing. Centre faster (center_momentum 0.9 or lower) or raise the teacher '
+                          'temperature.')
 
     def _write(self):
         rows = self.learn.pretrain_log

@@ -66,7 +66,9 @@ def _check_set_keys(overrides: dict) -> None:
             if k[len('encoder.'):] not in enc:
                 raise SystemExit(f'--set {k}: not an encoder field; encoder fields: {sorted(enc)}')
         elif k not in method:
-            hint = f' (an encoder field: write --set encoder.{k}=...)' if k in enc else ''
+            hint = (f' (an encoder field: write --set encoder.{k}=...)' if k in enc else
+                    " (replaced by loss_weights: --set \"loss_weights={'aitd': W, 'ampd': W, 'gitd': W}\")"
+                    if k == 'distill_weight' else '')
             raise SystemExit(f'--set {k}: not a DAGMaNConfig field{hint}; fields: {sorted(method)}')
 
 

@@ -234,6 +234,12 @@ class DAGMaNModel(nn.Module):
         self.register_buffer('step', torch.zeros((), dtype=torch.long))
         self.iters_per_epoch = 1  # set by `EMATeacher` at the start of a fit; the teacher-temperature warm-up needs it
         self.masker = MaskGenerator(cfg.masking, cfg.mask_ratio, cfg.hint_ratio, cfg.hint_pool, cfg.block_min_cells)
+        cells = self.cell_grid(as_triple(ec.img_size, 'img_size'))
+        k, n_hint, _ = self.masker.counts(cells[0] * cells[1] * cells[2])
+        if cfg.mask_ratio > 0 and k - n_hint < 1:  # AMIP and AMPD would see no masked cell and learn nothing
+            raise ValueError(f'a {tuple(as_triple(ec.img_size, "img_size"))} crop leaves a {cells} grid of cells at stage '
+                             f'{self.cell_stage}, where mask_ratio={cfg.mask_ratio} masks no cell: use a larger crop or '
+                             f'an earlier stage (sa_stage / mask_stage)')
         self.terms: dict = {}
 
     def train(self, mode: bool = True):

@@ -271,7 +271,11 @@ def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
 # ---------------------------------------------------------------- checkpoints and resume
 
 
-def test_killed_run_resumes_with_the_same_losses(tmp_path):
+@pytest.mark.parametrize('schedule', ['fit_warmup_cosine', 'fit_one_cycle'])  # the paper's, and fastai's
+def test_killed_run_resumes_with_the_same_losses(tmp_path, schedule):
+    def quiet_fit(learn, n, **kw):
+        with learn.no_bar(), learn.no_logging():
+            getattr(learn, schedule)(n, **kw)
     set_seed(0)
     full, rf = make_learner(tmp_path / 'full'), LossLog()
     quiet_fit(full, 3, cbs=[rf])
@@ -597,17 +601,22 @@ def test_fit_warmup_cosine_is_the_papers_schedule(tmp_path):
         learn.fit_warmup_cosine(4, warmup=4)
 
 
-def test_killed_warmup_cosine_run_resumes_with_the_same_losses(tmp_path):
-    def fit(learn, n, **kw):
-        with learn.no_bar(), learn.no_logging():
-            learn.fit_warmup_cosine(n, **kw)
-    set_seed(0)
-    full, rf = make_learner(tmp_path / 'full'), LossLog()
-    fit(full, 3, cbs=[rf])
-    set_seed(0)
-    part, rp = make_learner(tmp_path / 'part'), LossLog(stop=2)
-    fit(part, 3, cbs=[rp])
-    set_seed(99)
-    again, ra = make_learner(tmp_path / 'part'), LossLog()
-    fit(again, 3, cbs=[ra], start_epoch=again.resume(tmp_path / 'part' / 'models' / 'checkpoint.pth'))
-    torch.testing.assert_close(torch.tensor(rp.losses + ra.losses), torch.tensor(rf.losses), rtol=1e-5, atol=1e-6)
+
+def test_collapse_warnings_catch_uniform_and_one_prototype_teachers(tmp_path):
+    from dagman_fast.callbacks import PretrainLog
+    learn = make_learner(tmp_path)
+    log = next(c for c in learn.cbs if isinstance(c, PretrainLog))
+    k = math.log(HEADS['out_dim'])
+
+    def check(epoch=6, **row):
+        learn.epoch, log._warned = epoch, False
+        base = {f'{n}_{s}': 0.6 * k for n in ('aitd', 'ampd', 'gitd') for s in ('entropy', 'mean_entropy')}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            log._check_collapse({**base, **row})
+        return [str(w.message) for w in caught]
+
+    assert check() == []  # a healthy teacher
+    assert 'near uniform' in check(gitd_entropy=0.999 * k)[0]
+    assert 'one or two' in check(aitd_entropy=0.2, aitd_mean_entropy=0.3)[0]
+    assert check(epoch=2, gitd_entropy=0.999 * k) == []  # during the warm-up epochs: no verdict yet
