@@ -57,7 +57,7 @@ def _parse_set(items) -> dict:
 def _check_set_keys(overrides: dict) -> None:
     from dataclasses import fields
 
-    from dagman_fast.learner import DAGMaNConfig
+    from dagman_fast.model import DAGMaNConfig
     from dagman_fast.swin import SwinConfig, ViTConfig
     method = {f.name for f in fields(DAGMaNConfig)}
     enc = {f.name for f in fields(SwinConfig)} | {f.name for f in fields(ViTConfig)}
@@ -162,7 +162,7 @@ def _pretrain(args) -> int:
 def _export(args) -> int:
     import torch
 
-    from dagman_fast.learner import load_encoder
+    from dagman_fast.checkpoint import load_encoder
     from dagman_fast.swin import to_monai
     enc = load_encoder(args.checkpoint)
     out = Path(args.out)
@@ -174,7 +174,7 @@ def _export(args) -> int:
         torch.save(to_monai(enc), out)
         print(f'MONAI SwinTransformer state dict saved to {out} (load into SwinUNETR.swinViT with strict=True)')
         return 0
-    from dagman_fast.learner import ENCODER_FORMAT, atomic_save
+    from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
     from dagman_fast import __version__
     cfg = enc.config.to_dict()
     atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=enc.state_dict()), out)

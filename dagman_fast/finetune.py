@@ -11,13 +11,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import fastai.callback.progress  # noqa: F401  fastai's progress bars (and learn.no_bar) for every Learner
+import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle and fine_tune to Learner
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, Metric, accuracy, skm_to_fastai
 from fastai.optimizer import Adam
 
 from .core import as_triple, check_option
-from .learner import DAGMaNModel, load_encoder, unwrap
+from .callbacks import unwrap
+from .checkpoint import load_encoder
+from .model import DAGMaNModel
 from .swin import SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
@@ -438,14 +442,14 @@ def save_classifier(model: ClsModel, path, data: dict | None = None) -> Path:
 
 def _save_model(model: nn.Module, path, fmt: str, data: dict | None, **meta) -> Path:
     "Weights, encoder config, `meta` and `data` (plain values only: loads with `weights_only=True`), atomically."
-    from dagman_fast.learner import atomic_save
+    from dagman_fast.checkpoint import atomic_save
     return atomic_save(dict(format=fmt, encoder=model.encoder.config.to_dict(), data=dict(data or {}),
                             state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta), path)
 
 
 def _load_model(path, fmt: str, build) -> nn.Module:
     "A model saved by `_save_model` in format `fmt`: `build(encoder, saved dict)` makes the module."
-    from dagman_fast.learner import encoder_config_from_dict
+    from dagman_fast.model import encoder_config_from_dict
     obj = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(obj, dict) or obj.get('format') != fmt:
         kind = fmt.split('.')[-1]
