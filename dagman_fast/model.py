@@ -56,7 +56,7 @@ class DAGMaNConfig(_JSONConfig):
         `sum(loss_weights[t] * t)` over the enabled terms; a partial dict keeps the paper's weights for the other
         terms (`PAPER_LOSS_WEIGHTS`: AITD, AMPD, GITD 0.1, AMIP 1, the paper's Appendix A). cross_view: AITD and GITD
         compare the student's view i with the teacher's view j != i (DINO, iBOT; the paper is silent), else the same
-        view. `distill_weight=w` (before 0.2: one weight for the three distillation terms) still works with a
+        view. `distill_weight=w` (the one distillation weight of earlier versions) still works with a
         `FutureWarning`: it sets `loss_weights` to w for AITD, AMPD and GITD.
     Heads and temperatures (DINO, iBOT; the paper is silent on their sizes):
         out_dim 8192, head_hidden 2048, head_bottleneck 256, head_layers 3; student_temp 0.1; teacher_temp 0.04 rising

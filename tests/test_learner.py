@@ -250,7 +250,7 @@ def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     enc = learn.model.teacher.encoder
     x = torch.rand(1, 1, CROP, CROP, CROP)
     t = enc._apply_mask(enc.patch_embed(x), mask[:1], 'zero')[0]  # (d, h, w, c)
-    assert t[mask[0]].abs().max() == 0 and t[~mask[0]].abs().min() >= 0 and t[~mask[0]].abs().max() > 0
+    assert t[mask[0]].abs().max() == 0 and t[~mask[0]].abs().max() > 0  # dropped: zero; kept: untouched
     plain = make_learner(tmp_path, noisy_teacher=False)
     assert not any(isinstance(c, PatchDropout) for c in plain.cbs)
 
