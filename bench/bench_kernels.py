@@ -11,7 +11,11 @@ Groups (compare within one group, same run):
   Shapes: `swin-smit` stage 1 at a 128^3 crop on CUDA (b 2, 64^3 tokens, 4 heads of 12, 4^3 windows, shifted);
   a `swin-tiny` stage 1 at 64^3 on the CPU.
 - `topk-mask`: the attention-guided mask from per-head SA attention `(b, nh, N)` (b 8, 8 heads, 8^3 cells).
-- `encoder-fwdbwd`: the whole encoder's forward and backward for each `attn_impl`.
+- `encoder-fwdbwd`: the whole encoder's forward and backward for each `attn_impl` (peak memory in `extra_info`).
+
+NATTEN's blocked neighbourhood attention (`na3d` with stride equal to the kernel: the same non-overlapping windows)
+runs in the attention groups where `natten` is installed; it has no relative position bias and no shift mask, so
+it is a lower bound on what the same windows cost, not the same computation. Without it the path is skipped.
 
 Each result's `extra_info` holds the compulsory bytes (inputs read once, outputs written once) and, on CUDA, the
 achieved share of the memory roofline (peak bandwidth from the environment variable `PEAK_GBS`, else from the
@@ -58,11 +62,22 @@ def _peak_gbs(request) -> float | None:
     return next((v for k, v in PEAK_GBS.items() if k in name), None)
 
 
-def _record(benchmark, request, nbytes: int):
+def _warm_up(step):
+    "One untimed call (compiles, autotunes) that also measures the step's peak memory on CUDA."
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    step()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if CUDA else None
+
+
+def _record(benchmark, request, nbytes: int, peak_mib: float | None = None):
+    if peak_mib is not None:
+        benchmark.extra_info['peak_mib'] = round(peak_mib, 1)
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if CUDA else 'cpu', torch=torch.__version__,
                                 triton=getattr(triton, '__version__', None), dtype=str(DTYPE), bytes=nbytes)
     peak = _peak_gbs(request)
-    if peak and benchmark.stats:
+    if peak and benchmark.stats and nbytes:
         benchmark.extra_info['roofline_pct'] = round(100 * nbytes / benchmark.stats['median'] / (peak * 1e9), 1)
 
 
@@ -90,7 +105,7 @@ def _windowed(impl):
     return run
 
 
-def _flex():
+def _flex(compile=True):
     "FlexAttention over the rolled, partitioned tokens: windows and shift regions as a block mask, bias as a score mod."
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     b, grid, nh, hd, window, shift = SHAPE
@@ -103,16 +118,33 @@ def _flex():
     def allowed(bb, h, qi, ki):
         same = qi // wn == ki // wn
         return same & region[qi // wn, qi % wn, ki % wn]
-    block = create_block_mask(allowed, None, None, n, n, device=DEVICE)
-    fn = torch.compile(flex_attention)
+    block = create_block_mask(allowed, None, None, n, n, device=DEVICE, _compile=True)  # not an n x n dense mask
+    fn = torch.compile(flex_attention) if compile else flex_attention
+    pad = max(0, 16 - hd)  # FlexAttention needs a head dim of at least 16 (swin-smit has 12): zero-pad, slice back
 
     def run(qkv, bias):
         t = rearrange(qkv.reshape(b, n, -1)[:, perm], 'b n (three nh hd) -> three b nh n hd', three=3, nh=nh)
+        if pad:
+            t = torch.nn.functional.pad(t, (0, pad))  # zero q/k columns add nothing to the scores
 
         def score(s, bb, h, qi, ki):
             return s + bias[h, qi % wn, ki % wn]
-        o = fn(t[0], t[1], t[2], score_mod=score, block_mask=block)
+        o = fn(t[0], t[1], t[2], score_mod=score, block_mask=block, scale=hd ** -0.5)[..., :hd]
         return rearrange(o, 'b nh n hd -> b n (nh hd)')[:, inv].view(b, *grid, nh * hd)
+    return run
+
+
+def _natten():
+    "NATTEN's blocked 3D neighbourhood attention on the rolled grid (no bias, no shift mask: see the module doc)."
+    from natten import na3d
+    b, grid, nh, hd, window, shift = SHAPE
+
+    def run(qkv, bias):
+        t = torch.roll(qkv, [-s for s in shift], dims=(1, 2, 3)) if any(shift) else qkv
+        q, k, v = rearrange(t, 'b d h w (three nh hd) -> three b d h w nh hd', three=3, nh=nh).unbind(0)
+        o = na3d(q.contiguous(), k.contiguous(), v.contiguous(), kernel_size=window, stride=window)
+        o = rearrange(o, 'b d h w nh hd -> b d h w (nh hd)')
+        return torch.roll(o, list(shift), dims=(1, 2, 3)) if any(shift) else o
     return run
 
 
@@ -126,6 +158,7 @@ PATHS = {
     'sdpa': lambda: _windowed('sdpa'),
     'flex': _flex,
     'triton': lambda: _triton,
+    'natten': _natten,
 }
 
 
@@ -134,6 +167,10 @@ def _available(path):
         pytest.skip('Triton needs CUDA')
     if path == 'flex' and not CUDA:
         pytest.skip('FlexAttention has no CPU backward and compiles for CUDA here')
+    if path == 'natten':
+        pytest.importorskip('natten', reason="NATTEN is not installed (pip install natten, built for this torch/CUDA)")
+        if not CUDA:
+            pytest.skip('NATTEN is compared on CUDA only')
 
 
 @pytest.mark.parametrize('path', list(PATHS))
@@ -146,9 +183,9 @@ def test_attention_forward(benchmark, request, path):
         with torch.no_grad():
             fn(qkv, bias)
         _sync()
-    step()  # compile / warm up
+    peak = _warm_up(step)  # compile / warm up
     benchmark(step)
-    _record(benchmark, request, qkv.numel() * qkv.element_size() * 4 // 3)  # read qkv, write out (c = 3c / 3)
+    _record(benchmark, request, qkv.numel() * qkv.element_size() * 4 // 3, peak)  # read qkv, write out (c = 3c / 3)
 
 
 @pytest.mark.parametrize('path', list(PATHS))
@@ -159,13 +196,13 @@ def test_attention_forward_backward(benchmark, request, path):
     grad = torch.randn(*qkv.shape[:4], qkv.shape[-1] // 3, device=DEVICE, dtype=DTYPE)
 
     def step():
-        torch.autograd.grad(fn(qkv, bias), (qkv, bias), grad)
+        torch.autograd.grad(fn(qkv, bias), (qkv, bias), grad, allow_unused=True)  # NATTEN takes no bias
         _sync()
-    step()
+    peak = _warm_up(step)
     benchmark(step)
     # forward: qkv in, out out; backward: qkv, out, dout in, dqkv out
     size = qkv.numel() * qkv.element_size()
-    _record(benchmark, request, size * 4 // 3 + size + 2 * size // 3 + size)
+    _record(benchmark, request, size * 4 // 3 + size + 2 * size // 3 + size, peak)
 
 
 @pytest.mark.parametrize('impl', ['torch', 'triton'])
@@ -190,7 +227,7 @@ def test_topk_mask(benchmark, request, impl):
     _record(benchmark, request, attn.numel() * 4 + noise.numel() * 4 + b * n)
 
 
-@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'triton'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'triton', 'auto'])
 def test_encoder_forward_backward(benchmark, request, impl):
     if impl == 'triton' and not TRITON:
         pytest.skip('Triton needs CUDA')
@@ -204,6 +241,7 @@ def test_encoder_forward_backward(benchmark, request, impl):
             out = enc(x)
         sum(f.float().mean() for f in out.features).backward()
         _sync()
-    step()
+    peak = _warm_up(step)
     benchmark(step)
-    _record(benchmark, request, 0)
+    benchmark.extra_info['shape'] = f'{preset} {crop}^3 bs {bs}'
+    _record(benchmark, request, 0, peak)

@@ -2,8 +2,10 @@
 
     python bench/bench_pretrain.py                      # swin-tiny, crop 64, real LIDC CT from ../shared/data
     python bench/bench_pretrain.py --data DIR --steps 30 --encoder swin-smit --crop 128
+    python bench/bench_pretrain.py --encoder swin-smit --crop 128 --methods dagman --attn-impls reference triton \
+        --json out.json                                 # the paper's scale on CUDA, eager attention against Triton
 
-Each method trains `--steps` steps (after `--warmup` untimed ones) with `StepTimer`, which splits a step into data,
+Each method (for each `--attn-impls` entry: the encoder's attention path) trains `--steps` steps (after `--warmup` untimed ones) with `StepTimer`, which splits a step into data,
 teacher forward, masking, student forward, losses, backward + optimiser, EMA update and fastai's bookkeeping. The
 methods run one after the other in this process with the same data, seed and heads. Without real data (no
 `../shared/data`), synthetic volumes are used and said so.
@@ -11,6 +13,7 @@ methods run one after the other in this process with the same data, seed and hea
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +27,12 @@ from dagman_fast.learner import StepTimer, dagman_learner
 PARTS = ['data', 'teacher', 'masking', 'student', 'losses', 'backward', 'ema', 'other']
 
 
-def run(dls, method, args):
+def run(dls, method, args, attn_impl='auto'):
     set_seed(0)
-    learn = dagman_learner(dls, method=method, encoder=args.encoder, checkpoint=None, log=None,
+    learn = dagman_learner(dls, method=method, encoder=args.encoder, checkpoint=None, log=None, attn_impl=attn_impl,
                            path=tempfile.mkdtemp(), out_dim=args.out_dim, head_hidden=args.head_hidden)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(warmup=args.warmup)
     n_iter = len(dls.train)
     epochs = -(-(args.steps + args.warmup) // n_iter)
@@ -47,6 +52,8 @@ def main():
     p.add_argument('--out-dim', type=int, default=1024)
     p.add_argument('--head-hidden', type=int, default=512)
     p.add_argument('--methods', nargs='+', default=['dagman', 'smit'])
+    p.add_argument('--attn-impls', nargs='+', default=['auto'], help="the encoder's attention paths to compare")
+    p.add_argument('--json', default=None, help='also write the per-part times here')
     args = p.parse_args()
     data = args.data
     shared = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'lidc_idri'
@@ -56,16 +63,20 @@ def main():
     if data is None:
         print('no real CT found: synthetic volumes')
         data = tmp / 'synthetic'
-        synthetic_ct(data, n=8, size=96)
+        synthetic_ct(data, n=8, size=max(96, args.crop + 32))
     dls = ct_ssl_dls(data, crop=args.crop, bs=args.bs, cache_dir=tmp / 'cache', progress=False)
     print(f'data {data}: {len(dls.volumes)} volumes; encoder {args.encoder}, crop {args.crop}, bs {args.bs} x 2 views, '
           f'heads {args.out_dim}/{args.head_hidden}; torch {torch.__version__}, {torch.get_num_threads()} threads, '
           f'{"CUDA " + torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}')
-    results = {}
+    results, peaks = {}, {}
     for method in args.methods:
-        t0 = time.perf_counter()
-        results[method], n = run(dls, method, args)
-        print(f'{method}: {n} timed steps in {time.perf_counter() - t0:.0f} s')
+        for impl in args.attn_impls:
+            name = method if len(args.attn_impls) == 1 else f'{method}/{impl}'
+            t0 = time.perf_counter()
+            results[name], n = run(dls, method, args, impl)
+            peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
+            print(f'{name}: {n} timed steps in {time.perf_counter() - t0:.0f} s'
+                  + (f', peak memory {peaks[name]:.2f} GiB' if peaks[name] else ''))
     print('\nmean seconds per step (share of the step)')
     print('| part | ' + ' | '.join(results) + ' |')
     print('|---|' + '---|' * len(results))
@@ -78,6 +89,18 @@ def main():
         print(f'{method}: masking + EMA = {share:.1f}% of the step')
     if 'dagman' in results and 'smit' in results:
         print(f'dagman / smit step time: {sum(results["dagman"].values()) / sum(results["smit"].values()):.2f}x')
+    for method in args.methods:
+        base = results.get(f'{method}/reference')
+        for impl in args.attn_impls:
+            if base and impl != 'reference':
+                print(f'{method}: step with eager attention / with {impl}: '
+                      f'{sum(base.values()) / sum(results[f"{method}/{impl}"].values()):.2f}x')
+    if args.json:
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'
+        Path(args.json).write_text(json.dumps({
+            'device': device, 'torch': torch.__version__, 'encoder': args.encoder, 'crop': args.crop, 'bs': args.bs,
+            'steps': args.steps, 'seconds_per_step': {k: sum(r.values()) for k, r in results.items()},
+            'parts': results, 'peak_gib': peaks}, indent=1))
 
 
 if __name__ == '__main__':

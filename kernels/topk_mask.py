@@ -12,10 +12,11 @@ kernel gives *exactly* the reference's mask for the same random draws:
 3. The hints are `n_hint` of the first `pool` ranked cells: pool position `p` draws `hint_noise[:, p]`, and the
    positions with the largest draws (ties by position) are revealed again.
 
-The kernel runs one program per sample and never sorts: the rank of a cell is the number of cells ahead of it,
-counted in blocks of `BLOCK_J` cells (`O(n^2)` comparisons, which for the paper's 8^3 = 512 cells is far less work
-than one attention layer), and a hint's rank among the pool draws is counted the same way. Ranks are distinct, so
-the masked and revealed sets are exact. NaN scores have no defined order (in either path).
+The kernel never sorts: the rank of a cell is the number of cells ahead of it, counted in blocks of `BLOCK_J` cells
+(`O(n^2)` comparisons, which for the paper's 8^3 = 512 cells is far less work than one attention layer), and a hint's
+rank among the pool draws is counted the same way. Ranks are independent per cell, so each program takes `BLOCK_I`
+cells of one sample (`topk_mask_config`): its tiles fit in registers at any cell count. Ranks are distinct, so the
+masked and revealed sets are exact. NaN scores have no defined order (in either path).
 
 `attention_mask_triton` runs on CUDA tensors, or on CPU tensors when `TRITON_INTERPRET=1` was set before Triton was
 imported (the correctness tests do that).
@@ -32,7 +33,7 @@ try:
 except ImportError:  # Triton is optional: the PyTorch path runs everywhere
     triton = tl = None
 
-__all__ = ['head_sum', 'triton_available', 'attention_mask_triton']
+__all__ = ['head_sum', 'triton_available', 'attention_mask_triton', 'topk_mask_config']
 
 
 def head_sum(attn: torch.Tensor) -> torch.Tensor:
@@ -70,13 +71,14 @@ if triton is not None:
     @triton.jit
     def _topk_mask_kernel(attn_ptr, noise_ptr, out_ptr, n, nh, k, n_hint, pool,
                           stride_b, stride_h, stride_nb, stride_ob,
-                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, NEG: tl.constexpr, HINTS: tl.constexpr):
+                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, NEG: tl.constexpr, HINTS: tl.constexpr):
+        "Cells `BLOCK_I * program_id(1)` onwards of sample `program_id(0)`: ranked against all `n` cells of the row."
         row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK_N)
+        offs = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         valid = offs < n
         s_i = _scores(attn_ptr, row, offs, n, nh, stride_b, stride_h, NEG)
         # rank_i: cells ahead of cell i (a higher score, or the same score at a lower index)
-        rank = tl.zeros([BLOCK_N], dtype=tl.int32)
+        rank = tl.zeros([BLOCK_I], dtype=tl.int32)
         for j0 in range(0, n, BLOCK_J):
             offs_j = j0 + tl.arange(0, BLOCK_J)
             s_j = _scores(attn_ptr, row, offs_j, n, nh, stride_b, stride_h, NEG)
@@ -88,7 +90,7 @@ if triton is not None:
             # cell i sits at pool position p = rank_i; its draw u_p; hint when fewer than n_hint draws beat it
             in_pool = valid & (rank < pool)
             u_i = tl.load(noise_ptr + row * stride_nb + rank, mask=in_pool, other=0.0)
-            hrank = tl.zeros([BLOCK_N], dtype=tl.int32)
+            hrank = tl.zeros([BLOCK_I], dtype=tl.int32)
             for q0 in range(0, pool, BLOCK_J):
                 offs_q = q0 + tl.arange(0, BLOCK_J)
                 u_q = tl.load(noise_ptr + row * stride_nb + offs_q, mask=offs_q < pool, other=0.0)
@@ -97,6 +99,13 @@ if triton is not None:
                 hrank += tl.sum(beats.to(tl.int32), axis=1)
             masked = masked & ~(in_pool & (hrank < n_hint))
         tl.store(out_ptr + row * stride_ob + offs, masked.to(tl.int8), mask=valid)
+
+
+def topk_mask_config(n: int, block_j: int = 32) -> dict:
+    """Launch configuration for `n` cells: programs of `block_i` cells (each ranked against the whole row in steps
+    of `block_j`), so that a program's tiles stay in registers for any cell count (SA after stage 1 at a 160^3
+    crop has 64,000 cells; a whole row per program would spill). `bench/kernel_resources.py` checks it."""
+    return dict(block_i=min(128, max(16, triton.next_power_of_2(n))), block_j=block_j, num_warps=4)
 
 
 def attention_mask_triton(attn: torch.Tensor, k: int, n_hint: int = 0, pool: int = 0,
@@ -129,7 +138,8 @@ def attention_mask_triton(attn: torch.Tensor, k: int, n_hint: int = 0, pool: int
         return out.bool()
     attn = attn if attn.stride(-1) == 1 else attn.contiguous()
     noise = (hint_noise.float().contiguous() if n_hint else torch.zeros(b, 1, device=attn.device))
-    _topk_mask_kernel[(b,)](attn, noise, out, n, nh, k, n_hint, pool, attn.stride(0), attn.stride(1),
-                            noise.stride(0), out.stride(0), BLOCK_N=max(16, triton.next_power_of_2(n)),
-                            BLOCK_J=block_j, NEG=not largest, HINTS=bool(n_hint))
+    cfg = topk_mask_config(n, block_j)
+    _topk_mask_kernel[(b, triton.cdiv(n, cfg['block_i']))](
+        attn, noise, out, n, nh, k, n_hint, pool, attn.stride(0), attn.stride(1), noise.stride(0), out.stride(0),
+        BLOCK_I=cfg['block_i'], BLOCK_J=block_j, NEG=not largest, HINTS=bool(n_hint), num_warps=cfg['num_warps'])
     return out.bool()

@@ -18,7 +18,8 @@ Shapes (einops names): `q, k, v: ((b nw), nh, wn, hd)` with the windows of one i
   eager paths' job.
 - 'auto': 'sdpa', except on the CPU under autograd where an attention matrix of at most `AUTO_RECOMPUTE_BYTES`
   takes the eager path (measured faster there; see `resolve_attn_impl`). The encoder's blocks take 'triton' for
-  'auto' on CUDA when Triton is installed and a window holds at most 128 tokens.
+  'auto' on CUDA when Triton is installed and `fused_supported` accepts the window, head dim and dtype for the GPU
+  (no register spills, shared memory within its limit: see `fused_config_supported`).
 
 `window_attention(q, k, v, ...)` is the entry point; `window_attention_qkv(qkv, ...)` is the same for the packed
 projection the encoder holds (no re-layout of q, k, v or of their gradients).

@@ -37,7 +37,8 @@ try:
 except ImportError:  # Triton is optional: the PyTorch paths run everywhere
     triton = tl = None
 
-__all__ = ['MAX_WINDOW_TOKENS', 'MAX_HEAD_DIM', 'PROGRAMS_PER_HEAD', 'fused_supported', 'window_attention_grid']
+__all__ = ['MAX_WINDOW_TOKENS', 'MAX_HEAD_DIM', 'PROGRAMS_PER_HEAD', 'fused_supported', 'fused_config_supported',
+           'kernel_dtype', 'window_attention_config', 'window_attention_grid']
 
 MAX_WINDOW_TOKENS = 128  # the whole score tile of a window lives in registers
 MAX_HEAD_DIM = 128       # q, k, v tiles of (128, 128) at most
@@ -143,6 +144,48 @@ if triton is not None:
             tl.store(dbias_ptr + (g.to(tl.int64) * NH + h) * WN * WN + t[:, None] * WN + t[None, :], dbias, mask=vv)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _dtype_name(dtype) -> str:
+    return {torch.float16: 'fp16', torch.bfloat16: 'bf16', torch.float32: 'fp32'}.get(dtype, dtype)
+
+
+def window_attention_config(wn: int, head_dim: int, dtype, backward: bool = False) -> dict:
+    """Tiles and warps of one direction of the kernel for windows of `wn` tokens and head dim `head_dim`:
+    `block_wn`, `block_hd` (powers of two of at least 16) and `num_warps`.
+
+    Eight warps where four spill registers on 64- and 128-token windows (measured with `bench/kernel_resources.py`
+    for sm_80 and sm_90, Triton 3.9): fp32 tiles (the forward spills from head dim 24 with four), the backward at
+    64-wide head tiles (sm_90) and 128-token windows."""
+    block_wn, block_hd = max(16, _pow2(wn)), max(16, _pow2(head_dim))
+    # (small windows keep four: with eight, ptxas gives their tiny tiles a few bytes of stack)
+    wide = block_wn >= 64 and (_dtype_name(dtype) == 'fp32' or block_wn >= 128 or (backward and block_hd >= 64))
+    # fp32 on 27-token (padded to 32) windows: four warps leave a 16-byte stack on sm_90, two none
+    narrow = _dtype_name(dtype) == 'fp32' and block_wn == 32
+    return dict(block_wn=block_wn, block_hd=block_hd, num_warps=8 if wide else 2 if narrow else 4)
+
+
+def fused_config_supported(wn: int, head_dim: int, dtype, capability: int) -> bool:
+    """Whether 'auto' may take the kernel for windows of `wn` tokens, head dim `head_dim` and `dtype` ('fp16',
+    'bf16', 'fp32' or a torch dtype) on a GPU of compute capability `capability` (80 for sm_80, 90 for sm_90): only
+    where both directions compile without register spills and within the shared memory of the GPU, as
+    `bench/kernel_resources.py` measures (its table is in BENCHMARKS.md). Elsewhere 'auto' takes the PyTorch path.
+
+    - Windows of at most 64 tokens (every preset's 4^3): 128-token windows spill in the backward.
+    - fp16 / bf16: head dims up to 32 everywhere (swin-smit and swin-tiny have 12 and 24); 48 and 64 on Hopper
+      (sm_90) only, where the backward fits with eight warps and 112 KB of shared memory; on an A100 it spills.
+    - fp32: head dims up to 16 (from 24 the backward spills even with eight warps).
+    """
+    dtype = _dtype_name(dtype)
+    if capability < 80 or dtype not in ('fp16', 'bf16', 'fp32') or wn > 64 or head_dim > MAX_HEAD_DIM:
+        return False
+    if dtype == 'fp32':
+        return head_dim <= 16
+    return head_dim <= 32 or (head_dim <= 64 and capability == 90)
+
+
 def _geometry(qkv, bias, window, shift, num_heads):
     if qkv.ndim != 5:
         raise ValueError(f'qkv must be (b, D, H, W, 3 * nh * hd) in grid order; got {tuple(qkv.shape)}')
@@ -179,8 +222,9 @@ def _launch_args(qkv, bias, window, shift, num_heads, scale, wpp):
     n_prog = triton.cdiv(n_windows, wpp)
     prec = 'ieee' if qkv.dtype == torch.float32 else 'tf32'  # fp32: exact products; 16-bit: ignored
     common = (n_windows, *grid, *nwin, *shift, scale if scale is not None else hd ** -0.5)
-    meta = dict(C=c, HD=hd, WD=window[0], WH=window[1], WW=window[2], BLOCK_WN=max(16, triton.next_power_of_2(wn)),
-                BLOCK_HD=max(16, triton.next_power_of_2(hd)), WPP=wpp, SHIFTED=any(shift), PREC=prec)
+    cfg = window_attention_config(wn, hd, qkv.dtype)
+    meta = dict(C=c, HD=hd, WD=window[0], WH=window[1], WW=window[2], BLOCK_WN=cfg['block_wn'],
+                BLOCK_HD=cfg['block_hd'], WPP=wpp, SHIFTED=any(shift), PREC=prec)
     return common, meta, (num_heads, n_prog), c
 
 
@@ -191,7 +235,8 @@ class _WindowAttentionGrid(torch.autograd.Function):
         common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
         out = torch.empty(*qkv.shape[:4], c, dtype=qkv.dtype, device=qkv.device)
         bias_c = bias.contiguous()
-        _kernel[grid](qkv, out, bias_c, out, out, out, *common, num_heads, **meta, BACKWARD=False)
+        warps = window_attention_config(bias.shape[-1], meta['HD'], qkv.dtype)['num_warps']
+        _kernel[grid](qkv, out, bias_c, out, out, out, *common, num_heads, **meta, BACKWARD=False, num_warps=warps)
         ctx.save_for_backward(qkv, bias_c, out)
         ctx.args = (window, shift, num_heads, scale, wpp)
         return out
@@ -204,17 +249,28 @@ class _WindowAttentionGrid(torch.autograd.Function):
         dqkv = torch.empty_like(qkv)
         wn = bias.shape[-1]
         partial = torch.empty(grid[1], num_heads, wn, wn, dtype=torch.float32, device=qkv.device)
-        _kernel[grid](qkv, out, bias, dout.contiguous(), dqkv, partial, *common, num_heads, **meta, BACKWARD=True)
+        warps = window_attention_config(wn, meta['HD'], qkv.dtype, backward=True)['num_warps']
+        _kernel[grid](qkv, out, bias, dout.contiguous(), dqkv, partial, *common, num_heads, **meta, BACKWARD=True,
+                      num_warps=warps)
         return dqkv, partial.sum(0).to(bias.dtype), None, None, None, None, None
 
 
+def kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    "The dtype the kernel gets for a projection of `x`: CUDA autocast's where it is on (bf16 under fastai's AMP)."
+    if x.is_cuda and x.is_floating_point() and torch.is_autocast_enabled('cuda'):
+        return torch.get_autocast_dtype('cuda')
+    return x.dtype
+
+
 def fused_supported(x: torch.Tensor, wn: int, head_dim: int) -> bool:
-    """Whether 'auto' may take the fused kernel for a block on `x`: Triton installed, a CUDA tensor on an Ampere or
-    newer GPU (bf16 dot products), fp16/bf16/fp32, windows of at most `MAX_WINDOW_TOKENS` tokens and head dims of at
-    most `MAX_HEAD_DIM`."""
-    return (triton is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and wn <= MAX_WINDOW_TOKENS and head_dim <= MAX_HEAD_DIM
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    """Whether 'auto' may take the fused kernel for a block on `x` (the input of its qkv projection): Triton
+    installed, a CUDA tensor, and a window size, head dim and dtype (`kernel_dtype`: the autocast dtype under
+    autocast) that `fused_config_supported` accepts for the GPU's compute capability (no register spills, shared
+    memory within the GPU's limit)."""
+    if triton is None or not x.is_cuda:
+        return False
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return fused_config_supported(wn, head_dim, kernel_dtype(x), 10 * major + minor)
 
 
 def window_attention_grid(qkv: torch.Tensor, bias: torch.Tensor, window, shift, num_heads: int,

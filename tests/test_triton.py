@@ -229,3 +229,17 @@ def test_auto_takes_the_kernel_on_cuda():
     enc = build_encoder('swin-tiny', attn_impl='auto').cuda()
     x = torch.randn(1, 24 * 4, 8, 8, 8, device='cuda')
     assert enc.stages[0].blocks[0]._fused(x.movedim(1, -1), 64)
+
+
+@gpu
+def test_auto_follows_the_autocast_dtype():
+    """The block's input is fp32 under autocast (LayerNorm), but the kernel gets the bf16 projection: 'auto' decides
+    on bf16 (head dim 24 fused), and without autocast on fp32 (head dim 24 spills in fp32: the PyTorch path)."""
+    from dagman_fast.swin import build_encoder
+    enc = build_encoder('swin-smit', attn_impl='auto').cuda()
+    block = enc.stages[1].blocks[0]  # 96 channels, 4 heads of 24
+    y = torch.randn(1, 8, 8, 8, 96, device='cuda')
+    assert not block._fused(y, 64)
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        assert block._fused(y, 64)
+

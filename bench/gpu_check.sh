@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The one prepared GPU check: correctness of the compiled kernels, then their speed against the other paths.
+#
+#     bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#
+# Needs only the project's dev install (`pip install -e ".[dev]"` over a CUDA build of torch). In under 8 minutes
+# on one GPU it writes, under OUT_DIR:
+#   env.txt         GPU, driver, Python, torch, Triton, CUDA and the project's version
+#   log.txt         every part's output, in order:
+#     tests         the GPU-only tests: tests/test_triton.py and tests/test_window_attention.py compiled, not
+#                   interpreted (bf16, paper-scale shapes, 'auto' picking the kernel)
+#     kernels       bench/bench_kernels.py -> kernels.json (pytest-benchmark): one block's window attention forward
+#                   and forward+backward for eager, SDPA, NATTEN (where installed) and Triton; the top-k mask
+#                   kernel; the whole swin-smit encoder at 128^3 in bf16 for every attn_impl
+#     flex          the same attention benchmarks with compiled FlexAttention -> flex.json (its own part: compiling
+#                   takes a while, and a time limit there must not lose the other results)
+#     pretrain      bench/bench_pretrain.py -> pretrain.json: a DAGMaN step at the paper's scale (swin-smit, 128^3
+#                   crops, batch 2 x 2 views, bf16) with eager attention and with the Triton kernels, in parts
+#   summary.md      bench/gpu_summary.py: the tables for BENCHMARKS.md, measured against the kernel targets
+# Each part has its own time limit and a failing part does not stop the next; the exit status is non-zero if any
+# part failed. On a machine without CUDA it says so and exits 0.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONSAFEPATH=1  # never import the source tree's dagman_fast (no kernels/ inside) instead of the installed one
+export PYTHONUNBUFFERED=1
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu_check: no CUDA device here (torch.cuda.is_available() is False, or torch is missing): nothing to check"
+  exit 0
+fi
+out=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$out"
+failed=()
+
+log=$out/log.txt
+: >"$log"
+part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, append to log.txt, remember failures
+  local name=$1 limit=$2 t0=$SECONDS rc
+  shift 2
+  echo "== $name (at most ${limit} s): $*" | tee -a "$log"
+  timeout "$limit" "$@" >"$out/part.txt" 2>&1
+  rc=$?
+  cat "$out/part.txt" >>"$log"
+  tail -n 4 "$out/part.txt"
+  rm -f "$out/part.txt"
+  echo "-- $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$log"
+  [ $rc -eq 0 ] || failed+=("$name (exit $rc$([ $rc -eq 124 ] && echo ', time limit'))")
+}
+
+{
+  date -u +'%Y-%m-%d %H:%M UTC'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+  "$PY" - <<'EOF'
+import platform, torch, dagman_fast
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = 'not installed'
+p = torch.cuda.get_device_properties(0)
+print(f'python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {tv}, '
+      f'dagman_fast {dagman_fast.__version__}')
+print(f'{p.name}: sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB')
+EOF
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+bench=(-m pytest -q -p no:cacheprovider bench/bench_kernels.py --benchmark-min-rounds=5 --benchmark-max-time=0.5
+       --benchmark-columns=min,median,rounds)
+part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_window_attention.py
+part kernels 120 "$PY" "${bench[@]}" -k 'not flex' --benchmark-json "$out/kernels.json"
+part flex 90 "$PY" "${bench[@]}" -k flex --benchmark-json "$out/flex.json"
+part pretrain 120 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 --warmup 3 \
+  --methods dagman --attn-impls reference triton --json "$out/pretrain.json"
+"$PY" bench/gpu_summary.py "$out" >"$out/summary.md" 2>&1 || failed+=("summary")
+cat "$out/summary.md"
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu_check: failed: ${failed[*]} (logs in $out)"
+  exit 1
+fi
+echo "gpu_check: all parts passed (results in $out)"
