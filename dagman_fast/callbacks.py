@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['StepTimer', 'unwrap', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher', 'StopOnNaN',
-           'PretrainLog']
+           'StopOnDivergence', 'PretrainLog']
 
 # %% ../nbs/04b_callbacks.ipynb #2c0e427b
 class StepTimer(Callback):
@@ -216,6 +216,44 @@ class StopOnNaN(_DAGMaNCallback):
             f'loss became {float(self.loss_grad)} at epoch {self.epoch}, iteration {self.iter} (terms: {terms}); '
             f'training stopped before the weights were updated; {last}. Lower the learning rate or keep '
             f'clip_grad, then resume from the checkpoint.')
+
+
+
+class StopOnDivergence(_DAGMaNCallback):
+    """Stops a run whose epoch-mean training loss stays above `factor` times its first epoch's for `patience`
+    epochs in a row: a learning rate far too high diverges without ever producing a NaN (with `--lr 10` the loss
+    went from 22 to 521), and would otherwise end as a success. Raises `FloatingPointError` naming the epochs and
+    the losses, which the `dagman` command reports with exit status 3."""
+    order = 31
+
+    def __init__(self, factor: float = 5.0, patience: int = 3):
+        self.factor, self.patience = factor, patience
+        self.first, self.above = None, 0
+
+    def before_fit(self):
+        self.first, self.above = None, 0  # per fit; a resumed run measures from its own first epoch
+
+    def before_epoch(self):
+        self.total, self.n = 0.0, 0
+
+    def after_batch(self):
+        if self.training and not _in_lr_find(self.learn):
+            self.total = self.total + self.loss_grad.detach()  # stays on the device: one read per epoch
+            self.n += 1
+
+    def after_train(self):
+        if not self.n:
+            return
+        mean = float(self.total) / self.n
+        if self.first is None:
+            self.first = mean
+            return
+        self.above = self.above + 1 if mean > self.factor * abs(self.first) else 0
+        if self.above >= self.patience:
+            raise FloatingPointError(
+                f'the training loss has been above {self.factor:g}x its first-epoch value ({self.first:.4g}) for '
+                f'{self.above} epochs (now {mean:.4g}, epoch {self.epoch}): the run diverged. Start again with a '
+                f'lower learning rate (the checkpoints of these epochs hold the diverged weights).')
 
 # %% ../nbs/04b_callbacks.ipynb #def2b3a9
 class PretrainLog(_DAGMaNCallback):

@@ -3,9 +3,11 @@
 # %% ../nbs/04c_checkpoint.ipynb #dc0397f8
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,15 +23,21 @@ from .model import encoder_config_from_dict
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'atomic_save', 'load_checkpoint', 'DAGMaNCheckpoint', 'load_encoder']
+__all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'atomic_save', 'remove_orphans', 'load_checkpoint',
+           'DAGMaNCheckpoint', 'load_encoder']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
 ENCODER_FORMAT = 'dagman_fast.encoder'
 
 
+LOW_SPACE = 256 * 2 ** 20  # a failed write with less free space than this is reported as a full disk
+
+
 def atomic_save(obj, path) -> Path:
-    "`torch.save` to a temporary file beside `path`, flushed to disk, then renamed over `path`."
+    """`torch.save` to a temporary file beside `path`, flushed to disk, then renamed over `path`: a failed or killed
+    write leaves the previous file as it was. A full disk raises `OSError(ENOSPC)` saying "no space left on
+    FOLDER" (PyTorch itself reports it as "unexpected pos" from its zip writer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
@@ -42,10 +50,29 @@ def atomic_save(obj, path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        full = getattr(e, 'errno', None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < LOW_SPACE
+        if not full:
+            raise
+        kept = f'{path} is kept as it was' if path.exists() else f'{path} was not written'
+        raise OSError(errno.ENOSPC, f'no space left on {path.parent} while writing {path.name} ({kept}); free some '
+                                    f'space, then resume', str(path.parent)) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_orphans(path) -> list[Path]:
+    "Remove the temporary files a killed `atomic_save` of `path` left beside it (`.NAME.*.tmp`); returns them."
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    orphans = sorted(path.parent.glob(f'.{path.name}.*.tmp'))
+    for p in orphans:
+        p.unlink(missing_ok=True)
+    return orphans
 
 
 def _rng_state(dls) -> dict:
@@ -115,6 +142,9 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
         self._trained = False
         if _in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
             return
+        if rank_distrib() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
+            for p in remove_orphans(self.path):
+                warnings.warn(f'removed {p}, a partial checkpoint left by an interrupted write')
         if self.pending_rng is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
             _set_rng_state(self.pending_rng, self.dls)
             rec = next((c for c in self.learn.cbs if isinstance(c, Recorder)), None)

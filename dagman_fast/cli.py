@@ -5,27 +5,30 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import json
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TINY_HEADS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY', 'build_parser',
-           'main']
+__all__ = ['TINY_HEADS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY', 'CLIError',
+           'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #8f42d093
 def _show_batch(args) -> int:
     from fastai.torch_core import set_seed
 
     from dagman_fast.data import ct_ssl_dls
+    out = Path(args.out)
+    _check_out(out.parent, '--out folder')
     set_seed(args.seed)  # Python (fastai's shuffling), NumPy and PyTorch
     dls = ct_ssl_dls(args.data if len(args.data) > 1 else args.data[0], crop=args.crop, spacing=args.spacing,
                      bs=args.bs, cache_dir=args.cache_dir, on_error=args.on_error)
     for path, reason in dls.skipped:
         print(f'skipped {path}: {reason}', file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     dls.show_batch(max_n=args.bs, path=out)
     print(f'{len(dls.volumes)} scan(s) used, {len(dls.skipped)} skipped; batch saved to {out}')
     return 0
@@ -40,36 +43,157 @@ SHORT_RUN = {'cross_view': False, 'ema_momentum': 0.99, 'teacher_temp_warmup': 1
 MEDMNIST_RUN = {'cross_view': False, 'ema_momentum': 0.99, 'teacher_temp_final': 0.04, 'encoder.drop_path_rate': 0.0}
 
 
-def _parse_set(items) -> dict:
-    "`KEY=VALUE` pairs; values are Python literals where they parse (0.6, True, ('amip', 'gitd')), else strings."
-    out = {}
-    for item in items or []:
-        if '=' not in item:
-            raise SystemExit(f"--set expects KEY=VALUE (a DAGMaNConfig field); got {item!r}")
-        k, v = item.split('=', 1)
+class CLIError(Exception):
+    """A user-facing error of the `dagman` command: printed as `dagman: error: MESSAGE` on stderr, no traceback.
+    `status` 2: a bad argument or option; 1: bad data or environment (a file, the disk, a diverging run)."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def _int_min(lo: int):
+    "An argparse type: an integer of at least `lo`."
+    def parse(text: str) -> int:
         try:
-            out[k.strip()] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            out[k.strip()] = v
-    return out
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer >= {lo}; got {text!r}') from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f'expected an integer >= {lo}; got {v}')
+        return v
+    return parse
 
 
-def _check_set_keys(overrides: dict) -> None:
+def _float_range(lo: float, hi: float | None = None, lo_open: bool = True):
+    "An argparse type: a finite number above `lo` (or at least `lo`) and at most `hi`."
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float('nan')
+        want = f"a number {'>' if lo_open else '>='} {lo:g}" + (f' and <= {hi:g}' if hi is not None else '')
+        if v != v or v in (float('inf'), float('-inf')) or (v <= lo if lo_open else v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f'expected {want}; got {text!r}')
+        return v
+    return parse
+
+
+_TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
+
+
+def _coerce(key: str, text: str, kind: str):
+    """`text` as a value of a config field declared as `kind` ('bool', 'int', 'float', 'str', 'tuple', 'dict',
+    'int | None', 'float | None', 'int | tuple'); a `CLIError` naming the key and what was expected otherwise."""
+    def fail(want):
+        raise CLIError(f'--set {key}={text}: expected {want}')
+    t = text.strip()
+    if kind.endswith(' | None'):
+        if t.lower() in ('none', 'null'):
+            return None
+        kind = kind[:-len(' | None')]
+    if kind == 'bool':
+        if t.lower() in _TRUE:
+            return True
+        if t.lower() in _FALSE:
+            return False
+        fail('true or false (also 1/0, yes/no, on/off)')
+    if kind == 'str':
+        return t
+    try:
+        v = ast.literal_eval(t)
+    except (ValueError, SyntaxError):
+        v = t
+    if kind == 'int':
+        if isinstance(v, bool) or not isinstance(v, int):
+            fail('an integer')
+        return v
+    if kind == 'float':
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail('a number')
+        return float(v)
+    if kind in ('tuple', 'int | tuple'):
+        if isinstance(v, list):
+            v = tuple(v)
+        if kind == 'int | tuple' and isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, str) and kind == 'tuple':  # --set losses=amip,gitd or a single name
+            return tuple(x.strip() for x in v.split(',') if x.strip())
+        if not isinstance(v, tuple):
+            fail('an integer or a tuple such as (2, 2, 2)' if kind == 'int | tuple' else 'a tuple such as (2, 2, 8, 2)')
+        return v
+    if kind == 'dict':
+        if not isinstance(v, dict):
+            fail("a dict such as {'aitd': 0.1}")
+        return v
+    return v
+
+
+def _parse_set(items) -> dict:
+    """`KEY=VALUE` pairs of `--set`, each parsed by the declared type of its field (`DAGMaNConfig`, or an encoder
+    field with the `encoder.` prefix): booleans as true/false/1/0/yes/no, numbers as numbers, tuples and dicts as
+    Python literals. Unknown keys and values of the wrong type are refused with a `CLIError`."""
     from dataclasses import fields
 
     from dagman_fast.model import DAGMaNConfig
     from dagman_fast.swin import SwinConfig, ViTConfig
-    method = {f.name for f in fields(DAGMaNConfig)}
-    enc = {f.name for f in fields(SwinConfig)} | {f.name for f in fields(ViTConfig)}
-    for k in overrides:
+    method = {f.name: f.type for f in fields(DAGMaNConfig)}
+    enc = {f.name: f.type for c in (ViTConfig, SwinConfig) for f in fields(c)}
+    out = {}
+    for item in items or []:
+        if '=' not in item:
+            raise CLIError(f"--set expects KEY=VALUE (a DAGMaNConfig field); got {item!r}")
+        k, v = (x.strip() for x in item.split('=', 1))
         if k.startswith('encoder.'):
             if k[len('encoder.'):] not in enc:
-                raise SystemExit(f'--set {k}: not an encoder field; encoder fields: {sorted(enc)}')
+                raise CLIError(f'--set {k}: not an encoder field; encoder fields: {sorted(enc)}')
+            kind = enc[k[len('encoder.'):]]
         elif k not in method:
             hint = (f' (an encoder field: write --set encoder.{k}=...)' if k in enc else
                     " (replaced by loss_weights: --set \"loss_weights={'aitd': W, 'ampd': W, 'gitd': W}\")"
                     if k == 'distill_weight' else '')
-            raise SystemExit(f'--set {k}: not a DAGMaNConfig field{hint}; fields: {sorted(method)}')
+            raise CLIError(f'--set {k}: not a DAGMaNConfig field{hint}; fields: {sorted(method)}')
+        else:
+            kind = method[k]
+        out[k] = _coerce(k, v, kind)
+    return out
+
+
+def _check_out(out: Path, what: str = '--out') -> Path:
+    "Create the output folder now, before any data is read; a clear `CLIError` if it cannot be."
+    if out.exists() and not out.is_dir():
+        raise CLIError(f'{what} {out}: exists and is not a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix='.dagman_write_test_')
+        probe.close()
+    except OSError as e:
+        raise CLIError(f'{what} {out}: cannot write there ({e.strerror or e})', status=1) from None
+    return out
+
+
+def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
+    "The encoder, crop and method settings of a run, checked before any scan is read or any model is built."
+    from dagman_fast.core import as_triple
+    from dagman_fast.model import DAGMaNConfig
+    from dagman_fast.swin import SwinConfig, encoder_config
+    enc = {k[len('encoder.'):]: v for k, v in overrides.items() if k.startswith('encoder.')}
+    try:
+        cfg = encoder_config(encoder, **{**enc, 'img_size': crop})
+    except (ValueError, TypeError) as e:
+        raise CLIError(f'--set encoder.*: {e}') from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            DAGMaNConfig(**{k: v for k, v in overrides.items() if not k.startswith('encoder.')})
+    except (ValueError, TypeError) as e:
+        raise CLIError(f'--set: {e}') from None
+    patch = as_triple(cfg.patch_size, 'patch_size')
+    mult = [p * 2 ** len(cfg.depths) for p in patch] if isinstance(cfg, SwinConfig) else list(patch)
+    if any(crop % m for m in mult):
+        up = max(-(-crop // m) * m for m in mult)
+        raise CLIError(f'--crop {crop}: the {encoder} encoder needs a multiple of {max(mult)} (patch size x 2 per '
+                       f'merging); e.g. --crop {up}')
 
 
 def _pretrain(args) -> int:
@@ -80,39 +204,36 @@ def _pretrain(args) -> int:
     from dagman_fast.data import ct_ssl_dls, medmnist3d_ssl_dls, synthetic_ct
     from dagman_fast.learner import dagman_learner
     overrides = _parse_set(args.set)  # bad options fail before anything is written
-    _check_set_keys(overrides)
     out = Path(args.out)
     ckpt = out / 'models' / 'checkpoint.pth' if args.resume == 'last' else Path(args.resume) if args.resume else None
     if ckpt is not None and not ckpt.is_file():
-        print(f'error: --resume: no checkpoint at {ckpt}', file=sys.stderr)
-        return 2
+        raise CLIError(f'--resume: no checkpoint at {ckpt}')
     if ckpt is None and (out / 'models' / 'checkpoint.pth').exists():
-        print(f'error: {out} already holds a run (models/checkpoint.pth): pass --resume to continue it, or another '
-              f'--out', file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
+        raise CLIError(f'{out} already holds a run (models/checkpoint.pth): pass --resume to continue it, or another '
+                       f'--out')
+    if args.medmnist and args.data:
+        raise CLIError('give --data or --medmnist, not both')
+    if args.medmnist and not args.root:
+        raise CLIError('--medmnist needs --root, the folder of the official .npz files')
+    _check_out(out)
     set_seed(args.seed)  # Python (fastai's shuffling), NumPy and PyTorch
     cuda = torch.cuda.is_available()
     data = args.data
-    if args.medmnist and data:
-        raise SystemExit('give --data or --medmnist, not both')
-    if not data and not args.medmnist:
-        data = [str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96, seed=args.seed)]
-        print(f'no --data: pretraining on {len(data)} synthetic volumes written to {out / "synthetic_data"}')
-    crop = args.crop or (max(32, args.size or 28) if args.medmnist else 128 if cuda and args.data else 64)
-    bs = args.bs or (32 if args.medmnist else 2)
-    if bs < 1:
-        raise SystemExit(f'--bs must be at least 1; got {bs}')
+    crop = args.crop if args.crop is not None else (max(32, args.size or 28) if args.medmnist
+                                                     else 128 if cuda and args.data else 64)
+    bs = args.bs if args.bs is not None else 32 if args.medmnist else 2
     arch = 'vit' if args.method == 'attmask' else 'swin'  # AttMask runs on a ViT
     default = {('swin', True): 'swin-smit', ('swin', False): 'swin-tiny', ('vit', True): 'vit-base',
                ('vit', False): 'vit-tiny'}[arch, cuda]
     encoder = args.encoder or default
+    _check_run_config(encoder, crop, overrides)
     print(f'method {args.method}, encoder {encoder}, crop {crop}, {"CUDA" if cuda else "CPU"}')
+    if not data and not args.medmnist:
+        data = [str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96, seed=args.seed)]
+        print(f'no --data: pretraining on {len(data)} synthetic volumes written to {out / "synthetic_data"}')
     if not args.valid_pct:  # fastprogress warns at every epoch about the empty validation set otherwise
         warnings.filterwarnings('ignore', message='Your generator is empty')
     if args.medmnist:  # the unlabelled images of a MedMNIST 3-D training split
-        if not args.root:
-            raise SystemExit('--medmnist needs --root, the folder of the official .npz files')
         dls = medmnist3d_ssl_dls(args.medmnist, args.root, size=args.size or 28, crop=crop, bs=bs,
                                  valid_pct=args.valid_pct, seed=args.seed, num_workers=args.workers)
         # Small views: the SA position embedding at their size, the SA module and the mask one stage earlier
@@ -122,6 +243,9 @@ def _pretrain(args) -> int:
         print(f'MedMNIST settings: {run}')
         overrides = {'encoder.img_size': crop, **run, **overrides}
     else:
+        if args.cache_dir is None and args.data:
+            print('preprocessed scans are cached in a temporary folder, removed when the run ends; --cache-dir DIR '
+                  'keeps them for the next run')
         dls = ct_ssl_dls(data if len(data) > 1 else data[0], crop=crop, spacing=args.spacing, bs=bs,
                          cache_dir=args.cache_dir, on_error=args.on_error, valid_pct=args.valid_pct,
                          num_workers=args.workers, seed=args.seed)
@@ -147,8 +271,8 @@ def _pretrain(args) -> int:
     try:
         if start < args.epochs:
             learn.fit_warmup_cosine(args.epochs, args.lr, warmup=args.warmup, start_epoch=start)
-    except FloatingPointError as e:
-        print(f'error: {e}', file=sys.stderr)
+    except FloatingPointError as e:  # a non-finite loss or weights, or a diverging loss (StopOnDivergence)
+        print(f'dagman: error: training diverged: {_one_line(e)}', file=sys.stderr)
         return 3
     enc = learn.export_encoder(out / 'encoder.pth')
     log = out / 'pretrain_log.csv'
@@ -166,11 +290,10 @@ def _export(args) -> int:
     from dagman_fast.swin import to_monai
     enc = load_encoder(args.checkpoint)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out.parent, '--out folder')
     if args.monai:
         if enc.config.arch != 'swin':
-            print(f'error: --monai needs a Swin encoder; {args.checkpoint} holds a {enc.config.arch}', file=sys.stderr)
-            return 2
+            raise CLIError(f'--monai needs a Swin encoder; {args.checkpoint} holds a {enc.config.arch}')
         torch.save(to_monai(enc), out)
         print(f'MONAI SwinTransformer state dict saved to {out} (load into SwinUNETR.swinViT with strict=True)')
         return 0
@@ -183,13 +306,18 @@ def _export(args) -> int:
     return 0
 
 
+def _check_cls_data(args) -> None:
+    "The classification dataset options, before anything is written or read."
+    if bool(args.medmnist) == bool(args.nodules):
+        raise CLIError('give one dataset: --medmnist FLAG (with --root) or --nodules NPZ')
+    if args.medmnist and not args.root:
+        raise CLIError('--medmnist needs --root, the folder of the official .npz files')
+
+
 def _cls_dls(args):
     from dagman_fast.data import medmnist3d_dls, nodule_crops_dls
-    if bool(args.medmnist) == bool(args.nodules):
-        raise SystemExit('give one dataset: --medmnist FLAG (with --root) or --nodules NPZ')
+    _check_cls_data(args)
     if args.medmnist:
-        if not args.root:
-            raise SystemExit('--medmnist needs --root, the folder of the official .npz files')
         return medmnist3d_dls(args.medmnist, root=args.root, size=args.size or 28, bs=args.bs or 32)
     return nodule_crops_dls(args.nodules, size=args.size or 32, bs=args.bs or 32, seed=args.seed,
                             label_rule=args.label_rule or 'paper')
@@ -240,11 +368,11 @@ def _finetune(args) -> int:
     from dagman_fast.finetune import cls_learner, few_shot_indices, save_classifier, subset_dls
     from dagman_fast.swin import build_encoder, encoder_config
     if not 0 < args.fraction <= 1:
-        raise SystemExit(f'--fraction must be in (0, 1]; got {args.fraction}')
+        raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
+    _check_cls_data(args)
+    out = _check_out(Path(args.out))  # before any data is read
     set_seed(args.seed)
     dls = _cls_dls(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.fraction < 1:
         labels = [int(y) for _, y in dls.train.dataset]
         dls = subset_dls(dls, few_shot_indices(labels, args.fraction, seed=args.seed))
@@ -290,9 +418,9 @@ def _evaluate(args) -> int:
         args.seed = saved.get('seed', 0)
     dls = _cls_dls(args)
     if args.split == 'test' and getattr(dls, 'test', None) is None:
-        raise SystemExit('this dataset has no test split; use --split valid')
+        raise CLIError('this dataset has no test split; use --split valid')
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     res = _report(model, dls, out, args.split)
     (out / f'results_{args.split}.json').write_text(json.dumps(res, indent=1) + '\n')
     print(json.dumps(res, indent=1))
@@ -308,18 +436,18 @@ def _seg_pairs(args) -> tuple[list, list]:
         with open(args.seg_csv, newline='') as f:
             rows = list(csv.DictReader(f))
         if not rows or not {'image', 'label'} <= set(rows[0]):
-            raise SystemExit(f'{args.seg_csv}: needs columns image,label (and optionally split: train/valid)')
+            raise CLIError(f'{args.seg_csv}: needs columns image,label (and optionally split: train/valid)', status=1)
         base = Path(args.seg_csv).parent  # relative paths are relative to the CSV
         for n, r in enumerate(rows, 2):
             split = (r.get('split') or 'train').strip().lower()
             if split not in ('train', 'valid', 'val'):
-                raise SystemExit(f'{args.seg_csv}, line {n}: split {r.get("split")!r}; use train or valid (val)')
+                raise CLIError(f'{args.seg_csv}, line {n}: split {r.get("split")!r}; use train or valid (val)', status=1)
             (valid if split != 'train' else train).append(tuple(str(base / r[k]) for k in ('image', 'label')))
     both = {Path(p[0]).resolve() for p in train} & {Path(p[0]).resolve() for p in valid}
     if both:
-        raise SystemExit(f'{len(both)} image(s) are both training and validation volumes, e.g. {sorted(both)[0]}')
+        raise CLIError(f'{len(both)} image(s) are both training and validation volumes, e.g. {sorted(both)[0]}', status=1)
     if not train:
-        raise SystemExit('no training volume: give --seg IMAGE LABEL or train rows in --seg-csv')
+        raise CLIError('no training volume: give --seg IMAGE LABEL or train rows in --seg-csv')
     return train, valid
 
 
@@ -333,24 +461,22 @@ def _check_task_args(args, seg: bool) -> None:
     other = [k for k in (CLS_ONLY if seg else SEG_ONLY) if getattr(args, k, None)]
     if other:
         task = 'segmentation' if seg else 'classification'
-        raise SystemExit(f'{", ".join("--" + k.replace("_", "-") for k in other)}: not an option of {task}')
-    if args.bs is not None and args.bs < 1:
-        raise SystemExit(f'--bs must be at least 1; got {args.bs}')
+        raise CLIError(f'{", ".join("--" + k.replace("_", "-") for k in other)}: not an option of {task}')
 
 
 def _check_seg_args(args) -> None:
     from dagman_fast.data import label_groups
     if not args.labels:
-        raise SystemExit('--seg needs --labels: the label values of each class, e.g. --labels 1 2,3 (2,3 merged)')
+        raise CLIError('--seg needs --labels: the label values of each class, e.g. --labels 1 2,3 (2,3 merged)')
     try:
         label_groups(args.labels)
     except ValueError as e:
-        raise SystemExit(f'--labels: {str(e).removeprefix("label_values: ")}')
+        raise CLIError(f'--labels: {str(e).removeprefix("label_values: ")}')
     if args.label_names and len(args.label_names) != len(args.labels):
-        raise SystemExit(f'--label-names gives {len(args.label_names)} names for {len(args.labels)} --labels')
+        raise CLIError(f'--label-names gives {len(args.label_names)} names for {len(args.labels)} --labels')
     for name, v in (('--crop', args.crop), ('--roi', args.roi)):  # predict_volume's rule, checked before training
         if v is not None and (v % 32 or v < 64):
-            raise SystemExit(f'{name} must be a multiple of 32 and at least 64 (the decoder needs a 2^3 bottleneck); '
+            raise CLIError(f'{name} must be a multiple of 32 and at least 64 (the decoder needs a 2^3 bottleneck); '
                              f'got {v}')
 
 
@@ -363,7 +489,7 @@ def _finetune_seg(args) -> int:
     from dagman_fast.swin import build_encoder, encoder_config
     _check_task_args(args, seg=True)
     if args.fraction < 1:
-        raise SystemExit('--fraction (few-shot) is for classification; give fewer --seg volumes instead')
+        raise CLIError('--fraction (few-shot) is for classification; give fewer --seg volumes instead')
     _check_seg_args(args)
     args.seed = 0 if args.seed is None else args.seed
     set_seed(args.seed)
@@ -375,9 +501,9 @@ def _finetune_seg(args) -> int:
                         bs=args.bs, valid_pct=args.valid_pct, valid_pairs=valid, seed=args.seed,
                         samples_per_volume=args.samples_per_volume, cache_dir=args.cache_dir)
     if not dls.valid_volumes:
-        raise SystemExit('no validation volume: give --valid-seg IMAGE LABEL, split=valid rows or --valid-pct')
+        raise CLIError('no validation volume: give --valid-seg IMAGE LABEL, split=valid rows or --valid-pct')
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     if args.encoder:
         encoder = args.encoder
     else:
@@ -442,17 +568,17 @@ def _evaluate_seg(args) -> int:
             setattr(args, k, saved.get(k))
     _check_seg_args(args)
     if len(label_groups(args.labels)) + 1 != model.n_classes:
-        raise SystemExit(f'--labels gives {len(args.labels)} classes; {args.classifier} segments '
+        raise CLIError(f'--labels gives {len(args.labels)} classes; {args.classifier} segments '
                          f'{model.n_classes - 1} (plus background)')
     pairs = [tuple(p) for p in args.seg or []] or [tuple(p) for p in saved.get('valid', [])]
     if not pairs:
-        raise SystemExit('give volumes to evaluate on: --seg IMAGE LABEL')
+        raise CLIError('give volumes to evaluate on: --seg IMAGE LABEL')
     prep = CTPreprocess(spacing=(float(args.spacing),) * 3, hu_range=tuple(map(float, args.hu_range)),
                         crop=(args.crop,) * 3)
     vols = SegVolumes(pairs, prep, args.labels, cache_dir=args.cache_dir)
     volumes = [{**vols[i], 'pair': tuple(map(str, vols._pairs[vols.index[i]]))} for i in range(len(vols))]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out)
     res = _seg_report(model, volumes, out, args)
     (out / 'results_seg.json').write_text(json.dumps(res, indent=1) + '\n')
     print(json.dumps(res, indent=1))
@@ -465,11 +591,11 @@ def _add_seg_data(s):
     s.add_argument('--labels', nargs='+', default=None, metavar='VALUES',
                    help='segmentation classes in order: label values, several merged with commas (e.g. 1 2,3)')
     s.add_argument('--label-names', nargs='+', default=None, help='a name per --labels class (for JSON and plots)')
-    s.add_argument('--crop', type=int, default=None, help='segmentation crop (default 96 on CUDA, else 64)')
-    s.add_argument('--spacing', type=float, default=None, help='segmentation voxel size in mm (default 2.0)')
+    s.add_argument('--crop', type=_int_min(1), default=None, help='segmentation crop (default 96 on CUDA, else 64)')
+    s.add_argument('--spacing', type=_float_range(0), default=None, help='segmentation voxel size in mm (default 2.0)')
     s.add_argument('--hu-range', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
                    help='segmentation HU window (default -175 250)')
-    s.add_argument('--roi', type=int, default=None, help='sliding-window size for whole volumes (default: --crop)')
+    s.add_argument('--roi', type=_int_min(1), default=None, help='sliding-window size for whole volumes (default: --crop)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
 
 
@@ -480,23 +606,34 @@ def _add_cls_data(s):
     s.add_argument('--label-rule', choices=['paper', 'drop-indeterminate'], default=None,
                    help="nodules: 'paper' (median malignancy 1-3 benign, 4-5 malignant, all kept; the default) or "
                         "'drop-indeterminate' (median 3 left out)")
-    s.add_argument('--size', type=int, default=None,
+    s.add_argument('--size', type=int, choices=[28, 32, 64], default=None,
                    help='image size: 28 or 64 for MedMNIST (default 28), 32 or 64 for nodules (default 32)')
-    s.add_argument('--bs', type=int, default=None, help='batch size (default 32; 2 for segmentation)')
+    s.add_argument('--bs', type=_int_min(1), default=None, help='batch size (default 32; 2 for segmentation)')
     s.add_argument('--seed', type=int, default=None, help='seed of shuffling, splits and subsets (default 0)')
     s.add_argument('--out', default='dagman_cls', help='output folder (default dagman_cls)')
 
 
+class _Parser(argparse.ArgumentParser):
+    "argparse with the command's one error style: the usage, then `dagman: error: [SUBCOMMAND: ]MESSAGE`, status 2."
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        sub = self.prog.split(' ', 1)[1] + ': ' if ' ' in self.prog else ''
+        self.exit(2, f'dagman: error: {sub}{message}\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='dagman', description='DAGMaN self-supervised pretraining for 3-D CT.')
+    p = _Parser(prog='dagman', description='DAGMaN self-supervised pretraining for 3-D CT. Errors end in one line '
+                                           '(dagman: error: ...); --debug or DAGMAN_DEBUG=1 shows tracebacks.')
+    p.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = p.add_subparsers(dest='command', required=True)
     s = sub.add_parser('show-batch', help='save orthogonal slices of a two-view CT batch as a PNG',
                        description='Build the pretraining DataLoaders for DATA and save one batch (both views, '
                                    'axial, coronal and sagittal slices) as a PNG.')
     s.add_argument('data', nargs='+', help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV')
-    s.add_argument('--crop', type=int, default=128, help='crop size in voxels (default 128)')
-    s.add_argument('--spacing', type=float, default=2.0, help='voxel size in mm (default 2.0)')
-    s.add_argument('--bs', type=int, default=2, help='samples shown (default 2)')
+    s.add_argument('--crop', type=_int_min(1), default=128, help='crop size in voxels (default 128)')
+    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--bs', type=_int_min(1), default=2, help='samples shown (default 2)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
     s.add_argument('--seed', type=int, default=0)
@@ -519,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--medmnist', default=None,
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
-    s.add_argument('--size', type=int, default=None, help='MedMNIST image size, 28 (default) or 64')
+    s.add_argument('--size', type=int, choices=[28, 64], default=None, help='MedMNIST image size, 28 (default) or 64')
     s.add_argument('--method', '--preset', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
                    help="the method: dagman (default, the paper's), a baseline or an ablation on the same engine "
                         '(listed below)')
@@ -527,23 +664,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help='encoder preset (default: swin-smit on CUDA, swin-tiny on the CPU; vit-base / vit-tiny for '
                         'attmask; tiny encoders get heads '
                         'with out_dim=1024, head_hidden=512 unless --set says otherwise)')
-    s.add_argument('--epochs', type=int, default=10, help='epochs (default 10)')
-    s.add_argument('--crop', type=int, default=None, help='crop size (default 128 on CUDA with data, 32 for MedMNIST 28^3, else 64)')
-    s.add_argument('--bs', type=int, default=None, help='batch size in volumes, two views each (default 2; 32 with --medmnist)')
-    s.add_argument('--lr', type=float, default=5e-4, help='peak learning rate (default 5e-4)')
-    s.add_argument('--warmup', type=float, default=None,
+    s.add_argument('--epochs', type=_int_min(1), default=10, help='epochs (default 10)')
+    s.add_argument('--crop', type=_int_min(1), default=None, help='crop size (default 128 on CUDA with data, 32 for MedMNIST 28^3, else 64)')
+    s.add_argument('--bs', type=_int_min(1), default=None,
+                   help='batch size in volumes, two views each (default 2; 32 with --medmnist)')
+    s.add_argument('--lr', type=_float_range(0), default=5e-4, help='peak learning rate (default 5e-4)')
+    s.add_argument('--warmup', type=_float_range(0, lo_open=False), default=None,
                    help="epochs of linear learning-rate warm-up before the cosine decay (default: 10%% of --epochs, the "
                         "paper's 80 of 800)")
     s.add_argument('--out', default='dagman_run', help='output folder (default dagman_run)')
     s.add_argument('--resume', nargs='?', const='last', default=None,
                    help='continue from a checkpoint (default: OUT/models/checkpoint.pth)')
-    s.add_argument('--save-every', type=int, default=1, help='write the checkpoint every N epochs (default 1)')
-    s.add_argument('--spacing', type=float, default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--save-every', type=_int_min(1), default=1, help='write the checkpoint every N epochs (default 1)')
+    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
-    s.add_argument('--valid-pct', type=float, default=0.0, help='share of scans held out for a validation loss')
-    s.add_argument('--workers', type=int, default=0, help='DataLoader worker processes (default 0)')
-    s.add_argument('--synthetic', type=int, default=8, help='synthetic volumes when no --data (default 8)')
+    s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.0,
+                   help='share of scans held out for a validation loss')
+    s.add_argument('--workers', type=_int_min(0), default=0, help='DataLoader worker processes (default 0)')
+    s.add_argument('--synthetic', type=_int_min(1), default=8, help='synthetic volumes when no --data (default 8)')
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='a DAGMaNConfig field, e.g. --set mask_ratio=0.6 --set patch_drop=0.2, or an encoder field '
@@ -562,9 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--valid-seg', nargs=2, action='append', metavar=('IMAGE', 'LABEL'),
                    help='a held-out validation volume and its label map (repeat for more)')
     s.add_argument('--seg-csv', default=None, help='a CSV with columns image,label[,split] (split: train or valid)')
-    s.add_argument('--valid-pct', type=float, default=0.2,
+    s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.2,
                    help='segmentation: share of volumes held out when none is given as validation (default 0.2)')
-    s.add_argument('--samples-per-volume', type=int, default=4,
+    s.add_argument('--samples-per-volume', type=_int_min(1), default=4,
                    help='segmentation: random crops per training volume and epoch (default 4)')
     s.add_argument('--encoder', default=None, help='encoder.pth from dagman pretrain, or a pretraining checkpoint '
                                                     '(default: a random encoder)')
@@ -572,10 +711,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='random encoder preset when no --encoder (default swin-smit on CUDA, else swin-tiny)')
     s.add_argument('--linear-probe', action='store_true', help='train the head only (the encoder stays fixed)')
     s.add_argument('--pool', choices=['avg', 'cls'], default='avg', help="features: 'avg' (final tokens) or 'cls'")
-    s.add_argument('--epochs', type=int, default=20)
-    s.add_argument('--freeze-epochs', type=int, default=1, help='epochs with the encoder frozen first (default 1)')
-    s.add_argument('--lr', type=float, default=1e-3)
-    s.add_argument('--fraction', type=float, default=1.0, help='stratified share of the training set (few-shot)')
+    s.add_argument('--epochs', type=_int_min(1), default=20)
+    s.add_argument('--freeze-epochs', type=_int_min(0), default=1, help='epochs with the encoder frozen first (default 1)')
+    s.add_argument('--lr', type=_float_range(0), default=1e-3)
+    s.add_argument('--fraction', type=_float_range(0, 1), default=1.0,
+                   help='stratified share of the training set (few-shot), in (0, 1]')
     s.set_defaults(func=_finetune)
 
     s = sub.add_parser('evaluate', help='evaluate a fine-tuned model: metrics as JSON, a ROC curve or overlays',
@@ -598,13 +738,60 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out', default='encoder.pth', help='file to write (default encoder.pth)')
     s.add_argument('--monai', action='store_true', help="MONAI's key layout (Swin encoders only)")
     s.set_defaults(func=_export)
+    for s in sub.choices.values():  # --debug after the subcommand too (SUPPRESS: keeps one given before it)
+        s.add_argument('--debug', action='store_true', default=argparse.SUPPRESS, help='show the traceback of an error')
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    "The message of `e` without fastai's 'Exception occured in `CALLBACK` when calling event `EVENT`:' wrapper."
+    text = str(e).strip()
+    if text.startswith('Exception occured in `') and '\n' in text:
+        text = text.split('\n', 1)[1].strip()
+    return ' '.join(text.split()) or type(e).__name__
+
+
+def _debug(args) -> bool:
+    return bool(getattr(args, 'debug', False)) or os.environ.get('DAGMAN_DEBUG', '') not in ('', '0')
+
+
+def _environment_error(e: OSError) -> str:
+    "One line for an OSError: the path, and 'no space left' or the system's reason."
+    where = e.filename or ''
+    if e.errno == errno.ENOSPC:
+        return e.strerror if (e.strerror or '').startswith('no space left') else f'no space left on {where or "the device"}'
+    return f'{where}: {e.strerror}' if where and e.strerror else str(e)
+
+
 def main(argv=None) -> int:
-    "Entry point of the `dagman` command."
+    """Entry point of the `dagman` command. Errors end in one line, `dagman: error: ...`, on stderr: exit status 2 for
+    bad arguments, 1 for bad data or environment, 3 for a run that diverged; `--debug` (or `DAGMAN_DEBUG=1`) shows
+    the traceback instead."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = _debug(args)
+    try:
+        return args.func(args)
+    except CLIError as e:
+        if debug:
+            raise
+        print(f'dagman: error: {e}', file=sys.stderr)
+        return e.status
+    except OSError as e:
+        if debug:
+            raise
+        print(f'dagman: error: {_environment_error(e)}', file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as e:  # the library's own errors name the file or setting and what was expected
+        if debug:
+            raise
+        print(f'dagman: error: {_one_line(e)}', file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001  a bug: still one line, and how to see (and report) the traceback
+        if debug:
+            raise
+        print(f'dagman: error: {type(e).__name__}: {_one_line(e)} (an internal error: run again with --debug or DAGMAN_DEBUG=1 '
+              f'for the traceback, and report it)', file=sys.stderr)
+        return 1
 
 # %% ../nbs/08_cli.ipynb #2f614087
 if __name__ == '__main__':  # `python -m dagman_fast.cli`

@@ -7,8 +7,10 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import warnings
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -296,7 +298,9 @@ class CTVolumes(Dataset):
     Args:
         scans: paths as `find_ct_scans` returns them.
         prep: the preprocessing settings.
-        cache_dir: where the cache lives (a subfolder per settings key); default a new temporary folder.
+        cache_dir: where the cache lives (a subfolder per settings key); default a new temporary folder, removed
+            when the dataset is garbage collected or the process ends (give a folder to keep the cache for the next
+            run).
         on_error: 'raise' or 'skip'.
     """
 
@@ -306,7 +310,10 @@ class CTVolumes(Dataset):
         from monai.data import PersistentDataset
         check_option(on_error, ('raise', 'skip'), 'on_error')
         self.prep = prep
-        self.cache_dir = Path(cache_dir or tempfile.mkdtemp(prefix='dagman_ct_cache_')) / prep.key()
+        if cache_dir is None:  # a temporary cache lives as long as the dataset (or the process), no longer
+            cache_dir = tempfile.mkdtemp(prefix='dagman_ct_cache_')
+            weakref.finalize(self, shutil.rmtree, cache_dir, True)
+        self.cache_dir = Path(cache_dir) / prep.key()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         items = self._items(scans)
         self._ds = PersistentDataset(items, transform=self._transform(), cache_dir=self.cache_dir)

@@ -24,7 +24,7 @@ from fastcore.foundation import L
 # The names below that this module does not use itself are imported so that `dagman_fast.learner.NAME`, their home
 # before the split into model / callbacks / checkpoint, keeps working.
 from .callbacks import (AttentionGuidedMasking, EMATeacher, FreezeLastLayer, PatchDropout,  # noqa: F401
-                                   PretrainLog, StepTimer, StopOnNaN, unwrap)
+                                   PretrainLog, StepTimer, StopOnDivergence, StopOnNaN, unwrap)
 from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
                                     atomic_save, load_checkpoint, load_encoder)
 from .core import check_option
@@ -172,7 +172,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     if ('vit' if isinstance(ecfg, ViTConfig) else 'swin') != arch and method == 'attmask':
         raise ValueError(f"method 'attmask' runs on a ViT; got a {type(ecfg).__name__}")
     model = DAGMaNModel(ecfg, config)
-    callbacks = [EMATeacher(), AttentionGuidedMasking(), FreezeLastLayer(), StopOnNaN()]
+    callbacks = [EMATeacher(), AttentionGuidedMasking(), FreezeLastLayer(), StopOnNaN(), StopOnDivergence()]
     if config.noisy_teacher and config.patch_drop > 0:
         callbacks.append(PatchDropout())
     if config.clip_grad:

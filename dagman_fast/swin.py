@@ -19,11 +19,11 @@ from .core import as_triple, check_option
 from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 
 # %% auto #0
-__all__ = ['Triple', 'PRESETS', 'window_and_shift', 'relative_position_index', 'window_order', 'shift_attention_mask',
-           'permute_tokens', 'DropPath', 'WindowAttention', 'Mlp', 'WindowPlan', 'window_plan', 'SwinBlock',
-           'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention', 'SwinConfig',
-           'ViTConfig', 'encoder_config', 'EncoderOutput', 'PatchEmbed', 'SwinEncoder', 'ViTEncoder', 'build_encoder',
-           'monai_swin_kwargs', 'to_monai', 'from_monai']
+__all__ = ['Triple', 'MAX_BLOCKS', 'MAX_EMBED_DIM', 'PRESETS', 'window_and_shift', 'relative_position_index', 'window_order',
+           'shift_attention_mask', 'permute_tokens', 'DropPath', 'WindowAttention', 'Mlp', 'WindowPlan', 'window_plan',
+           'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
+           'SwinConfig', 'ViTConfig', 'encoder_config', 'EncoderOutput', 'PatchEmbed', 'SwinEncoder', 'ViTEncoder',
+           'build_encoder', 'monai_swin_kwargs', 'to_monai', 'from_monai']
 
 # %% ../nbs/02_swin.ipynb #8cdc5fad
 Triple = tuple[int, int, int]
@@ -466,6 +466,30 @@ class _JSONConfig:
         return cls(**d)
 
 
+MAX_BLOCKS = 256       # transformer blocks in one encoder: far above any published 3-D encoder (SMIT has 14)
+MAX_EMBED_DIM = 8192
+
+
+def _check_sizes(cfg, **sizes) -> None:
+    """Sizes of a config: positive integers (tuples of them), blocks and widths within `MAX_BLOCKS` and
+    `MAX_EMBED_DIM`, so that a typo (depth 10000, a negative size) fails here with its name, not deep in torch or
+    after memory runs out; the other fields have their own checks."""
+    name = type(cfg).__name__
+    for k, v in sizes.items():
+        vals = v if isinstance(v, tuple) else (v,)
+        if not vals or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in vals):
+            raise ValueError(f'{name}.{k} must be a positive integer (or a tuple of them); got {v!r}')
+    blocks = sum(sizes['depths']) if 'depths' in sizes else sizes['depth']
+    if blocks > MAX_BLOCKS:
+        raise ValueError(f'{name}: {blocks} transformer blocks is more than {MAX_BLOCKS}; check depths/depth')
+    if sizes['embed_dim'] > MAX_EMBED_DIM:
+        raise ValueError(f'{name}.embed_dim {sizes["embed_dim"]} is more than {MAX_EMBED_DIM}')
+    if not 0 <= cfg.drop_path_rate < 1:
+        raise ValueError(f'{name}.drop_path_rate must be in [0, 1); got {cfg.drop_path_rate}')
+    if not cfg.mlp_ratio > 0:
+        raise ValueError(f'{name}.mlp_ratio must be positive; got {cfg.mlp_ratio}')
+
+
 @dataclass(frozen=True)
 class SwinConfig(_JSONConfig):
     """Everything that defines a `SwinEncoder`; round-trips through JSON beside exported weights.
@@ -496,12 +520,21 @@ class SwinConfig(_JSONConfig):
 
     def __post_init__(self):
         for name in ('depths', 'num_heads'):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)):
+                raise ValueError(f'SwinConfig.{name} must be a tuple with a value per stage, e.g. (2, 2, 2, 2); '
+                                 f'got {v!r}')
+            object.__setattr__(self, name, tuple(int(x) for x in v))
         for name in ('img_size', 'patch_size', 'window_size'):
             v, triple = getattr(self, name), as_triple(getattr(self, name), name)  # validates ints too
             object.__setattr__(self, name, v if isinstance(v, int) else triple)
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f'depths {self.depths} and num_heads {self.num_heads} must have the same length')
+        _check_sizes(self, depths=self.depths, num_heads=self.num_heads, embed_dim=self.embed_dim,
+                     img_size=self.img_size, patch_size=self.patch_size, window_size=self.window_size,
+                     sa_depth=self.sa_depth, sa_num_heads=self.sa_num_heads)
+        if not self.depths:
+            raise ValueError('depths must name at least one stage, e.g. (2, 2, 2, 2)')
         for i, nh in enumerate(self.num_heads):
             if (self.embed_dim * 2 ** i) % nh:
                 raise ValueError(f'stage {i + 1} has {self.embed_dim * 2 ** i} channels, not divisible by '
@@ -540,6 +573,8 @@ class ViTConfig(_JSONConfig):
         for name in ('img_size', 'patch_size'):
             v, triple = getattr(self, name), as_triple(getattr(self, name), name)  # validates ints too
             object.__setattr__(self, name, v if isinstance(v, int) else triple)
+        _check_sizes(self, depth=self.depth, num_heads=self.num_heads, embed_dim=self.embed_dim,
+                     img_size=self.img_size, patch_size=self.patch_size)
         if self.embed_dim % self.num_heads:
             raise ValueError(f'embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}')
         if self.depth < 1:

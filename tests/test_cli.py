@@ -9,6 +9,19 @@ import numpy as np
 from dagman_fast.cli import main
 
 
+def assert_fails(capsys, argv, match, status=None):
+    """`dagman ARGV` ends in one line `dagman: error: ...` containing `match` (no traceback), with exit status 2 (a bad
+    argument) or 1 (bad data), or `status` when given."""
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse's own checks
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == status if status is not None else rc in (1, 2), (rc, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('dagman: error: ') and match in last and 'Traceback' not in err, err
+
+
 def test_console_script_help():
     out = subprocess.run([sys.executable, '-m', 'dagman_fast.cli', '--help'], capture_output=True, text=True)
     assert out.returncode == 0 and 'show-batch' in out.stdout
@@ -59,14 +72,11 @@ def test_pretrain_resume_and_export(tmp_path, capsys):
     twin.load_state_dict(torch.load(tmp_path / 'm.pth', weights_only=True), strict=True)
 
 
-def test_pretrain_rejects_bad_set():
-    import pytest
-    with pytest.raises(SystemExit, match='KEY=VALUE'):
-        main(['pretrain', '--set', 'mask_ratio'])
+def test_pretrain_rejects_bad_set(capsys):
+    assert_fails(capsys, ['pretrain', '--set', 'mask_ratio'], 'KEY=VALUE')
 
 
 def test_pretrain_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, capsys):
-    import pytest
     out = tmp_path / 'run'
     assert main(['pretrain', '--out', str(out), '--resume']) == 2
     assert 'no checkpoint' in capsys.readouterr().err
@@ -74,8 +84,7 @@ def test_pretrain_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, capsys)
     (out / 'models' / 'checkpoint.pth').write_bytes(b'x')
     assert main(['pretrain', '--out', str(out)]) == 2
     assert '--resume' in capsys.readouterr().err
-    with pytest.raises(SystemExit, match='encoder.drop_path_rate'):
-        main(['pretrain', '--out', str(tmp_path / 'other'), '--set', 'drop_path_rate=0'])
+    assert_fails(capsys, ['pretrain', '--out', str(tmp_path / 'other'), '--set', 'drop_path_rate=0'], 'encoder.drop_path_rate')
     assert not (tmp_path / 'other').exists()  # nothing written before the options are checked
 
 
@@ -119,10 +128,8 @@ def test_finetune_and_evaluate(tmp_path, capsys):
     assert main(['finetune', *data, '--linear-probe', '--fraction', '0.5', '--epochs', '1', '--preset', 'swin-tiny',
                  '--out', str(probe)]) == 0
     assert json.loads((probe / 'results.json').read_text())['n_train'] == 6
-    with pytest.raises(SystemExit, match='one dataset'):
-        main(['finetune', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='fraction'):
-        main(['finetune', *data, '--fraction', '0', '--out', str(tmp_path / 'x')])
+    assert_fails(capsys, ['finetune', '--out', str(tmp_path / 'x')], 'one dataset')
+    assert_fails(capsys, ['finetune', *data, '--fraction', '0', '--out', str(tmp_path / 'x')], 'fraction')
     assert not (tmp_path / 'x').exists()
 
 
@@ -190,24 +197,16 @@ def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
     assert sd.keys() == model.encoder.state_dict().keys()
     key = next(k for k in sd if k.startswith('patch_embed') and k.endswith('weight') and sd[k].ndim == 5)
     torch.testing.assert_close(model.encoder.state_dict()[key], sd[key], atol=1e-4, rtol=0)
-    with pytest.raises(SystemExit, match='--labels'):
-        main(['finetune', '--seg', *train, '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='2 names for 1'):
-        main(['finetune', '--seg', *train, '--labels', '3', '--label-names', 'a', 'b', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match="--labels: 'kidney'"):
-        main(['finetune', '--seg', *train, '--valid-seg', *valid, '--labels', 'kidney', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='multiple of 32'):  # before any training
-        main(['finetune', '--seg', *train, '--labels', '3', '--crop', '48', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='--medmnist: not an option of segmentation'):
-        main(['finetune', '--seg', *train, '--labels', '3', '--medmnist', 'adrenalmnist3d', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='both training and validation'):
-        main(['finetune', '--seg', *train, '--valid-seg', *train, '--labels', '3', '--out', str(tmp_path / 'x')])
+    assert_fails(capsys, ['finetune', '--seg', *train, '--out', str(tmp_path / 'x')], '--labels')
+    assert_fails(capsys, ['finetune', '--seg', *train, '--labels', '3', '--label-names', 'a', 'b', '--out', str(tmp_path / 'x')], '2 names for 1')
+    assert_fails(capsys, ['finetune', '--seg', *train, '--valid-seg', *valid, '--labels', 'kidney', '--out', str(tmp_path / 'x')], "--labels: 'kidney'")
+    assert_fails(capsys, ['finetune', '--seg', *train, '--labels', '3', '--crop', '48', '--out', str(tmp_path / 'x')], 'multiple of 32')  # before any training
+    assert_fails(capsys, ['finetune', '--seg', *train, '--labels', '3', '--medmnist', 'adrenalmnist3d', '--out', str(tmp_path / 'x')], '--medmnist: not an option of segmentation')
+    assert_fails(capsys, ['finetune', '--seg', *train, '--valid-seg', *train, '--labels', '3', '--out', str(tmp_path / 'x')], 'both training and validation')
     csv_file = tmp_path / 'pairs.csv'
     csv_file.write_text(f'image,label,split\n{train[0]},{train[1]},train\n{valid[0]},{valid[1]},test\n')
-    with pytest.raises(SystemExit, match="line 3: split 'test'"):  # a test row never trains by accident
-        main(['finetune', '--seg-csv', str(csv_file), '--labels', '3', '--out', str(tmp_path / 'x')])
-    with pytest.raises(SystemExit, match='segments 2'):
-        main(['evaluate', str(out / 'segmenter.pth'), '--labels', '3', '--out', str(tmp_path / 'x')])
+    assert_fails(capsys, ['finetune', '--seg-csv', str(csv_file), '--labels', '3', '--out', str(tmp_path / 'x')], "line 3: split 'test'")  # a test row never trains by accident
+    assert_fails(capsys, ['evaluate', str(out / 'segmenter.pth'), '--labels', '3', '--out', str(tmp_path / 'x')], 'segments 2')
     assert not (tmp_path / 'x').exists()
 
 
@@ -228,9 +227,8 @@ def test_pretrain_on_medmnist_then_finetune(tmp_path, capsys):
     assert main(['finetune', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--bs', '4', '--epochs', '1',
                  '--encoder', str(run / 'encoder.pth'), '--out', str(out)]) == 0
     assert json.loads((out / 'results.json').read_text())['test']['n'] == 8
-    with pytest.raises(SystemExit, match='not both'):
-        main(['pretrain', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--data', 'x', '--out',
-              str(tmp_path / 'y')])
+    assert_fails(capsys, ['pretrain', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--data', 'x', '--out',
+              str(tmp_path / 'y')], 'not both')
 
 
 def test_pretrain_help_lists_every_method(capsys):
