@@ -462,6 +462,9 @@ def _check_task_args(args, seg: bool) -> None:
     if other:
         task = 'segmentation' if seg else 'classification'
         raise CLIError(f'{", ".join("--" + k.replace("_", "-") for k in other)}: not an option of {task}')
+    enc = getattr(args, 'encoder', None)
+    if enc and not Path(enc).is_file():  # before any data is read
+        raise CLIError(f'--encoder {enc}: no such file (expected encoder.pth of dagman pretrain, or a checkpoint)')
 
 
 def _check_seg_args(args) -> None:

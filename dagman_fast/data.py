@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 from .core import as_triple, check_option
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MEDMNIST3D', 'NODULE_LABEL_RULES', 'find_ct_scans', 'synthetic_ct', 'CTPreprocess', 'label_groups',
-           'CTVolumes', 'TwoViews', 'ct_ssl_dls', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
-           'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
+__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'MEDMNIST3D', 'NODULE_LABEL_RULES', 'find_ct_scans', 'synthetic_ct',
+           'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews', 'ct_ssl_dls', 'show_batch_3d', 'medmnist3d_dls',
+           'medmnist3d_ssl_dls', 'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -44,45 +44,86 @@ def _is_dicom_file(p: Path) -> bool:
         return False
 
 
-def find_ct_scans(source) -> list[Path]:
-    """The scans `source` names: a folder (searched recursively for NIfTI files and DICOM series folders), a list of
-    paths (files or DICOM folders), or a CSV file with a `path` column (relative paths are relative to the CSV).
+def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) -> list[Path]:
+    """The scans `source` names, in a stable order.
+
+    Args:
+        source: a folder (searched recursively for NIfTI files and folders of DICOM files, so nested
+            patient / study / series folders and NIfTI and DICOM mixed all work), a scan file, a CSV file with a
+            `path` column (relative paths are relative to the CSV), or a list of any of these (several folders, the
+            expansion of a shell glob).
+        on_error: 'raise': a bad entry (a path that does not exist, a dangling or looping link, a folder that cannot
+            be read, an empty path cell of a CSV) stops with an error naming it; 'skip': it is warned about and
+            appended to `skipped` as `(path, reason)`. Never silent.
+        skipped: the list that collects the skipped entries.
 
     A DICOM series is a folder holding DICOM files; it is returned as the folder.
     """
-    if isinstance(source, (list, tuple)):
-        paths = [Path(p) for p in source]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f'{len(missing)} scan path(s) do not exist, e.g. {missing[:3]}')
-        if not paths:
-            raise ValueError('the list of scans is empty')
-        return paths
-    src = Path(source)
-    if not src.exists():
-        raise FileNotFoundError(f'scan source {str(src)!r} does not exist (expected a folder, a CSV file or a list)')
-    if src.is_file() and src.suffix.lower() == '.csv':
-        with open(src, newline='') as f:
-            rows = list(csv.DictReader(f))
-        if not rows or 'path' not in rows[0]:
-            raise ValueError(f'{src}: expected a CSV with a header row and a `path` column; '
-                             f'got columns {list(rows[0]) if rows else "none (empty file)"}')
-        return find_ct_scans([p if Path(p).is_absolute() else src.parent / p for p in (r['path'] for r in rows)])
-    if src.is_file():
-        return [src]
-    scans, dicom_dirs = [], set()
-    for root, dirs, files in os.walk(src):
-        dirs.sort()
-        for name in sorted(files):
-            p = Path(root) / name
-            if _is_nifti(p):
-                scans.append(p)
-            elif Path(root) not in dicom_dirs and _is_dicom_file(p):
-                dicom_dirs.add(Path(root))
-                scans.append(Path(root))
+    check_option(on_error, ('raise', 'skip'), 'on_error')
+    skipped = [] if skipped is None else skipped
+
+    def bad(path, reason, missing=False):
+        if on_error == 'raise':
+            raise (FileNotFoundError if missing else ValueError)(f'{path}: {reason}')
+        warnings.warn(f'skipping {path}: {reason}', stacklevel=3)
+        skipped.append((str(path), reason))
+
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    if not items:
+        raise ValueError('the list of scans is empty')
+    scans: list[Path] = []
+    for item in items:
+        _collect_scans(Path(item), scans, bad, top=True)
+    scans = list(dict.fromkeys(scans))  # a scan named twice (overlapping folders or globs) counts once
     if not scans:
-        raise ValueError(f'no scans found in {src}: expected .nii / .nii.gz files or folders of DICOM files')
+        raise ValueError(f'no scans found in {source if len(items) > 1 else items[0]}: expected .nii / .nii.gz files, '
+                         f'folders of DICOM files, or a CSV with a path column'
+                         + (f' ({len(skipped)} entries skipped)' if skipped else ''))
     return scans
+
+
+def _collect_scans(p: Path, scans: list, bad, top: bool = False) -> None:
+    "Append the scans at `p` (a file, a CSV, or a folder walked recursively) to `scans`; report bad entries."
+    if p.is_symlink() and not p.exists():
+        return bad(p, 'a dangling or looping symbolic link')
+    if not p.exists():
+        return bad(p, 'does not exist' + (' (expected a folder, a scan file, a CSV file or a list)' if top else ''),
+                   missing=True)
+    if p.is_file():
+        if p.suffix.lower() == '.csv':
+            return _collect_csv(p, scans, bad)
+        scans.append(p)
+        return None
+    errors: list[OSError] = []
+    for root, dirs, files in os.walk(p, onerror=errors.append):
+        dirs.sort()
+        series = False
+        for name in sorted(files):
+            f = Path(root) / name
+            if f.is_symlink() and not f.exists():
+                bad(f, 'a dangling or looping symbolic link')
+            elif _is_nifti(f):
+                scans.append(f)
+            elif not series and _is_dicom_file(f):
+                series = True
+                scans.append(Path(root))
+    for e in errors:  # folders os.walk could not list (permissions): never silently left out
+        bad(e.filename, f'a folder that cannot be read ({e.strerror})')
+    return None
+
+
+def _collect_csv(src: Path, scans: list, bad) -> None:
+    with open(src, newline='') as f:
+        rows = list(csv.DictReader(f))
+    if not rows or 'path' not in rows[0]:
+        raise ValueError(f'{src}: expected a CSV with a header row and a `path` column; '
+                         f'got columns {list(rows[0]) if rows else "none (empty file)"}')
+    for n, r in enumerate(rows, 2):  # line 1 is the header
+        cell = (r.get('path') or '').strip()
+        if not cell:
+            bad(f'{src}, line {n}', 'an empty path cell')
+            continue
+        _collect_scans(Path(cell) if Path(cell).is_absolute() else src.parent / cell, scans, bad)
 
 # %% ../nbs/01_data.ipynb #8f5479b5
 def synthetic_ct(folder, n: int = 8, size=96, spacing: float = 2.0, seed: int = 0) -> list[Path]:
@@ -140,6 +181,7 @@ class CTPreprocess:
         keys = ['image'] if label_values is None else ['image', 'label']
         ras = (('L', 'R'), ('P', 'A'), ('I', 'S'))
         return T.Compose([
+            _CheckDicomFolder('image'),
             T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
             _CheckVolume('image'),
             *([] if label_values is None else [_CheckPair(keys), _SelectLabels('label', label_values)]),
@@ -233,19 +275,63 @@ class _CheckWindowed(MapTransform):
         return d
 
 
-def _dicom_series_uids(folder: Path) -> set:
+MIN_AXIS_VOXELS = 4  # fewer voxels along an axis (a single slice, a 2x2x2 block) is not a 3-D CT volume
+
+
+def _check_dicom_series(folder: Path) -> None:
+    """Every DICOM file of a series folder read whole: a corrupt slice is named, several series are refused, and the
+    slice positions (along the normal of the slice orientation) must be evenly spaced: a gap is a missing slice,
+    which the volume readers would silently close up."""
     import pydicom
-    uids = set()
-    for f in folder.iterdir():
-        if f.is_file() and _is_dicom_file(f):
-            uids.add(str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=['SeriesInstanceUID'])
-                         .get('SeriesInstanceUID', '')))
-    return uids
+    uids, pos = set(), []
+    for f in sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)):
+        try:
+            ds = pydicom.dcmread(f)
+            pixels = ds.PixelData
+            uids.add(str(ds.SeriesInstanceUID))
+            if not ds.file_meta.TransferSyntaxUID.is_compressed:
+                need = (int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get('SamplesPerPixel', 1))
+                        * int(ds.get('NumberOfFrames', 1) or 1))
+                if len(pixels) < need:
+                    raise ValueError(f'{len(pixels)} bytes of pixel data for {need}')
+        except Exception as e:  # pydicom's errors, missing elements, a short pixel block: the slice is corrupt
+            raise ValueError(f'{folder}: slice {f.name} is corrupt ({type(e).__name__}: {e})') from None
+        if 'ImagePositionPatient' in ds and 'ImageOrientationPatient' in ds:
+            o = np.asarray(ds.ImageOrientationPatient, float)
+            pos.append((float(np.cross(o[:3], o[3:]) @ np.asarray(ds.ImagePositionPatient, float)), f.name))
+    if len(uids) > 1:
+        raise ValueError(f'{folder}: the folder holds {len(uids)} DICOM series; put each series in its own folder')
+    if len(pos) >= 3:
+        pos.sort()
+        z = np.array([p for p, _ in pos])
+        steps = np.diff(z)
+        same = np.nonzero(steps < 1e-3)[0]
+        if same.size:
+            i = same[0]
+            raise ValueError(f'{folder}: slices {pos[i][1]} and {pos[i + 1][1]} are at the same position ({z[i]:.2f} mm)')
+        step = float(np.median(steps))
+        gaps = np.nonzero(steps > 1.5 * step)[0]
+        if gaps.size:
+            i = gaps[0]
+            raise ValueError(f'{folder}: the slice positions jump from {z[i]:.2f} to {z[i + 1]:.2f} mm between '
+                             f'{pos[i][1]} and {pos[i + 1][1]}, where the other slices are {step:.2f} mm apart: '
+                             f'{round(steps[i] / step) - 1} slice(s) missing')
+
+
+class _CheckDicomFolder(MapTransform):
+    "Before loading: a DICOM series folder's slices (`_check_dicom_series`), so that a bad slice is named as such."
+
+    def __call__(self, d: dict) -> dict:
+        for k in self.keys:
+            if Path(str(d[k])).is_dir():
+                _check_dicom_series(Path(str(d[k])))
+        return d
 
 
 class _CheckVolume(MapTransform):
-    """Refuse what would silently train on garbage: not 3-D, several channels or time points, NaN voxels, a volume
-    of one value. MONAI's loaders accept all of these, so this check is ours."""
+    """Refuse what would silently train on garbage: not 3-D, several channels or time points, a single slice or a
+    few voxels, NaN voxels, a volume of one value (DICOM folders are checked before loading: `_CheckDicomFolder`).
+    MONAI's loaders accept all of these, so this check is ours."""
 
     def __call__(self, d: dict) -> dict:
         for k in self.keys:
@@ -255,14 +341,15 @@ class _CheckVolume(MapTransform):
     @staticmethod
     def _check(img):
         src = getattr(img, 'meta', {}).get('filename_or_obj', '?')
-        if src != '?' and Path(str(src)).is_dir() and len(uids := _dicom_series_uids(Path(str(src)))) > 1:
-            raise ValueError(f'{src}: the folder holds {len(uids)} DICOM series; put each series in its own folder')
         if img.ndim != 4:
             raise ValueError(f'{src}: expected a 3-D volume; got an image of {img.ndim - 1} spatial dimension(s) '
                              f'(shape {tuple(img.shape[1:])})')
         if img.shape[0] != 1:
             raise ValueError(f'{src}: expected one 3-D volume; got {img.shape[0]} channels or time points '
                              f'(a 4-D series, shape {tuple(img.shape)}); split it first')
+        if min(img.shape[1:]) < MIN_AXIS_VOXELS:
+            raise ValueError(f'{src}: {tuple(img.shape[1:])} voxels is not a 3-D CT volume (a single slice or a few '
+                             f'voxels); a scan needs at least {MIN_AXIS_VOXELS} voxels along each axis')
         if torch.isnan(torch.as_tensor(img)).any():
             raise ValueError(f'{src}: the volume has NaN voxels')
         if torch.as_tensor(img).amin() == torch.as_tensor(img).amax():
@@ -439,7 +526,10 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
     crop = as_triple(crop, 'crop')
     pad_to = None if view_region is None else tuple(max(c, r) for c, r in zip(crop, as_triple(view_region, 'view_region')))
     prep = _preprocess(crop, spacing, hu_range, valid_pct, pad_to)
-    vols = CTVolumes(find_ct_scans(source), prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
+    found_skipped: list = []
+    scans = find_ct_scans(source, on_error, found_skipped)
+    vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
+    vols.skipped[:0] = found_skipped  # entries the search left out come first
     dls = _views_dls(vols, _split(len(vols), valid_pct, seed), bs, num_workers, crop=crop, views=views,
                      flip_prob=flip_prob, intensity=intensity, region=view_region)
     dls.skipped, dls.prep = vols.skipped, prep

@@ -247,3 +247,134 @@ def test_an_encoder_file_with_an_absurd_depth_is_refused_before_building(tmp_pat
                      state_dict=enc.state_dict()), p)
     with pytest.raises(ValueError, match='256'):
         load_encoder(p)
+
+
+# --- finding scans (issue 17, item 4) ---------------------------------------------------------------------------
+
+def _ct(path, shape=(24, 24, 24)):
+    import nibabel as nib
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    hu = np.full(shape, -1000.0, np.float32)
+    hu[tuple(slice(s // 4, 3 * s // 4) for s in shape)] = 40.0
+    nib.save(nib.Nifti1Image(hu + np.random.RandomState(0).rand(*shape).astype(np.float32),
+                             np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    return path
+
+
+def _slab(shared_data, folder, keep=None, corrupt=None):
+    "The 16 LIDC slices of the shared data copied to `folder`: only indices in `keep`; slice `corrupt` damaged."
+    import shutil
+    folder.mkdir(parents=True)
+    files = sorted((shared_data / 'lidc_idri' / 'LIDC-IDRI-0001' / 'dicom_slab').glob('*.dcm'))
+    for i, f in enumerate(files):
+        if keep is None or i in keep:
+            shutil.copy(f, folder / f.name)
+    if corrupt is not None:
+        data = files[corrupt].read_bytes()
+        (folder / files[corrupt].name).write_bytes(data[:600] + bytes(range(256)) * 8)  # garbage after the header
+        return folder / files[corrupt].name
+    return folder
+
+
+def test_several_folders_nested_series_and_mixed_formats(shared_data, tmp_path):
+    from dagman_fast.data import find_ct_scans
+    a = _ct(tmp_path / 'siteA' / 'p1.nii.gz')
+    b = _ct(tmp_path / 'siteB' / 'p2' / 'ct.nii.gz')
+    series = _slab(shared_data, tmp_path / 'siteB' / 'p3' / 'study' / 'series1')
+    assert find_ct_scans([tmp_path / 'siteA', tmp_path / 'siteB']) == [a, b, series]
+    assert find_ct_scans(tmp_path) == [a, b, series]  # one root, nested patient/study/series folders
+    assert find_ct_scans([a, tmp_path / 'siteA', a]) == [a]  # a scan named twice counts once
+    assert find_ct_scans([b.parent.parent]) == [b, series]  # a glob like siteB/* gives patient folders
+
+
+@pytest.mark.parametrize('kind', ['dangling', 'looping', 'unreadable', 'empty cell', 'missing in csv'])
+def test_bad_entries_are_errors_or_reported_skips(tmp_path, monkeypatch, kind):
+    import dagman_fast.data as D
+    good = _ct(tmp_path / 'scans' / 'good.nii.gz')
+    source, name = tmp_path / 'scans', None
+    if kind == 'dangling':
+        (tmp_path / 'scans' / 'gone.nii.gz').symlink_to(tmp_path / 'nowhere.nii.gz')
+        name = 'gone.nii.gz'
+    elif kind == 'looping':
+        (tmp_path / 'scans' / 'loop.nii.gz').symlink_to(tmp_path / 'scans' / 'loop.nii.gz')
+        name = 'loop.nii.gz'
+    elif kind == 'unreadable':  # as root every folder can be read: os.walk's report of one that cannot, simulated
+        walk = os.walk
+
+        def walk_with_error(top, onerror=None, **kw):
+            onerror(PermissionError(errno.EACCES, 'Permission denied', str(top / 'locked')))
+            return walk(top, onerror=onerror, **kw)
+        monkeypatch.setattr(D.os, 'walk', walk_with_error)
+        name = 'locked'
+    else:
+        source = tmp_path / 'list.csv'
+        cell = '' if kind == 'empty cell' else 'scans/missing.nii.gz'
+        source.write_text(f'path,label\nscans/good.nii.gz,0\n{cell},1\n')
+        name = 'line 3' if kind == 'empty cell' else 'missing.nii.gz'
+    with pytest.raises((ValueError, FileNotFoundError), match=name):
+        D.find_ct_scans(source)
+    skipped = []
+    with pytest.warns(UserWarning, match=name):
+        assert D.find_ct_scans(source, on_error='skip', skipped=skipped) == [good]
+    assert len(skipped) == 1 and name in skipped[0][0]
+
+
+def test_the_loader_reports_what_the_search_skipped(tmp_path):
+    from dagman_fast.data import ct_ssl_dls
+    _ct(tmp_path / 'scans' / 'good.nii.gz')
+    (tmp_path / 'scans' / 'gone.nii.gz').symlink_to(tmp_path / 'nowhere.nii.gz')
+    with pytest.warns(UserWarning, match='gone.nii.gz'):
+        dls = ct_ssl_dls(tmp_path / 'scans', crop=16, bs=1, cache_dir=tmp_path / 'c', on_error='skip', progress=False)
+    assert [os.path.basename(p) for p, _ in dls.skipped] == ['gone.nii.gz'] and 'symbolic link' in dls.skipped[0][1]
+
+
+def test_the_cli_takes_several_data_folders(tmp_path, capsys):
+    _ct(tmp_path / 'a' / 'p1.nii.gz', (40, 40, 40))
+    _ct(tmp_path / 'b' / 'p2' / 'ct.nii.gz', (40, 40, 40))
+    rc, out, err = run_cli(capsys, 'pretrain', '--data', str(tmp_path / 'a'), str(tmp_path / 'b'), '--encoder',
+                           'swin-tiny', '--crop', '32', '--bs', '1', '--epochs', '1', '--out', str(tmp_path / 'r'),
+                           '--cache-dir', str(tmp_path / 'c'))
+    assert rc == 0, err
+    assert '2 volume(s) used, 0 skipped' in out
+
+
+# --- degenerate volumes (issue 17, item 5) ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('shape', [(1, 40, 40), (40, 40, 1), (2, 2, 2), (3, 64, 64)])
+def test_a_single_slice_or_a_tiny_volume_is_not_ct(tmp_path, shape):
+    from dagman_fast.data import CTPreprocess, CTVolumes
+    bad = _ct(tmp_path / 'thin.nii.gz', shape)
+    with pytest.raises(ValueError, match='not a 3-D CT volume'):
+        CTVolumes([bad], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)
+    ok = _ct(tmp_path / 'ok.nii.gz', (4, 64, 64))  # few slices are padded up to the crop: still CT
+    assert CTVolumes([ok], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)[0].shape[0] == 1
+
+
+def test_a_dicom_series_with_a_missing_slice_is_refused(shared_data, tmp_path):
+    from dagman_fast.data import CTPreprocess, CTVolumes
+    folder = _slab(shared_data, tmp_path / 'gap', keep=set(range(16)) - {7})
+    with pytest.raises(ValueError, match=r'1 slice\(s\) missing'):
+        CTVolumes([folder], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)
+    whole = _slab(shared_data, tmp_path / 'whole')  # the complete series passes
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert len(CTVolumes([whole], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)) == 1
+
+
+def test_a_corrupt_dicom_slice_is_named_as_corrupt(shared_data, tmp_path):
+    from dagman_fast.data import CTPreprocess, CTVolumes
+    bad = _slab(shared_data, tmp_path / 'series', corrupt=5)
+    with pytest.raises(ValueError, match=f'slice {bad.name} is corrupt'):
+        CTVolumes([bad.parent], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)
+
+
+@pytest.mark.parametrize('task', [['--medmnist', 'adrenalmnist3d', '--root', '.'],
+                                  ['--seg', 'ct.nii.gz', 'seg.nii.gz', '--labels', '1']])
+def test_finetune_checks_its_encoder_before_any_data(tmp_path, capsys, task):
+    rc, _, err = run_cli(capsys, 'finetune', *task, '--encoder', str(tmp_path / 'nope.pth'),
+                         '--out', str(tmp_path / 'ft'))
+    assert rc == 2
+    assert_one_line_error(err, '--encoder', 'nope.pth')
+    assert not (tmp_path / 'ft').exists()
