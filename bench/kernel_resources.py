@@ -61,13 +61,16 @@ PTXAS_TIMEOUT = 180  # seconds; variants that spill kilobytes keep ptxas busy fo
 
 
 def _ptxas_watchdog(limit: float):
-    "Stop any ptxas that has run longer than `limit` s: its variant is recorded as not compiling in time."
+    """Stop a ptxas of this report (a child of one of its worker processes) that has run longer than `limit` s: its
+    variant is recorded as not compiling in time. Other processes' ptxas runs are left alone."""
+    me = os.getpid()
     while True:
         time.sleep(5)
-        ps = subprocess.run(['ps', '-eo', 'pid,etimes,comm'], capture_output=True, text=True).stdout.splitlines()[1:]
-        for line in ps:
-            pid, secs, comm = line.split(None, 2)
-            if comm.strip() == 'ptxas' and int(secs) > limit:
+        ps = subprocess.run(['ps', '-eo', 'pid,ppid,etimes,comm'], capture_output=True, text=True).stdout.splitlines()[1:]
+        rows = [line.split(None, 3) for line in ps]
+        parent = {int(r[0]): int(r[1]) for r in rows if len(r) == 4}
+        for pid, ppid, secs, comm in (r for r in rows if len(r) == 4):
+            if comm.strip() == 'ptxas' and int(secs) > limit and parent.get(int(ppid)) == me:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
                 except ProcessLookupError:

@@ -221,8 +221,8 @@ class StopOnNaN(_DAGMaNCallback):
 
 class StopOnDivergence(_DAGMaNCallback):
     """Stops a run whose epoch-mean training loss stays above `factor` times its first epoch's for `patience`
-    epochs in a row: a learning rate far too high diverges without ever producing a NaN (with `--lr 10` the loss
-    went from 22 to 521), and would otherwise end as a success. Raises `FloatingPointError` naming the epochs and
+    epochs in a row: a learning rate far too high diverges without ever producing a NaN (`dagman pretrain --lr 10` on
+    swin-tiny at crop 32: epoch losses 2.7, 630, 1681, ...), and would otherwise end as a success. Raises `FloatingPointError` naming the epochs and
     the losses, which the `dagman` command reports with exit status 3."""
     order = 31
 

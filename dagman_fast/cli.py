@@ -174,9 +174,8 @@ def _check_out(out: Path, what: str = '--out') -> Path:
 
 def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
     "The encoder, crop and method settings of a run, checked before any scan is read or any model is built."
-    from dagman_fast.core import as_triple
     from dagman_fast.model import DAGMaNConfig
-    from dagman_fast.swin import SwinConfig, encoder_config
+    from dagman_fast.swin import encoder_config
     enc = {k[len('encoder.'):]: v for k, v in overrides.items() if k.startswith('encoder.')}
     try:
         cfg = encoder_config(encoder, **{**enc, 'img_size': crop})
@@ -188,8 +187,7 @@ def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
             DAGMaNConfig(**{k: v for k, v in overrides.items() if not k.startswith('encoder.')})
     except (ValueError, TypeError) as e:
         raise CLIError(f'--set: {e}') from None
-    patch = as_triple(cfg.patch_size, 'patch_size')
-    mult = [p * 2 ** len(cfg.depths) for p in patch] if isinstance(cfg, SwinConfig) else list(patch)
+    mult = cfg.grid_multiple
     if any(crop % m for m in mult):
         up = max(-(-crop // m) * m for m in mult)
         raise CLIError(f'--crop {crop}: the {encoder} encoder needs a multiple of {max(mult)} (patch size x 2 per '

@@ -279,21 +279,27 @@ MIN_AXIS_VOXELS = 4  # fewer voxels along an axis (a single slice, a 2x2x2 block
 
 
 def _check_dicom_series(folder: Path) -> None:
-    """Every DICOM file of a series folder read whole: a corrupt slice is named, several series are refused, and the
-    slice positions (along the normal of the slice orientation) must be evenly spaced: a gap is a missing slice,
-    which the volume readers would silently close up."""
+    """The headers of every DICOM file of a series folder (the pixel data is not read: the loader reads it next): a
+    corrupt slice (an unreadable header, no pixel data, or pixel data the file is too short to hold) is named, several
+    series are refused, and the slice positions (along the normal of the slice orientation) must be evenly spaced: a
+    gap is a missing slice, which the volume readers would silently close up."""
     import pydicom
     uids, pos = set(), []
     for f in sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)):
         try:
-            ds = pydicom.dcmread(f)
-            pixels = ds.PixelData
+            ds = pydicom.dcmread(f, defer_size=1024)  # large values (the pixels) stay on disk
             uids.add(str(ds.SeriesInstanceUID))
-            if not ds.file_meta.TransferSyntaxUID.is_compressed:
+            raw = ds.get_item(0x7FE00010, keep_deferred=True)  # PixelData: its declared length and file offset
+            if raw is None:
+                raise ValueError('no pixel data')
+            length, tell = getattr(raw, 'length', None), getattr(raw, 'value_tell', None)
+            if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > f.stat().st_size:
+                raise ValueError(f'the file ends {tell + length - f.stat().st_size} bytes before its pixel data does')
+            if not ds.file_meta.TransferSyntaxUID.is_compressed and length is not None and length != 0xFFFFFFFF:
                 need = (int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get('SamplesPerPixel', 1))
                         * int(ds.get('NumberOfFrames', 1) or 1))
-                if len(pixels) < need:
-                    raise ValueError(f'{len(pixels)} bytes of pixel data for {need}')
+                if length < need:
+                    raise ValueError(f'{length} bytes of pixel data for {need}')
         except Exception as e:  # pydicom's errors, missing elements, a short pixel block: the slice is corrupt
             raise ValueError(f'{folder}: slice {f.name} is corrupt ({type(e).__name__}: {e})') from None
         if 'ImagePositionPatient' in ds and 'ImageOrientationPatient' in ds:

@@ -551,6 +551,10 @@ class SwinConfig(_JSONConfig):
             raise ValueError(f'SA works on {self.embed_dim * 2 ** self.sa_stage} channels, not divisible by '
                              f'sa_num_heads={self.sa_num_heads}')
 
+    @property
+    def grid_multiple(self) -> Triple:
+        "What each side of an input must be a multiple of: the patch size times 2 per merging."
+        return tuple(p * 2 ** len(self.depths) for p in as_triple(self.patch_size, 'patch_size'))
 
 
 @dataclass(frozen=True)
@@ -580,6 +584,11 @@ class ViTConfig(_JSONConfig):
         if self.depth < 1:
             raise ValueError(f'depth must be at least 1; got {self.depth}')
         resolve_attn_impl(self.attn_impl)  # an unknown or not yet available path fails here
+
+    @property
+    def grid_multiple(self) -> Triple:
+        "What each side of an input must be a multiple of: the patch size."
+        return as_triple(self.patch_size, 'patch_size')
 
 
 PRESETS = {
@@ -737,7 +746,7 @@ class SwinEncoder(_EncoderBase):
             nn.init.zeros_(m.bias)
 
     def _grid_multiple(self) -> Triple:
-        return tuple(p * 2 ** len(self.config.depths) for p in as_triple(self.config.patch_size, 'patch_size'))
+        return self.config.grid_multiple
 
     @property
     def feature_channels(self) -> list[int]:
@@ -807,7 +816,7 @@ class ViTEncoder(_EncoderBase):
         self.apply(SwinEncoder._init_weights)
 
     def _grid_multiple(self) -> Triple:
-        return as_triple(self.config.patch_size, 'patch_size')
+        return self.config.grid_multiple
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
         "As `SwinEncoder.forward`; `features` holds the one normalised token map."

@@ -378,3 +378,13 @@ def test_finetune_checks_its_encoder_before_any_data(tmp_path, capsys, task):
     assert rc == 2
     assert_one_line_error(err, '--encoder', 'nope.pth')
     assert not (tmp_path / 'ft').exists()
+
+
+def test_a_dicom_slice_cut_short_is_named_as_corrupt(shared_data, tmp_path):
+    "Only the headers are read before loading: a slice whose file ends inside its pixel data is still caught."
+    from dagman_fast.data import CTPreprocess, CTVolumes
+    folder = _slab(shared_data, tmp_path / 'series')
+    cut = sorted(folder.glob('*.dcm'))[9]
+    cut.write_bytes(cut.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=f'slice {cut.name} is corrupt.*before its pixel data'):
+        CTVolumes([folder], CTPreprocess(crop=(16, 16, 16)), tmp_path / 'c', progress=False)
