@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 from fastai.callback.core import Callback, CancelFitException
-from fastai.torch_core import rank_distrib
+from fastai.callback.fp16 import MixedPrecision
+from fastcore.foundation import L
+from torch.amp import GradScaler, autocast
 
 from .analysis import head_diversity
+from .distributed import all_max, all_mean, rank
 from .masking import patch_dropout_mask
 
 if TYPE_CHECKING:
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['StepTimer', 'unwrap', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher', 'StopOnNaN',
-           'StopOnDivergence', 'PretrainLog']
+           'StopOnDivergence', 'DeviceMixedPrecision', 'PretrainLog']
 
 # %% ../nbs/04b_callbacks.ipynb #2c0e427b
 class StepTimer(Callback):
@@ -203,7 +206,12 @@ class StopOnNaN(_DAGMaNCallback):
     order = 30
 
     def after_loss(self):
-        if not self.training or torch.isfinite(self.loss_grad):  # one scalar read per step
+        if not self.training:
+            return
+        # one scalar read per step; in a data-parallel run the verdict of all ranks (one tiny all-reduce), so that
+        # every rank stops at the same step instead of the others waiting for the stopped one's gradients
+        bad = all_max((~torch.isfinite(self.loss_grad.detach())).float())
+        if not bad:
             return
         if _in_lr_find(self.learn):
             raise CancelFitException  # lr_find stops and restores the weights itself
@@ -244,7 +252,7 @@ class StopOnDivergence(_DAGMaNCallback):
     def after_train(self):
         if not self.n:
             return
-        mean = float(self.total) / self.n
+        mean = float(all_mean(torch.as_tensor(self.total, dtype=torch.float64))) / self.n  # all ranks decide alike
         if self.first is None:
             self.first = mean
             return
@@ -255,6 +263,22 @@ class StopOnDivergence(_DAGMaNCallback):
                 f'{self.above} epochs (now {mean:.4g}, epoch {self.epoch}): the run diverged. Start again with a '
                 f'lower learning rate (the checkpoints of these epochs hold the diverged weights).')
 
+class DeviceMixedPrecision(MixedPrecision):
+    """fastai's `MixedPrecision` on the device of the batches: CUDA autocast as fastai does, and bf16 autocast on the
+    CPU (fastai's is CUDA only), so that the mixed-precision paths also run, and are tested, without a GPU. fp16
+    needs CUDA (its loss scaling is CUDA's); bf16 needs no scaling."""
+
+    def before_fit(self):
+        device = getattr(self.dls, 'device', None)
+        on_cpu = device is None or torch.device(device).type == 'cpu'
+        if not on_cpu:
+            return super().before_fit()
+        if self.amp_mode.value != 'bf16':
+            raise ValueError(f"amp={self.amp_mode.value!r} needs CUDA; on the CPU use amp='bf16'")
+        # fastai's before_fit, on the CPU: bf16 has fp32's range, so the scaler stays off (it only passes steps on)
+        self.autocast = autocast('cpu', dtype=torch.bfloat16)
+        self.learn.scaler, self.scales = GradScaler('cpu', enabled=False), L()
+
 # %% ../nbs/04b_callbacks.ipynb #def2b3a9
 class PretrainLog(_DAGMaNCallback):
     """Appends a row per epoch to the CSV `fname` (in `learn.path`): the training means of the loss and each term,
@@ -262,7 +286,8 @@ class PretrainLog(_DAGMaNCallback):
     entropy of its batch-mean distribution and the centre's norm, the head diversity of the teacher's [CLS]
     attention, the EMA momentum, the teacher temperature, the learning rate and the epoch's seconds. Rows of
     epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once an
-    epoch. `learn.pretrain_log` holds the rows."""
+    epoch; in a data-parallel run they are averaged over the ranks (every rank's batches count) and only rank 0
+    writes. `learn.pretrain_log` holds the rows."""
     order = 55
 
     def __init__(self, fname: str = 'pretrain_log.csv'):
@@ -273,7 +298,8 @@ class PretrainLog(_DAGMaNCallback):
         return Path(self.learn.path) / self.fname
 
     def before_fit(self):
-        self._off = _in_lr_find(self.learn) or rank_distrib() != 0
+        self._off = _in_lr_find(self.learn)
+        self._writer = rank() == 0
         if self._off:
             return
         start, self.learn.resume_epoch = getattr(self.learn, 'resume_epoch', 0), 0
@@ -283,7 +309,8 @@ class PretrainLog(_DAGMaNCallback):
                 rows = [r for r in csv.DictReader(f) if int(r['epoch']) < start]
         self.learn.pretrain_log = rows
         self._warned = False
-        self._write()
+        if self._writer:
+            self._write()
 
     def before_epoch(self):
         self._n = 0
@@ -318,15 +345,19 @@ class PretrainLog(_DAGMaNCallback):
         if self._n == 0:  # a skipped epoch of a resumed run
             return
         row = dict(epoch=self.epoch)
-        vals = {k: (v / self._n).item() for k, v in self._sums.items()}
+        keys = sorted(self._sums)  # the same keys on every rank: one all-reduce of one vector
+        sums = all_mean(torch.stack([self._sums[k] for k in keys] + [torch.as_tensor(self._vsum).float().to(
+            self._sums[keys[0]].device)]))
+        vals = {k: (sums[i] / self._n).item() for i, k in enumerate(keys)}
         row['train_loss'] = vals.pop('train_loss')
-        row['valid_loss'] = float(self._vsum / self._vn) if self._vn else ''
+        row['valid_loss'] = float(sums[-1] / self._vn) if self._vn else ''
         row.update(vals)
         row.update(ema_momentum=getattr(self.learn, 'ema_momentum', ''), teacher_temp=float(self.dm.teacher_temp()),
                    lr=self.opt.hypers[-1]['lr'], seconds=round(time.perf_counter() - self._t0, 2))
         self.learn.pretrain_log.append(row)
-        self._write()
-        self._check_collapse(row)
+        if self._writer:
+            self._write()
+            self._check_collapse(row)
 
     def _check_collapse(self, row):
         """Warn once per fit when a teacher has collapsed after the warm-up, in either of DINO's two ways: outputs near

@@ -15,16 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastai.learner import Recorder
-from fastai.torch_core import rank_distrib
+from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
 from .callbacks import _DAGMaNCallback, _in_lr_find
+from .distributed import gather_objects, rank, reseed_per_rank, world_size
 from .model import encoder_config_from_dict
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'atomic_save', 'remove_orphans', 'load_checkpoint',
-           'DAGMaNCheckpoint', 'load_encoder']
+           'rank_rng_state', 'DAGMaNCheckpoint', 'load_encoder']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
@@ -75,11 +76,16 @@ def remove_orphans(path) -> list[Path]:
     return orphans
 
 
+def _loader(dl):
+    "The DataLoader that shuffles: the one inside fastai's `DistributedDL` in a data-parallel fit."
+    return dl.dl if isinstance(dl, DistributedDL) else dl
+
+
 def _rng_state(dls) -> dict:
     np_state = np.random.get_state()
     state = dict(python=random.getstate(), torch=torch.get_rng_state(),
                  numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *_plain(np_state[2:])],
-                 loaders=[dl.rng.getstate() for dl in dls.loaders])
+                 loaders=[_loader(dl).rng.getstate() for dl in dls.loaders])
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -91,7 +97,7 @@ def _set_rng_state(state: dict, dls) -> None:
     kind, keys, *rest = state['numpy']
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     for dl, s in zip(dls.loaders, state['loaders']):
-        dl.rng.setstate(_tuples(s))
+        _loader(dl).rng.setstate(_tuples(s))
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
@@ -125,14 +131,32 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     return ck
 
 
+def rank_rng_state(ck: dict) -> tuple[dict, bool]:
+    """The random state this process resumes with from checkpoint `ck`, and whether it is exact: its own rank's when
+    the checkpoint was written by as many processes as run now (exact); otherwise rank 0's, to be reseeded per rank
+    when the fit starts, with a warning (the run continues from the same weights, but its random draws are no longer
+    those of the uninterrupted run)."""
+    states, n = ck.get('rng_ranks') or [ck['rng']], world_size()
+    if len(states) == n:
+        return states[rank()], True
+    if rank() == 0:
+        warnings.warn(f'the checkpoint was written by {len(states)} process(es) and this run has {n}: it continues '
+                      f'from the same weights, but its random draws differ from those of an uninterrupted run')
+    return states[0], False
+
+
 class DAGMaNCheckpoint(_DAGMaNCallback):
     """Writes `fname` (in `learn.path/learn.model_dir`) atomically after every `every` epochs and at the end of the
-    fit, and applies the random states of a checkpoint that `learn.resume` loaded when the fit starts."""
+    fit, and applies the random states of a checkpoint that `learn.resume` loaded when the fit starts.
+
+    In a data-parallel run only rank 0 writes; the checkpoint holds every rank's random state (`rng_ranks`), so that
+    a run resumed with the same number of processes continues exactly."""
     order = 60  # after the Recorder's after_epoch
 
     def __init__(self, fname: str = 'checkpoint.pth', every: int = 1):
         self.fname, self.every, self.last_saved = fname, every, None
         self.pending_rng = self.pending_recorder = self.pending_scaler = None
+        self.pending_rng_exact = True
 
     @property
     def path(self) -> Path:
@@ -142,11 +166,13 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
         self._trained = False
         if _in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
             return
-        if rank_distrib() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
+        if rank() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
             for p in remove_orphans(self.path):
                 warnings.warn(f'removed {p}, a partial checkpoint left by an interrupted write')
         if self.pending_rng is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
             _set_rng_state(self.pending_rng, self.dls)
+            if not self.pending_rng_exact:  # another number of processes: rank 0's state, then one stream per rank
+                reseed_per_rank()
             rec = next((c for c in self.learn.cbs if isinstance(c, Recorder)), None)
             if self.pending_recorder and rec is not None:
                 rec.smooth_loss.val = self.pending_recorder['val']  # fastai keeps it on the CPU (to_detach)
@@ -155,6 +181,7 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
             if self.pending_scaler and scaler is not None:  # fp16: the loss scale and its growth tracker
                 scaler.load_state_dict(self.pending_scaler)
             self.pending_rng = self.pending_recorder = self.pending_scaler = None
+            self.pending_rng_exact = True
 
     def before_train(self):
         self._trained = not _in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips
@@ -166,15 +193,18 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
         if (self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch:
             self.save(self.epoch)
 
-    def state(self, epoch: int) -> dict:
+    def state(self, epoch: int, rng: list | None = None) -> dict:
+        "What `save` writes; `rng`: the random state of every rank (default: this process's only)."
         from dagman_fast import __version__
+        rng = rng or [_plain(_rng_state(self.dls))]
         m = self.dm
         rec = next((c for c in self.learn.cbs if isinstance(c, Recorder)), None)
         sl = rec.smooth_loss if rec is not None else None
         rec = dict(val=torch.as_tensor(sl.val).detach().cpu(), count=sl.count) if sl is not None else {}
         scaler = getattr(self.learn, 'scaler', None)
         return dict(format=CHECKPOINT_FORMAT, version=__version__, epoch=epoch, n_epoch=self.n_epoch, recorder=rec,
-                    model=m.state_dict(), opt=_plain(self.learn.opt.state_dict()), rng=_plain(_rng_state(self.dls)),
+                    model=m.state_dict(), opt=_plain(self.learn.opt.state_dict()), rng=rng[0], rng_ranks=rng,
+                    world_size=len(rng),
                     scaler=_plain(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else {},
                     config=dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict()))
 
@@ -186,8 +216,9 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
             raise FloatingPointError(f'epoch {epoch}: non-finite weights in {bad[:4]}{"..." if len(bad) > 4 else ""}; '
                                      f'the checkpoint was not overwritten (last good: {last}). Lower the learning '
                                      f'rate, then resume from it.')
-        if rank_distrib() == 0:
-            self.last_saved = atomic_save(self.state(epoch), self.path)
+        rng = gather_objects(_plain(_rng_state(self.dls)))  # every rank takes part; rank 0 writes them all
+        if rank() == 0:
+            self.last_saved = atomic_save(self.state(epoch, rng), self.path)
         return self.last_saved
 
 # %% ../nbs/04c_checkpoint.ipynb #783e88ad

@@ -8,6 +8,7 @@ import ast
 import errno
 import json
 import os
+import shlex
 import sys
 import tempfile
 import warnings
@@ -84,7 +85,8 @@ _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
 
 def _coerce(key: str, text: str, kind: str):
     """`text` as a value of a config field declared as `kind` ('bool', 'int', 'float', 'str', 'tuple', 'dict',
-    'int | None', 'float | None', 'int | tuple'); a `CLIError` naming the key and what was expected otherwise."""
+    'int | None', 'float | None', 'int | tuple', 'bool | tuple'); a `CLIError` naming the key and what was expected
+    otherwise."""
     def fail(want):
         raise CLIError(f'--set {key}={text}: expected {want}')
     t = text.strip()
@@ -92,12 +94,21 @@ def _coerce(key: str, text: str, kind: str):
         if t.lower() in ('none', 'null'):
             return None
         kind = kind[:-len(' | None')]
-    if kind == 'bool':
+    if kind in ('bool', 'bool | tuple'):  # the second: use_checkpoint, True / False or stage numbers
         if t.lower() in _TRUE:
             return True
         if t.lower() in _FALSE:
             return False
-        fail('true or false (also 1/0, yes/no, on/off)')
+        if kind == 'bool':
+            fail('true or false (also 1/0, yes/no, on/off)')
+        try:
+            v = ast.literal_eval(t)
+        except (ValueError, SyntaxError):
+            fail('true, false or stage numbers such as (1, 2)')
+        v = tuple(v) if isinstance(v, list) else v
+        if not isinstance(v, tuple):  # a bare 2 is ambiguous next to 1 = true
+            fail('true, false or stage numbers such as (1, 2); for one stage write (2,)')
+        return v
     if kind == 'str':
         return t
     try:
@@ -194,14 +205,138 @@ def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
                        f'merging); e.g. --crop {up}')
 
 
+def _preprocess(args) -> int:
+    import torch
+
+    from dagman_fast.data import preprocess_scans
+    lo, hi = args.hu_range
+    if not -1e5 < lo < hi < 1e5:  # also refuses nan and inf
+        raise CLIError(f'--hu-range {lo:g} {hi:g}: expected two finite numbers LO < HI')
+    crop = args.crop if args.crop is not None else 128 if torch.cuda.is_available() else 64  # as dagman pretrain
+    res = preprocess_scans(args.data if len(args.data) > 1 else args.data[0], args.cache_dir, crop=crop,
+                           spacing=args.spacing, hu_range=(lo, hi), workers=args.workers)
+    for path, reason in res['skipped'][:20]:
+        print(f'skipped {path}: {reason}', file=sys.stderr)
+    if len(res['skipped']) > 20:
+        print(f"... and {len(res['skipped']) - 20} more skipped: see {res['index']}", file=sys.stderr)
+    print(f"{res['scans']} scan(s): {res['ok']} ok, {len(res['skipped'])} skipped; {res['processed']} processed now "
+          f"({res['computed']} computed), {res['reused']} already done; {res['seconds']:.1f} s")
+    print(f"index {res['index']}")
+    cmd = f'dagman pretrain --cache-dir {shlex.quote(args.cache_dir)} --crop {crop} --spacing {args.spacing:g}'
+    if res['skipped']:
+        cmd += ' --on-error skip'
+    print(f'pretrain on the indexed scans with:\n  {cmd}')
+    if (lo, hi) != (-175.0, 250.0):
+        print(f'  (dagman pretrain windows -175 250 HU: this cache, for {lo:g} {hi:g}, is for ct_ssl_dls(None, '
+              f'cache_dir=..., hu_range=({lo:g}, {hi:g})))')
+    return 0
+
+
+def _indexed_scans(cache_dir: str, crop: int, spacing: float) -> int:
+    """How many scans `dagman preprocess` indexed in `cache_dir` for this crop and spacing: 0 when it holds no index;
+    a `CLIError` when it holds indexes for other settings only (the user meant one of them)."""
+    from dagman_fast.data import read_ct_index
+    rows = read_ct_index(cache_dir, crop=crop, spacing=spacing)
+    if rows:
+        return len(rows)
+    others = []
+    for f in sorted(Path(cache_dir).glob('*/settings.json')):
+        if (f.parent / 'index.csv').exists():
+            s = json.loads(f.read_text())
+            others.append(f"--crop {s['crop'][0]} --spacing {s['spacing'][0]:g}" +
+                          ('' if s['hu_range'] == [-175.0, 250.0] else f" (HU window {s['hu_range']})"))
+    if others:
+        raise CLIError(f'--cache-dir {cache_dir}: no index for --crop {crop} --spacing {spacing:g}; it holds '
+                       f"indexes for: {'; '.join(others)}")
+    return 0
+
+
+def _rank() -> int:
+    from dagman_fast.distributed import rank
+    return rank()
+
+
+def _say(*args, **kwargs) -> None:
+    "`print` on the first process only: a data-parallel run speaks once."
+    if _rank() == 0:
+        print(*args, **kwargs)
+
+
+def _run_cache_dir(cache_dir):
+    """The cache folder of a run: `--cache-dir`, or in a data-parallel run one temporary folder that rank 0 makes,
+    shares with the other ranks and removes at the end (one folder per rank would preprocess every scan once per
+    rank). On several machines give a `--cache-dir` on storage they share."""
+    from dagman_fast.distributed import broadcast_object, world_size
+    if cache_dir is not None or world_size() == 1:
+        return cache_dir
+    if int(os.environ.get('LOCAL_WORLD_SIZE', world_size())) != world_size():
+        raise CLIError('a data-parallel run over several machines needs --cache-dir DIR on storage they all see (a '
+                       "temporary folder exists on one machine only); or run 'dagman preprocess' there first")
+    import atexit
+    import shutil
+    import signal
+    tmp = tempfile.mkdtemp(prefix='dagman_ct_cache_') if _rank() == 0 else None
+    tmp = broadcast_object(tmp)
+    if _rank() == 0:
+        atexit.register(shutil.rmtree, tmp, True)
+        # torchrun stops the other processes with SIGTERM when one fails: exit normally, so the cache goes too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    return tmp
+
+
+def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
+    """Data parallel: each rank preprocesses its share of the scans into the shared cache (MONAI writes each file,
+    then moves it in), then the ranks wait for each other, so that every rank's loaders find every scan cached and
+    no rank waits for the whole preprocessing of another. Bad scans are left to the loaders, which report them as
+    `--on-error` says."""
+    from dagman_fast.core import as_triple
+    from dagman_fast.data import CTVolumes, _preprocess, find_ct_scans
+    from dagman_fast.distributed import barrier, world_size
+    with warnings.catch_warnings():  # the loaders say it all again, once, afterwards
+        warnings.simplefilter('ignore')
+        share = find_ct_scans(source, 'skip', [])[_rank()::world_size()]
+        try:
+            if share:
+                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, (-175, 250), 0.0), cache_dir,
+                          on_error='skip', progress=_rank() == 0)
+        except ValueError:  # no usable scan in this share: the loaders will say which and why
+            pass
+    barrier()
+
+
+def _check_replicas(learn) -> bool:
+    """After a data-parallel fit: the weights, teacher and centres must be the same on every process (True when
+    checked, False in a single process)."""
+    from dagman_fast.callbacks import unwrap
+    from dagman_fast.distributed import replicas_differ, world_size
+    differ = replicas_differ(unwrap(learn.model))
+    if differ:
+        raise RuntimeError(f'after training, {len(differ)} tensor(s) differ between the processes, e.g. {differ[:4]} '
+                           '(a bug: report it)')
+    if world_size() > 1:
+        _say(f'weights identical on all {world_size()} processes (student, teacher, centres)')
+    return world_size() > 1
+
+
+def _end_distributed() -> None:
+    "Leave the process group after a successful data-parallel command (all ranks reach this point)."
+    import torch.distributed as dist
+    from dagman_fast.distributed import barrier
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def _pretrain(args) -> int:
     import torch
     from fastai.torch_core import set_seed
 
     from dagman_fast.analysis import plot_pretrain_log
     from dagman_fast.data import ct_ssl_dls, medmnist3d_ssl_dls, synthetic_ct
+    from dagman_fast.distributed import broadcast_object, setup_distributed
     from dagman_fast.learner import dagman_learner
     overrides = _parse_set(args.set)  # bad options fail before anything is written
+    world = setup_distributed()  # under torchrun / accelerate launch: join the group before any data is read
     out = Path(args.out)
     ckpt = out / 'models' / 'checkpoint.pth' if args.resume == 'last' else Path(args.resume) if args.resume else None
     if ckpt is not None and not ckpt.is_file():
@@ -217,18 +352,22 @@ def _pretrain(args) -> int:
     set_seed(args.seed)  # Python (fastai's shuffling), NumPy and PyTorch
     cuda = torch.cuda.is_available()
     data = args.data
-    crop = args.crop if args.crop is not None else (max(32, args.size or 28) if args.medmnist
-                                                     else 128 if cuda and args.data else 64)
+    crop = args.crop if args.crop is not None else (max(32, args.size or 28) if args.medmnist  # as dagman preprocess:
+                                                     else 128 if cuda and (args.data or args.cache_dir) else 64)
     bs = args.bs if args.bs is not None else 32 if args.medmnist else 2
     arch = 'vit' if args.method == 'attmask' else 'swin'  # AttMask runs on a ViT
     default = {('swin', True): 'swin-smit', ('swin', False): 'swin-tiny', ('vit', True): 'vit-base',
                ('vit', False): 'vit-tiny'}[arch, cuda]
     encoder = args.encoder or default
     _check_run_config(encoder, crop, overrides)
-    print(f'method {args.method}, encoder {encoder}, crop {crop}, {"CUDA" if cuda else "CPU"}')
-    if not data and not args.medmnist:
-        data = [str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96, seed=args.seed)]
-        print(f'no --data: pretraining on {len(data)} synthetic volumes written to {out / "synthetic_data"}')
+    _say(f'method {args.method}, encoder {encoder}, crop {crop}, {"CUDA" if cuda else "CPU"}')
+    indexed = not data and not args.medmnist and args.cache_dir and _indexed_scans(args.cache_dir, crop, args.spacing)
+    if indexed:
+        _say(f'no --data: pretraining on the {indexed} scan(s) indexed in {args.cache_dir} (dagman preprocess)')
+    elif not data and not args.medmnist:  # written once, by rank 0
+        data = broadcast_object([str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96,
+                                                               seed=args.seed)] if _rank() == 0 else None)
+        _say(f'no --data: pretraining on {len(data)} synthetic volumes written to {out / "synthetic_data"}')
     if not args.valid_pct:  # fastprogress warns at every epoch about the empty validation set otherwise
         warnings.filterwarnings('ignore', message='Your generator is empty')
     if args.medmnist:  # the unlabelled images of a MedMNIST 3-D training split
@@ -238,22 +377,25 @@ def _pretrain(args) -> int:
         # when a 32^3 view would leave a 2^3 grid after stage 3, and the short-run DINO settings of the benchmark.
         small = {'encoder.sa_stage': 2, 'mask_stage': 2} if crop < 64 else {}
         run = {**MEDMNIST_RUN, **small}
-        print(f'MedMNIST settings: {run}')
+        _say(f'MedMNIST settings: {run}')
         overrides = {'encoder.img_size': crop, **run, **overrides}
     else:
         if args.cache_dir is None and args.data:
-            print('preprocessed scans are cached in a temporary folder, removed when the run ends; --cache-dir DIR '
+            _say('preprocessed scans are cached in a temporary folder, removed when the run ends; --cache-dir DIR '
                   'keeps them for the next run')
-        dls = ct_ssl_dls(data if len(data) > 1 else data[0], crop=crop, spacing=args.spacing, bs=bs,
-                         cache_dir=args.cache_dir, on_error=args.on_error, valid_pct=args.valid_pct,
-                         num_workers=args.workers, seed=args.seed)
+        source = None if indexed else data if len(data) > 1 else data[0]  # None: the index's scans
+        cache_dir = _run_cache_dir(args.cache_dir)
+        if world > 1 and not indexed:  # the ranks share the preprocessing; an index needs none
+            _preprocess_shares(source, crop, args.spacing, cache_dir)
+        dls = ct_ssl_dls(source, crop=crop, spacing=args.spacing, bs=bs, cache_dir=cache_dir, on_error=args.on_error,
+                         valid_pct=args.valid_pct, num_workers=args.workers, seed=args.seed, progress=_rank() == 0)
     for path, reason in dls.skipped:
-        print(f'skipped {path}: {reason}', file=sys.stderr)
+        _say(f'skipped {path}: {reason}', file=sys.stderr)
     if encoder.endswith('-tiny'):  # CPU demos: heads sized to the tiny encoder (DINO's 8192 x 2048 would dominate)
         overrides = {**TINY_HEADS, **overrides}
-    if not args.data and not args.medmnist:  # the demo is a few dozen steps: settings that learn in a short run
+    if not args.data and not args.medmnist and not indexed:  # the demo is a few dozen steps: settings that learn fast
         overrides = {**SHORT_RUN, **overrides}
-        print(f'demo settings for a short run: {SHORT_RUN}')
+        _say(f'demo settings for a short run: {SHORT_RUN}')
     enc_over = {k[len('encoder.'):]: overrides.pop(k) for k in list(overrides) if k.startswith('encoder.')}
     from dagman_fast.swin import encoder_config
     learn = dagman_learner(dls, method=args.method, encoder=encoder_config(encoder, **enc_over), path=out, lr=args.lr,
@@ -261,22 +403,37 @@ def _pretrain(args) -> int:
     start = 0
     if ckpt is not None:
         start = learn.resume(ckpt)
-        print(f'resuming from {ckpt} at epoch {start}')
+        _say(f'resuming from {ckpt} at epoch {start}')
         if start >= args.epochs:
-            print(f'the checkpoint already finished {start} of {args.epochs} epochs; nothing to train')
-    (out / 'config.json').write_text(json.dumps(dict(encoder=learn.model.encoder_config.to_dict(),
-                                                     dagman=learn.model.config.to_dict()), indent=1) + '\n')
+            _say(f'the checkpoint already finished {start} of {args.epochs} epochs; nothing to train')
+    if world > 1:
+        _say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} samples each per step')
+    if _rank() == 0:
+        run = dict(world_size=world, batch_size_per_process=bs, batch_size=bs * world)
+        (out / 'config.json').write_text(json.dumps(dict(encoder=learn.model.encoder_config.to_dict(),
+                                                         dagman=learn.model.config.to_dict(), run=run),
+                                                    indent=1) + '\n')
     try:
-        if start < args.epochs:
-            learn.fit_warmup_cosine(args.epochs, args.lr, warmup=args.warmup, start_epoch=start)
+        with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch
+            if start < args.epochs:
+                learn.fit_warmup_cosine(args.epochs, args.lr, warmup=args.warmup, start_epoch=start)
     except FloatingPointError as e:  # a non-finite loss or weights, or a diverging loss (StopOnDivergence)
-        print(f'dagman: error: training diverged: {_one_line(e)}', file=sys.stderr)
+        if _rank() == 0:  # every rank stops at the same step (the checks are collective)
+            print(f'dagman: error: training diverged: {_one_line(e)}', file=sys.stderr)
         return 3
+    checked = _check_replicas(learn)
+    _end_distributed()  # every rank; what follows is rank 0's alone, with no group left to time out
+    if _rank() != 0:
+        return 0
+    if checked:  # recorded beside the world size
+        cfg = json.loads((out / 'config.json').read_text())
+        cfg['run']['replicas_identical'] = True
+        (out / 'config.json').write_text(json.dumps(cfg, indent=1) + '\n')
     enc = learn.export_encoder(out / 'encoder.pth')
     log = out / 'pretrain_log.csv'
     if log.exists():
         plot_pretrain_log(log, out / 'pretrain_log.png', out_dim=learn.model.config.out_dim)
-    print(f'{len(dls.volumes)} volume(s) used, {len(dls.skipped)} skipped; encoder saved to {enc} (+ {enc.with_suffix(".json").name}); '
+    _say(f'{len(dls.volumes)} volume(s) used, {len(dls.skipped)} skipped; encoder saved to {enc} (+ {enc.with_suffix(".json").name}); '
           f'log {log}, plot {out / "pretrain_log.png"}, checkpoint {out / "models" / "checkpoint.pth"}')
     return 0
 
@@ -351,8 +508,21 @@ def _train(learn, args, pretrained: bool) -> None:
     elif pretrained:
         learn.fine_tune(args.epochs, args.lr, freeze_epochs=args.freeze_epochs)
     else:  # freezing a random encoder, then spreading small rates over it, would only slow it down
-        print(f'a random encoder trains all layers at one rate for {args.freeze_epochs + args.epochs} epochs')
+        _say(f'a random encoder trains all layers at one rate for {args.freeze_epochs + args.epochs} epochs')
         learn.fit_one_cycle(args.freeze_epochs + args.epochs, args.lr)
+
+
+def _fit_distributed(learn, args, world: int, bs: int) -> bool:
+    """`_train` inside fastai's `distrib_ctx` (DistributedDataParallel under torchrun / accelerate launch; the
+    validation metrics over all ranks' predictions), the replica check, then leave the group; True on rank 0, which
+    then saves and scores alone, with no group left to time out."""
+    if world > 1:
+        _say(f'data parallel: {world} processes, {bs} samples each per step')
+    with learn.distrib_ctx():
+        _train(learn, args, pretrained=bool(args.encoder))
+    _check_replicas(learn)
+    _end_distributed()
+    return _rank() == 0
 
 
 def _finetune(args) -> int:
@@ -363,12 +533,14 @@ def _finetune(args) -> int:
     import torch
     from fastai.torch_core import set_seed
 
+    from dagman_fast.distributed import setup_distributed
     from dagman_fast.finetune import cls_learner, few_shot_indices, save_classifier, subset_dls
     from dagman_fast.swin import build_encoder, encoder_config
     if not 0 < args.fraction <= 1:
         raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
     _check_cls_data(args)
     out = _check_out(Path(args.out))  # before any data is read
+    world = setup_distributed()  # under torchrun / accelerate launch
     set_seed(args.seed)
     dls = _cls_dls(args)
     if args.fraction < 1:
@@ -377,15 +549,16 @@ def _finetune(args) -> int:
     if args.encoder:
         encoder = args.encoder
         if args.preset:
-            print('--preset is ignored: the encoder comes from --encoder', file=sys.stderr)
+            _say('--preset is ignored: the encoder comes from --encoder', file=sys.stderr)
     else:
         size = int(dls.train.dataset[0][0].shape[-1])  # one item: no batch loaded, no random state used
         side = -(-size // 32) * 32  # the input is padded to a multiple of 32
         preset = args.preset or ('swin-smit' if torch.cuda.is_available() else 'swin-tiny')
         encoder = build_encoder(encoder_config(preset, img_size=side))
-        print(f'no --encoder: a randomly initialised {preset}')
+        _say(f'no --encoder: a randomly initialised {preset}')
     learn = cls_learner(dls, encoder=encoder, linear_probe=args.linear_probe, pool=args.pool, path=out)
-    _train(learn, args, pretrained=bool(args.encoder))
+    if not _fit_distributed(learn, args, world, dls.train.bs):  # rank 0 saves and scores the test split alone
+        return 0
     save_classifier(learn.model, out / 'classifier.pth', data={k: getattr(args, k) for k in DATA_ARGS})
     results = dict(config={k: v for k, v in vars(args).items() if k != 'func'}, n_train=len(dls.train.dataset),
                    valid=_report(learn.model, dls, out, 'valid'))
@@ -486,6 +659,7 @@ def _finetune_seg(args) -> int:
     from fastai.torch_core import set_seed
 
     from dagman_fast.data import seg_pairs_dls
+    from dagman_fast.distributed import setup_distributed
     from dagman_fast.finetune import save_segmenter, seg_learner
     from dagman_fast.swin import build_encoder, encoder_config
     _check_task_args(args, seg=True)
@@ -498,9 +672,13 @@ def _finetune_seg(args) -> int:
     args.crop, args.bs = args.crop or (96 if cuda else 64), args.bs or 2
     args.spacing, args.hu_range = args.spacing or 2.0, list(args.hu_range or (-175.0, 250.0))
     train, valid = _seg_pairs(args)
-    dls = seg_pairs_dls(train, args.labels, crop=args.crop, spacing=args.spacing, hu_range=args.hu_range,
-                        bs=args.bs, valid_pct=args.valid_pct, valid_pairs=valid, seed=args.seed,
-                        samples_per_volume=args.samples_per_volume, cache_dir=args.cache_dir)
+    world = setup_distributed()  # under torchrun / accelerate launch
+    cache_dir = _run_cache_dir(args.cache_dir)
+    from accelerate import PartialState
+    with PartialState().main_process_first():  # rank 0 preprocesses; the other ranks then find the volumes cached
+        dls = seg_pairs_dls(train, args.labels, crop=args.crop, spacing=args.spacing, hu_range=args.hu_range,
+                            bs=args.bs, valid_pct=args.valid_pct, valid_pairs=valid, seed=args.seed,
+                            samples_per_volume=args.samples_per_volume, cache_dir=cache_dir, progress=_rank() == 0)
     if not dls.valid_volumes:
         raise CLIError('no validation volume: give --valid-seg IMAGE LABEL, split=valid rows or --valid-pct')
     out = Path(args.out)
@@ -510,9 +688,10 @@ def _finetune_seg(args) -> int:
     else:
         preset = args.preset or ('swin-smit' if cuda else 'swin-tiny')
         encoder = build_encoder(encoder_config(preset, img_size=args.crop))
-        print(f'no --encoder: a randomly initialised {preset}')
+        _say(f'no --encoder: a randomly initialised {preset}')
     learn = seg_learner(dls, encoder=encoder, lr=args.lr, path=out)
-    _train(learn, args, pretrained=bool(args.encoder))
+    if not _fit_distributed(learn, args, world, args.bs):  # rank 0 saves and scores the whole volumes alone
+        return 0
     held_out = [[str(Path(p).resolve()) for p in v['pair']] for v in dls.valid_volumes]  # any working directory
     save_segmenter(learn.model, out / 'segmenter.pth', data={k: getattr(args, k) for k in SEG_DATA_ARGS} |
                    dict(valid=held_out))
@@ -644,6 +823,24 @@ def build_parser() -> argparse.ArgumentParser:
     from dagman_fast.model import METHOD_HELP, METHODS
     from dagman_fast.swin import PRESETS
     width = max(map(len, METHODS))
+    s = sub.add_parser('preprocess', help='preprocess CT scans into a cache and its index ahead of pretraining',
+                       description='Fill the cache that dagman pretrain --cache-dir reads, in worker processes, and '
+                                   'write its index (CACHE_DIR/<key>/index.csv: each scan ok with its shapes, or '
+                                   'skipped with the reason). Resumable: a run stopped at any point redoes no finished '
+                                   'scan; a scan whose size or modification time changed is redone. Then pretrain '
+                                   'with the same --cache-dir, --crop and --spacing (the command prints the line).')
+    s.add_argument('data', nargs='+', help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV')
+    s.add_argument('--cache-dir', required=True, help='the cache folder (give the same to dagman pretrain)')
+    s.add_argument('--workers', type=_int_min(1), default=min(4, os.cpu_count() or 1),
+                   help='worker processes, one scan each at a time (default: up to 4, one per CPU)')
+    s.add_argument('--crop', type=_int_min(1), default=None,
+                   help="the pretraining crop: volumes are padded up to it (default as dagman pretrain's: 128 on "
+                        'CUDA, else 64)')
+    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
+                   help='HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.set_defaults(func=_preprocess)
+
     s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description='Pretrain an encoder on CT scans; with no --data, on synthetic volumes. Writes '
@@ -653,7 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog='methods (--method):\n' + '\n'.join(f'  {k:<{width}}  {METHOD_HELP[k]}' for k in METHODS))
     s.add_argument('--data', nargs='*', default=None,
                    help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV with a path column; '
-                        'omitted: synthetic volumes')
+                        'omitted: the scans of the --cache-dir index (dagman preprocess), else synthetic volumes')
     s.add_argument('--medmnist', default=None,
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
@@ -764,33 +961,41 @@ def _environment_error(e: OSError) -> str:
     return f'{where}: {e.strerror}' if where and e.strerror else str(e)
 
 
+def _where() -> str:
+    "'[rank N] ' on the other processes of a data-parallel run, so that an error there says where it happened."
+    r = _rank()
+    return f'[rank {r}] ' if r else ''
+
+
 def main(argv=None) -> int:
     """Entry point of the `dagman` command. Errors end in one line, `dagman: error: ...`, on stderr: exit status 2 for
     bad arguments, 1 for bad data or environment, 3 for a run that diverged; `--debug` (or `DAGMAN_DEBUG=1`) shows
-    the traceback instead."""
+    the traceback instead. Under `torchrun` each process is a `main`: argument errors are said by rank 0 only, other
+    errors by the process that met them (`[rank N]`), and `torchrun` itself exits with status 1 when any fails."""
     args = build_parser().parse_args(argv)
     debug = _debug(args)
     try:
         return args.func(args)
-    except CLIError as e:
+    except CLIError as e:  # the arguments: the same on every rank of a data-parallel run, so said once
         if debug:
             raise
-        print(f'dagman: error: {e}', file=sys.stderr)
+        if e.status != 2 or _rank() == 0:  # status 1 (the environment) may differ between machines
+            print(f'dagman: error: {_where() if e.status != 2 else ""}{e}', file=sys.stderr)
         return e.status
     except OSError as e:
         if debug:
             raise
-        print(f'dagman: error: {_environment_error(e)}', file=sys.stderr)
+        print(f'dagman: error: {_where()}{_environment_error(e)}', file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as e:  # the library's own errors name the file or setting and what was expected
         if debug:
             raise
-        print(f'dagman: error: {_one_line(e)}', file=sys.stderr)
+        print(f'dagman: error: {_where()}{_one_line(e)}', file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  a bug: still one line, and how to see (and report) the traceback
         if debug:
             raise
-        print(f'dagman: error: {type(e).__name__}: {_one_line(e)} (an internal error: run again with --debug or DAGMAN_DEBUG=1 '
+        print(f'dagman: error: {_where()}{type(e).__name__}: {_one_line(e)} (an internal error: run again with --debug or DAGMAN_DEBUG=1 '
               f'for the traceback, and report it)', file=sys.stderr)
         return 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,9 +24,10 @@ from torch.utils.data import Dataset
 from .core import as_triple, check_option
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'MEDMNIST3D', 'NODULE_LABEL_RULES', 'find_ct_scans', 'synthetic_ct',
-           'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews', 'ct_ssl_dls', 'show_batch_3d', 'medmnist3d_dls',
-           'medmnist3d_ssl_dls', 'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
+__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'NODULE_LABEL_RULES',
+           'find_ct_scans', 'synthetic_ct', 'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews', 'ct_ssl_dls',
+           'read_ct_index', 'preprocess_scans', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
+           'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -184,6 +186,7 @@ class CTPreprocess:
             _CheckDicomFolder('image'),
             T.LoadImaged(keys, image_only=True, ensure_channel_first=True),
             _CheckVolume('image'),
+            _SourceInfo('image'),
             *([] if label_values is None else [_CheckPair(keys), _SelectLabels('label', label_values)]),
             T.Orientationd(keys, axcodes=self.orientation, labels=ras),
             T.ThresholdIntensityd('image', threshold=self.air_hu, above=True, cval=self.air_hu),
@@ -256,6 +259,23 @@ class _CheckPair(MapTransform):
             raise ValueError(f'{src}: the label map is not on the image grid (shape {tuple(lab.shape[1:])} vs '
                              f'{tuple(img.shape[1:])}, or another affine); resample it to the image first')
         return d
+
+
+class _SourceInfo(MapTransform):
+    """Record the loaded scan's voxel grid as `'source_shape'` and `'source_spacing'` (`'512x512x130'`, `'0.7x0.7x2.5'`
+    mm) in the item, so that the cached item says what it was made from (`preprocess_scans`'s index). Not
+    `'image_...'`: MONAI's `Spacingd` takes every key that starts with the image key for a metadata dict."""
+
+    def __call__(self, d: dict) -> dict:
+        from monai.data.utils import affine_to_spacing
+        img = d[self.keys[0]]
+        spacing = affine_to_spacing(torch.as_tensor(img.affine), r=3)
+        return {**d, 'source_shape': _xs(img.shape[1:]), 'source_spacing': _xs(float(v) for v in spacing)}
+
+
+def _xs(values) -> str:
+    "Sizes as one CSV-friendly field: `(64, 64, 30)` -> `'64x64x30'`, spacings to 4 significant digits."
+    return 'x'.join(f'{v:.4g}' if isinstance(v, float) else str(int(v)) for v in values)
 
 
 class _CheckWindowed(MapTransform):
@@ -381,12 +401,48 @@ def _root_cause(e: BaseException) -> str:
     return f'{type(e).__name__}: {e}'
 
 
+def _reason(path: str, e: BaseException) -> str:
+    "Why `path` could not be preprocessed, in one line, without the path our own checks put first."
+    return ' '.join(_root_cause(e).split(f'{path}: ', 1)[-1].split())
+
+
+INDEX_COLUMNS = ('path', 'stamp', 'status', 'reason', 'shape', 'source_shape', 'source_spacing', 'cache')
+INDEX_FILE, JOURNAL_FILE = 'index.csv', 'index.journal.csv'
+
+
+def _read_index(folder: Path) -> dict[str, dict]:
+    """The rows `preprocess_scans` wrote in a cache folder (`CACHE_DIR/<key>`), by path: the index of the last finished
+    run, then the journal of an unfinished one (later rows win). A last line cut short by a kill is left out, and so
+    is any row that does not parse: that scan is simply preprocessed again."""
+    rows: dict[str, dict] = {}
+    for f in (folder / INDEX_FILE, folder / JOURNAL_FILE):
+        try:
+            text = f.read_text(encoding='utf-8')
+        except FileNotFoundError:
+            continue
+        text = text[:text.rfind('\n') + 1]  # a line without its newline was being written when the run died
+        for r in csv.DictReader(io.StringIO(text, newline='')):
+            if r.get('status') in ('ok', 'skipped') and all(isinstance(r.get(c), str) for c in INDEX_COLUMNS):
+                rows[r['path']] = {c: r[c] for c in INDEX_COLUMNS}
+    return rows
+
+
+def _cache_name(ds, item: dict) -> str:
+    "The file `PersistentDataset` `ds` caches `item` in (MONAI's `_cachecheck` names it the same way)."
+    return ds.hash_func(item).decode('utf-8') + getattr(ds, 'transform_hash', '') + '.pt'
+
+
 class CTVolumes(Dataset):
     """Preprocessed scans (`CTPreprocess`), each computed once and cached on disk by MONAI's `PersistentDataset`.
 
     All scans are read (or found in the cache) when the dataset is built, with a progress bar, so that a bad file
     is found before training starts: `on_error='raise'` stops with an error naming it, `'skip'` warns once per file,
     lists it in `skipped` as `(path, reason)` and goes on without it.
+
+    Scans that `preprocess_scans` indexed in `cache_dir` with the same stamp are not read again: those listed `ok`
+    whose cache file exists are taken as they are, those listed `skipped` are refused or skipped with the index's
+    reason. With a complete index, building the dataset (on every rank of a data-parallel run) reads no scan and no
+    cache file.
 
     Args:
         scans: paths as `find_ct_scans` returns them.
@@ -412,24 +468,39 @@ class CTVolumes(Dataset):
         self._ds = PersistentDataset(items, transform=self._transform(), cache_dir=self.cache_dir)
         self.skipped: list[tuple[str, str]] = []
         self.index: list[int] = []
-        for i in (progress_bar(range(len(items)), leave=False) if progress else range(len(items))):
+        indexed, todo = _read_index(self.cache_dir), []
+        for i, item in enumerate(items):
+            row = indexed.get(item['image'])
+            if row is None or row['stamp'] != item['stamp']:  # not indexed, or the scan changed since
+                todo.append(i)
+            elif row['status'] == 'skipped':
+                self._bad(item['image'], f"{row['reason']} (listed as skipped in {self.cache_dir / INDEX_FILE})",
+                          on_error)
+            elif row['cache'] == _cache_name(self._ds, item) and (self.cache_dir / row['cache']).is_file():
+                self.index.append(i)
+            else:  # another item (a label map with it) or a removed cache file: verified as if not indexed
+                todo.append(i)
+        for i in (progress_bar(todo, leave=False) if progress and todo else todo):
             try:
                 self._ds[i]
             except Exception as e:
-                path, reason = items[i]['image'], _root_cause(e)
-                reason = reason.split(f'{path}: ', 1)[-1]  # our own checks already name the file
-                if on_error == 'raise':
-                    raise ValueError(f'{path}: cannot be used as a CT volume: {reason}') from e
-                warnings.warn(f'skipping {path}: {reason}', stacklevel=2)
-                self.skipped.append((path, reason))
+                self._bad(items[i]['image'], _reason(items[i]['image'], e), on_error, e)
             else:
                 self.index.append(i)
+        self.index.sort()
         if not self.index:
             raise ValueError(f'none of the {len(items)} scans could be used; skipped: {self.skipped[:3]}')
         self.paths = [items[i]['image'] for i in self.index]
 
+    def _bad(self, path: str, reason: str, on_error: str, cause: BaseException | None = None) -> None:
+        if on_error == 'raise':
+            raise ValueError(f'{path}: cannot be used as a CT volume: {reason}') from cause
+        warnings.warn(f'skipping {path}: {reason}', stacklevel=3)
+        self.skipped.append((path, reason))
+
     def _items(self, scans) -> list[dict]:
-        return [{'image': str(p), 'stamp': _stamp(Path(p))} for p in scans]
+        # Absolute paths: the cache entry (its name hashes the item) and the index then hold wherever the run starts.
+        return [{'image': str(Path(p).absolute()), 'stamp': _stamp(Path(p))} for p in scans]
 
     def _transform(self):
         return self.prep.transform()
@@ -519,11 +590,13 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
 
     Args:
         source: a folder (searched recursively for .nii, .nii.gz and DICOM series), a list of paths, or a CSV
-            with a `path` column.
+            with a `path` column; None: every scan of the index `preprocess_scans` wrote in `cache_dir` for these
+            settings (its skipped scans go by `on_error` like any bad scan).
         crop: crop size (an int or 3 ints); smaller volumes are padded.
         spacing: target voxel size in mm (an int/float or 3 of them).
         hu_range: the HU window mapped to [0, 1].
-        cache_dir: where preprocessed volumes are cached (default: a new temporary folder).
+        cache_dir: where preprocessed volumes are cached (default: a new temporary folder); scans its index lists
+            (`preprocess_scans`) are not read again.
         on_error: 'raise' (stop at the first bad scan, naming it) or 'skip' (warn, list it in `dls.skipped`).
         valid_pct: share of the scans held out for validation (0: an empty validation set).
         seed: seed for the train/valid split.
@@ -533,6 +606,8 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
     pad_to = None if view_region is None else tuple(max(c, r) for c, r in zip(crop, as_triple(view_region, 'view_region')))
     prep = _preprocess(crop, spacing, hu_range, valid_pct, pad_to)
     found_skipped: list = []
+    if source is None:
+        source = _indexed_source(cache_dir, prep, on_error, found_skipped)
     scans = find_ct_scans(source, on_error, found_skipped)
     vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
     vols.skipped[:0] = found_skipped  # entries the search left out come first
@@ -540,6 +615,33 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
                      flip_prob=flip_prob, intensity=intensity, region=view_region)
     dls.skipped, dls.prep = vols.skipped, prep
     return dls
+
+
+def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list) -> list[str]:
+    "The scans of the index in `cache_dir` for `prep`; its entries that were never scans go by `on_error`."
+    if cache_dir is None:
+        raise ValueError('source=None takes the scans from the index of cache_dir (written by preprocess_scans or '
+                         'dagman preprocess); give cache_dir, or the scans')
+    folder = Path(cache_dir) / prep.key()
+    rows = _read_index(folder)
+    if not rows:
+        raise FileNotFoundError(f'{folder / INDEX_FILE}: no index for these settings ({_settings_text(prep)}); run '
+                                f'`dagman preprocess DATA --cache-dir {cache_dir} {_settings_text(prep)}` first, or give '
+                                'the scans')
+    if (folder / JOURNAL_FILE).exists():
+        warnings.warn(f'{folder}: a preprocess run did not finish; using the {len(rows)} scans it indexed so far',
+                      stacklevel=3)
+    for path, row in rows.items():
+        if not row['stamp']:  # an entry the search could not use (a dangling link, a CSV line without a path)
+            if on_error == 'raise':
+                raise ValueError(f"{path}: {row['reason']} (listed as skipped in {folder / INDEX_FILE})")
+            skipped.append((path, row['reason']))
+    gone = [p for p, row in rows.items() if row['stamp'] and not Path(p).exists()]
+    if gone:  # deleted since `dagman preprocess`: left out (running it again drops them from the index)
+        warnings.warn(f'{len(gone)} scan(s) of {folder / INDEX_FILE} no longer exist and are left out, e.g. {gone[0]}; '
+                      f'dagman preprocess again removes them from the index', stacklevel=3)
+    gone = set(gone)
+    return [p for p, row in rows.items() if row['stamp'] and p not in gone]
 
 
 def _views_dls(vols, split: tuple, bs: int, num_workers: int, **views_kw):
@@ -554,6 +656,259 @@ def _views_dls(vols, split: tuple, bs: int, num_workers: int, **views_kw):
     dls.n_inp, dls.volumes, dls.skipped = train.views, vols, []
     dls.show_batch = lambda max_n=2, mask=None, path=None: show_batch_3d(dls.one_batch(), mask, max_n, path)
     return dls
+
+# %% ../nbs/01_data.ipynb #b5e3f25b
+def _settings_text(prep: CTPreprocess) -> str:
+    "The command-line options that give `prep`: `--crop 64 --spacing 2` (and `--hu-range` when not the default)."
+    crop, sp = prep.crop, prep.spacing
+    text = (f"--crop {crop[0] if len(set(crop)) == 1 else ' '.join(map(str, crop))} "
+            f"--spacing {sp[0]:g}" + ('' if len(set(sp)) == 1 else ' (' + ' x '.join(f'{v:g}' for v in sp) + ' mm)'))
+    if tuple(prep.hu_range) != (-175.0, 250.0):
+        text += f' --hu-range {prep.hu_range[0]:g} {prep.hu_range[1]:g}'
+    return text
+
+
+def read_ct_index(cache_dir, crop=128, spacing=2.0, hu_range=(-175, 250)) -> list[dict]:
+    """The index `preprocess_scans` wrote in `cache_dir` for these settings: one dict per scan with the keys
+    `INDEX_COLUMNS` (all strings), in order; rows of an unfinished run included; `[]` when there is none."""
+    return list(_read_index(Path(cache_dir) / _preprocess(as_triple(crop, 'crop'), spacing, hu_range, 0.0).key()).values())
+
+
+_WORKER: dict = {}  # the state of a preprocessing worker process, set once by `_worker_init`
+
+
+def _worker_init(settings: str, cache_dir: str, tmp_dir: str) -> None:
+    "A preprocessing worker: one torch thread (the workers are the parallelism), its transform built once."
+    torch.set_num_threads(1)
+    # MONAI writes each cache file in a temporary folder, then moves it into the cache: in the cache's own filesystem
+    # the move is an atomic rename, so a killed worker never leaves a half-written cache file (across filesystems
+    # `shutil.move` copies, and a kill mid-copy would).
+    tempfile.tempdir = tmp_dir
+    prep = CTPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings).items()})
+    _WORKER.update(transform=prep.transform(), cache_dir=Path(cache_dir))
+
+
+def _index_row(path: str, stamp: str, status: str, reason: str = '', **info) -> dict:
+    return {'path': path, 'stamp': stamp, 'status': status, 'reason': reason, 'shape': '', 'source_shape': '',
+            'source_spacing': '', 'cache': '', **info}
+
+
+def _preprocess_one(path: str, stamp: str) -> tuple[dict, bool]:
+    """Preprocess one scan into the cache (in a worker): its index row, and whether it was computed (False: its cache
+    file was already there, e.g. written just before a run was killed)."""
+    from monai.data import PersistentDataset
+    item = {'image': path, 'stamp': stamp}  # the item `CTVolumes` makes: the same cache file
+    ds = PersistentDataset([item], transform=_WORKER['transform'], cache_dir=_WORKER['cache_dir'])
+    name = _cache_name(ds, item)
+    computed = not (_WORKER['cache_dir'] / name).is_file()
+    try:
+        out = ds[0]
+    except Exception as e:  # whatever the checks or the readers refuse: the scan is listed, the run goes on
+        return _index_row(path, stamp, 'skipped', _reason(path, e)), computed
+    return _index_row(path, stamp, 'ok', shape=_xs(out['image'].shape[1:]), cache=name,
+                      source_shape=out.get('source_shape', ''), source_spacing=out.get('source_spacing', '')), computed
+
+
+def _worker_pool(workers: int, prep: CTPreprocess, cache_dir: Path):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    # Not fork: the parent may hold threads (torch's, a progress bar's) that a forked child would inherit locked.
+    # The forkserver imports this module once, and every worker starts from that copy.
+    ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
+    if ctx.get_start_method() == 'forkserver':
+        ctx.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(json.dumps(asdict(prep)), str(cache_dir), str(cache_dir / '.tmp')))
+    try:
+        pool.submit(int).result()  # a worker that cannot even start would otherwise look like a crash on each scan
+    except BrokenProcessPool:
+        pool.shutdown(wait=False)
+        raise RuntimeError('the preprocessing worker processes die as they start: a script that calls '
+                           "preprocess_scans must do so under `if __name__ == '__main__':` (worker processes import "
+                           'the main script)') from None
+    return pool
+
+
+def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
+    """Yield `(row, computed)` for every `(path, stamp)` of `jobs`, `workers` processes at a time.
+
+    A worker that dies (a reader crashing on a corrupt file, the kernel killing it for memory) breaks the whole pool
+    (`BrokenProcessPool`): the scans that were in flight are tried again one at a time in a fresh pool, and a scan
+    that kills its worker alone is listed as skipped."""
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+    queue, suspects, inflight = deque(jobs), deque(), {}
+    pool = _worker_pool(workers, prep, cache_dir)
+    try:
+        while queue or suspects or inflight:
+            if suspects:  # alone, so that a second death names its scan
+                if not inflight:
+                    job = suspects.popleft()
+                    inflight[pool.submit(_preprocess_one, *job)] = (job, True)
+            else:
+                while queue and len(inflight) < 2 * workers:  # a short queue keeps memory flat
+                    job = queue.popleft()
+                    inflight[pool.submit(_preprocess_one, *job)] = (job, False)
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            broken = False
+            while done:
+                for f in done:
+                    job, alone = inflight.pop(f)
+                    try:
+                        result = f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        if alone:
+                            yield _index_row(*job, 'skipped', 'the worker process died while preprocessing it (a '
+                                             'reader crashed on the file, or it ran out of memory)'), True
+                        else:
+                            suspects.append(job)
+                    else:
+                        yield result
+                done = wait(inflight)[0] if broken else set()  # the others in flight fail with the pool
+            if broken:
+                warnings.warn(f'a preprocessing worker died; trying the {len(suspects)} scan(s) it may have been '
+                              'reading one at a time', stacklevel=2)
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = _worker_pool(workers, prep, cache_dir)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _write_index(folder: Path, rows) -> Path:
+    "Write the index atomically: a temporary file in the same folder, then `os.replace` (a reader never sees half)."
+    path, tmp = folder / INDEX_FILE, folder / f'.{INDEX_FILE}.tmp'
+    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+        w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator='\n')
+        w.writeheader()
+        w.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it replaces the old index
+    os.replace(tmp, path)
+    return path
+
+
+def _lock(folder: Path):
+    "An exclusive lock on the cache folder for one preprocess run; two runs would interleave their journals."
+    try:
+        import fcntl
+    except ImportError:  # not on Windows: no lock there
+        return None
+    f = open(folder / '.lock', 'w')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise RuntimeError(f'{folder}: another preprocess run is filling this cache; wait for it to finish') from None
+    return f
+
+
+def preprocess_scans(source, cache_dir, crop=128, spacing=2.0, hu_range=(-175, 250), workers: int = 1,
+                     progress: bool = True) -> dict:
+    """Fill the cache of `CTVolumes` (MONAI `PersistentDataset` files) for every scan of `source` ahead of training,
+    in `workers` processes, and index it: `ct_ssl_dls(..., cache_dir=cache_dir)` with the same `crop`, `spacing`
+    and `hu_range` then reads no scan it lists.
+
+    Resumable: each scan's row is appended to `CACHE_DIR/<key>/index.journal.csv` (flushed) as soon as it is done,
+    so a run killed at any point redoes none of them; at the end the index `CACHE_DIR/<key>/index.csv` is rewritten
+    atomically and the journal removed. A scan already indexed with the same stamp (size and modification time) is not
+    redone; one whose stamp changed is. A bad scan (what `CTVolumes` would refuse: unreadable, corrupt, too small,
+    not CT, a DICOM folder with missing slices...) is listed as `skipped` with its reason and never stops the run.
+
+    Args:
+        source: what `find_ct_scans` takes (folders, scan files, CSVs, a list of them); entries it cannot use are
+            indexed as skipped, but a top-level path that does not exist is an error.
+        cache_dir: the cache folder (a subfolder per settings key, as for `ct_ssl_dls`).
+        crop, spacing, hu_range: the preprocessing settings, as `ct_ssl_dls` takes them (they make the key).
+        workers: worker processes (one torch thread each), at least 1.
+        progress: show a fastprogress bar.
+
+    Returns:
+        a dict: `index` (the index path), `settings` (its `settings.json`), `key`, `scans` (entries of `source`),
+        `ok`, `skipped` (`[(path, reason)]`), `processed` (done by this run), `reused` (done before), `seconds`.
+
+    The index (`INDEX_COLUMNS`) has one row per scan: `path` (absolute), `stamp`, `status` ('ok' or 'skipped'),
+    `reason`, `shape` (preprocessed `DxHxW`), `source_shape`, `source_spacing` (mm) and `cache` (the file name).
+    Rows of scans indexed by earlier runs over other sources are kept: the index lists the whole cache.
+    """
+    import time
+
+    from fastprogress.fastprogress import progress_bar
+    t0 = time.perf_counter()
+    prep = _preprocess(as_triple(crop, 'crop'), spacing, hu_range, 0.0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f'workers must be an integer >= 1; got {workers!r}')
+    items = list(source) if isinstance(source, (list, tuple)) else [source]
+    for item in items:  # a mistyped argument is an error, not an index of one skipped entry
+        if not Path(item).exists() and not Path(item).is_symlink():
+            raise FileNotFoundError(f'{item}: does not exist (expected a folder of CT scans, a scan file or a CSV '
+                                    'with a path column)')
+    folder = Path(cache_dir) / prep.key()
+    (folder / '.tmp').mkdir(parents=True, exist_ok=True)
+    lock = _lock(folder)
+    try:
+        shutil.rmtree(folder / '.tmp', ignore_errors=True)  # what killed workers left half-written
+        (folder / '.tmp').mkdir()
+        settings = folder / 'settings.json'
+        tmp = folder / '.settings.json.tmp'
+        tmp.write_text(json.dumps(asdict(prep), indent=1) + '\n')
+        os.replace(tmp, settings)
+        with warnings.catch_warnings():  # the entries left out are indexed (and returned): no warning per entry
+            warnings.simplefilter('ignore')
+            found: list = []
+            scans = find_ct_scans(source, 'skip', found)
+        rows = _read_index(folder)
+        _write_index(folder, rows.values())  # the last run's journal folded in: the new journal starts empty
+        current, jobs, stale = [], [], set()
+        for path, reason in found:
+            path = str(Path(path).absolute())
+            current.append(path)
+            rows[path] = _index_row(path, '', 'skipped', reason)
+        for p in scans:
+            path = str(Path(p).absolute())
+            current.append(path)
+            try:
+                stamp = _stamp(Path(p))
+            except OSError as e:  # removed or unreadable since the search
+                rows[path] = _index_row(path, '', 'skipped', f'cannot be read ({e.strerror or e})')
+                continue
+            row = rows.get(path)
+            if row is not None and row['stamp'] == stamp and (row['status'] == 'skipped'
+                                                              or (folder / row['cache']).is_file()):
+                continue
+            if row is not None and row['cache']:
+                stale.add(row['cache'])  # the cache file of an older version of the scan
+            jobs.append((path, stamp))
+        current = list(dict.fromkeys(current))
+        reused, computed = len(current) - len(jobs), 0
+        with open(folder / JOURNAL_FILE, 'w', newline='', encoding='utf-8') as journal:
+            w = csv.DictWriter(journal, INDEX_COLUMNS, lineterminator='\n')
+            w.writeheader()
+            journal.flush()
+            done = _pool_rows(jobs, workers, prep, folder) if jobs else iter(())
+            for row, new in (progress_bar(done, total=len(jobs)) if progress and jobs else done):
+                w.writerow(row)
+                journal.flush()  # in the OS's hands: a killed run keeps it (an fsync per scan would cost more)
+                rows[row['path']] = row
+                computed += new
+        ours = set(current)
+        for path in [p for p, r in rows.items() if p not in ours and r['stamp'] and not Path(p).exists()]:
+            stale.add(rows.pop(path)['cache'])  # a scan deleted since an earlier run: its row and cache file go
+        keep = {r['cache'] for r in rows.values()}
+        for name in stale - keep - {''}:
+            (folder / name).unlink(missing_ok=True)  # in a stable order: other runs' scans as they were, then this source's in search order
+        index = _write_index(folder, [r for p, r in rows.items() if p not in ours] + [rows[p] for p in current])
+        (folder / JOURNAL_FILE).unlink()
+    finally:
+        if lock is not None:
+            lock.close()
+    bad = [(p, rows[p]['reason']) for p in current if rows[p]['status'] == 'skipped']
+    return dict(index=index, settings=settings, key=prep.key(), scans=len(current), ok=len(current) - len(bad),
+                skipped=bad, processed=len(jobs), reused=reused, computed=computed,
+                seconds=time.perf_counter() - t0)
+
 
 # %% ../nbs/01_data.ipynb #bd1aebb6
 def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None = None):

@@ -21,6 +21,7 @@ from fastai.optimizer import Adam
 from .core import as_triple, check_option
 from .callbacks import unwrap
 from .checkpoint import load_encoder
+from .distributed import DistributedLearner
 from .model import DAGMaNModel
 from .swin import SwinEncoder, ViTEncoder, build_encoder
 
@@ -88,10 +89,13 @@ def _named(f, name, **kw):
 
 
 def cls_metrics(n_classes: int) -> list:
-    "AUC, accuracy, sensitivity and specificity as fastai metrics for `n_classes` classes."
+    """AUC, accuracy, sensitivity and specificity as fastai metrics for `n_classes` classes, each computed once over the
+    whole validation set (fastai's `AccumMetric`; in a data-parallel run the predictions of all ranks are gathered
+    first)."""
     auc = AccumMetric(_named(auc_score, 'auc'), dim_argmax=-1, activation=ActivationType.Softmax, flatten=False,
                       to_np=True, invert_arg=True)  # auc_score(labels, probabilities)
-    return [auc, accuracy, skm_to_fastai(_named(sensitivity, 'sensitivity', n_classes=n_classes)),
+    acc = AccumMetric(accuracy, flatten=False)
+    return [auc, acc, skm_to_fastai(_named(sensitivity, 'sensitivity', n_classes=n_classes)),
             skm_to_fastai(_named(specificity, 'specificity', n_classes=n_classes))]
 
 # %% ../nbs/06_finetune.ipynb #cc12144a
@@ -201,7 +205,7 @@ def encoder_groups(enc: SwinEncoder | ViTEncoder) -> list[list]:
 
 def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None, linear_probe: bool = False,
                 pool: str = 'avg', n_out: int | None = None, dropout: float = 0.0, lr: float = 1e-3, wd: float = 0.05,
-                metrics=None, **kwargs) -> Learner:
+                metrics=None, **kwargs) -> DistributedLearner:
     """A fastai `Learner` for classification with a (pretrained) encoder and a linear head.
 
     Args:
@@ -225,8 +229,11 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         raise ValueError(f'need at least 2 classes: pass n_out= (dls.c is {getattr(dls, "c", None)})')
     enc = resolve_encoder(encoder, preset or ('swin-smit' if arch == 'swin' else 'vit-base'))
     model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe)
-    return Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=lr, wd=wd, splitter=cls_splitter,
-                   metrics=cls_metrics(n_out) if metrics is None else metrics, train_bn=False, **kwargs)
+    learn = DistributedLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=lr, wd=wd,
+                               splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
+                               train_bn=False, **kwargs)
+    learn.ddp_find_unused = True  # the encoder's mask token (and with avg pooling the SA module's norm) never serve
+    return learn
 
 # %% ../nbs/06_finetune.ipynb #e5a47d03
 class SegModel(nn.Module):
@@ -288,24 +295,30 @@ class DiceCE(nn.Module):
 
 
 class DiceScore(Metric):
-    "Mean Dice over the foreground classes (MONAI's `DiceMetric`), accumulated over the whole validation set."
+    """Mean Dice over the foreground classes (MONAI's `compute_dice` and its mean reduction; a class absent from a
+    sample's label is left out for that sample, MONAI's `ignore_empty`), over the whole validation set; in a
+    data-parallel run the per-sample scores of all ranks are gathered first, without the samples fastai repeats to
+    even out the ranks' shares."""
 
     def __init__(self, n_classes: int):
-        from monai.metrics import DiceMetric
-        self.n_classes, self.metric = n_classes, DiceMetric(include_background=False, reduction='mean',
-                                                            ignore_empty=True)
+        self.n_classes, self.scores = n_classes, []
 
     def reset(self):
-        self.metric.reset()
+        self.scores = []
 
     def accumulate(self, learn):
+        from monai.metrics import compute_dice
         pred = F.one_hot(learn.pred.argmax(1), self.n_classes).movedim(-1, 1)
         targ = F.one_hot(learn.y.long(), self.n_classes).movedim(-1, 1)
-        self.metric(pred, targ)
+        dice = compute_dice(pred, targ, include_background=False, ignore_empty=True)  # (b, classes), NaN: absent
+        self.scores.append(learn.to_detach(dice.detach().float()))  # gathered and unpadded by DistributedDL
 
     @property
     def value(self):
-        return float(self.metric.aggregate().item())
+        from monai.metrics.utils import do_metric_reduction
+        if not self.scores:
+            return float('nan')
+        return float(do_metric_reduction(torch.cat(self.scores), 'mean')[0].item())
 
     @property
     def name(self):
@@ -313,7 +326,7 @@ class DiceScore(Metric):
 
 
 def seg_learner(dls, encoder=None, n_classes: int | None = None, preset: str = 'swin-smit', lr: float = 1e-3,
-                wd: float = 0.05, norm_name: str = 'instance', **kwargs) -> Learner:
+                wd: float = 0.05, norm_name: str = 'instance', **kwargs) -> DistributedLearner:
     """A fastai `Learner` for segmentation: a (pretrained) Swin encoder and MONAI's SwinUNETR decoder, Dice + CE
     loss, Dice metric. `encoder` as in `cls_learner`; `n_classes` defaults to `dls.c` (background included).
     `learn.fine_tune(epochs, base_lr)` trains the decoder with the encoder frozen first."""
@@ -321,8 +334,10 @@ def seg_learner(dls, encoder=None, n_classes: int | None = None, preset: str = '
     if not n_classes or n_classes < 2:
         raise ValueError(f'need at least 2 classes (background + one): pass n_classes= (dls.c is {getattr(dls, "c", None)})')
     model = SegModel(resolve_encoder(encoder, preset), n_classes, norm_name)
-    return Learner(dls, model, loss_func=DiceCE(), opt_func=Adam, lr=lr, wd=wd, splitter=seg_splitter,
-                   metrics=[DiceScore(n_classes)], train_bn=False, **kwargs)
+    learn = DistributedLearner(dls, model, loss_func=DiceCE(), opt_func=Adam, lr=lr, wd=wd, splitter=seg_splitter,
+                               metrics=[DiceScore(n_classes)], train_bn=False, **kwargs)
+    learn.ddp_find_unused = True  # the encoder's mask token and SA module never serve the decoder
+    return learn
 
 
 def predict_volume(learn_or_model, volume: torch.Tensor, roi_size=96, overlap: float = 0.25,

@@ -15,19 +15,18 @@ import torch
 import fastai.callback.progress  # noqa: F401  fastai's progress bars for every Learner
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle, lr_find to Learner
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
-from fastai.learner import Learner
 from fastai.optimizer import Adam
 from fastcore.foundation import L
 
 # The names below that this module does not use itself are imported so that `dagman_fast.learner.NAME`, their home
 # before the split into model / callbacks / checkpoint, keeps working.
-from .callbacks import (AttentionGuidedMasking, EMATeacher, FreezeLastLayer, PatchDropout,  # noqa: F401
-                                   PretrainLog, StepTimer, StopOnDivergence, StopOnNaN, unwrap)
+from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, FreezeLastLayer,  # noqa: F401
+                        PatchDropout, PretrainLog, StepTimer, StopOnDivergence, StopOnNaN, unwrap)
 from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
-                                    atomic_save, load_checkpoint, load_encoder)
+                         atomic_save, load_checkpoint, load_encoder, rank_rng_state)
 from .core import check_option
+from .distributed import DistributedLearner, rank
 from .model import (DISTILL_LOSSES, LOSSES, METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel,  # noqa: F401
                                encoder_config_from_dict)
 from .swin import ViTConfig, encoder_config
@@ -52,9 +51,10 @@ def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9
     return {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}
 
 
-class DAGMaNLearner(Learner):
+class DAGMaNLearner(DistributedLearner):
     """A fastai `Learner` whose model is a `DAGMaNModel`; adds `fit_warmup_cosine` (the paper's schedule),
-    `export_encoder` and `resume`."""
+    `export_encoder` and `resume`. Data-parallel under `torchrun` / `accelerate launch` with fastai's
+    `learn.distrib_ctx()` (see `DistributedLearner`)."""
 
     def fit_warmup_cosine(self, n_epoch: int, lr: float | None = None, warmup: float | None = None,
                           lr_min: float = 1e-6, betas: tuple = (0.9, 0.999), wd: float | None = None, cbs=None,
@@ -85,9 +85,12 @@ class DAGMaNLearner(Learner):
 
     def export_encoder(self, path) -> Path:
         """Save the student encoder as a plain state dict plus its config (also as JSON beside it: `path.json`),
-        loadable with `torch.load(path, weights_only=True)` and `load_encoder(path)`."""
+        loadable with `torch.load(path, weights_only=True)` and `load_encoder(path)`. In a data-parallel run only rank 0
+        writes."""
         from dagman_fast import __version__
         m, path = unwrap(self.model), Path(path)
+        if rank() != 0:
+            return path
         cfg = m.encoder_config.to_dict()
         sd = {k: v.detach().cpu().clone() for k, v in m.student.encoder.state_dict().items()}
         atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
@@ -116,7 +119,8 @@ class DAGMaNLearner(Learner):
         ckcb = next((c for c in self.cbs if isinstance(c, DAGMaNCheckpoint)), None)
         if ckcb is None:
             raise ValueError('resume needs the DAGMaNCheckpoint callback (dagman_learner adds it unless checkpoint=None)')
-        ckcb.pending_rng, ckcb.pending_recorder, ckcb.pending_scaler = ck['rng'], ck.get('recorder'), ck.get('scaler')
+        (ckcb.pending_rng, ckcb.pending_rng_exact), ckcb.pending_recorder = rank_rng_state(ck), ck.get('recorder')
+        ckcb.pending_scaler = ck.get('scaler')
         ckcb.last_saved = Path(path)
         self.resume_epoch = ck['epoch'] + 1
         return self.resume_epoch
@@ -138,7 +142,8 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
         encoder: a preset name in `PRESETS` or a `SwinConfig`/`ViTConfig`; its `img_size` becomes the crop of `dls`.
         lr, wd: AdamW (fastai's Adam with decoupled weight decay; no decay on norms and biases) with PyTorch's AdamW
             betas (0.9, 0.999) and eps 1e-8; `fit_warmup_cosine` keeps the betas constant.
-        amp: 'bf16', 'fp16', False or None (bf16 autocast where CUDA supports it, fp16 on other GPUs, fp32 on the CPU).
+        amp: 'bf16', 'fp16', False or None (bf16 autocast where CUDA supports it, fp16 on other GPUs, fp32 on the CPU);
+            'bf16' also runs on the CPU (PyTorch's CPU autocast).
         checkpoint: file name of the per-epoch checkpoint in `path/models` (None: no checkpoints).
         checkpoint_every: write it every this many epochs (and after the last).
         log: file name of the per-epoch CSV log in `path` (None: no log).
@@ -185,9 +190,11 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     if amp is None:
         amp = ('bf16' if torch.cuda.is_bf16_supported() else 'fp16') if on_cuda else False
     if amp:
-        if not on_cuda:
-            raise ValueError(f"amp={amp!r} needs CUDA DataLoaders (fastai's MixedPrecision is CUDA autocast); got {device}")
-        callbacks.append(MixedPrecision(check_option(amp, ('bf16', 'fp16'), 'amp')))
+        check_option(amp, ('bf16', 'fp16'), 'amp')
+        if amp == 'fp16' and not on_cuda:
+            raise ValueError(f"amp='fp16' needs CUDA DataLoaders (its loss scaling is CUDA's); got {device}. On the CPU "
+                             "use amp='bf16'")
+        callbacks.append(DeviceMixedPrecision(amp))
     if checkpoint:
         callbacks.append(DAGMaNCheckpoint(checkpoint, every=checkpoint_every))
     if log:

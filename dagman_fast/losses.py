@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -14,6 +13,7 @@ from torch.nn.init import trunc_normal_
 from torch.nn.utils import parametrizations
 
 from .core import as_triple
+from .distributed import all_mean
 
 # %% auto #0
 __all__ = ['DINOHead', 'entropy', 'DistillLoss', 'pixel_shuffle_3d', 'ReconHead', 'amip_loss']
@@ -55,13 +55,9 @@ class DINOHead(nn.Module):
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 # %% ../nbs/04_losses.ipynb #5ca0669e
-def _all_mean(t: torch.Tensor) -> torch.Tensor:
-    "Mean over processes when `torch.distributed` runs; `t` itself otherwise."
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    "`x` in at least single precision: half precision (autocast) is raised to float32, float64 stays float64."
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -80,7 +76,8 @@ class DistillLoss(nn.Module):
     `forward(student, teacher, teacher_temp, weight=None)` takes logits `(..., out_dim)`; `weight: (b, n)` makes
     the loss a weighted mean over the tokens of each image (AMPD: the masked cells), then a mean over images (an
     image whose weights are all 0 adds 0 to that mean). In
-    training mode it also moves the centre towards the teacher's batch mean (under no_grad) and leaves figures for
+    training mode it also moves the centre towards the teacher's batch mean (under no_grad; in a data-parallel run the
+    mean over all processes' batches, as DINO does, so the centre stays the same on every rank) and leaves figures for
     the log in `self.stats` (tensors, not yet read back from the device).
 
     The centre starts from the first training batch's mean rather than from zero (DINO's start). A zero start is an
@@ -99,7 +96,7 @@ class DistillLoss(nn.Module):
     def targets(self, teacher: torch.Tensor, teacher_temp, center: torch.Tensor | None = None) -> torch.Tensor:
         "The teacher's centred and sharpened distribution."
         c = self.center if center is None else center
-        return F.softmax((teacher.float() - c) / teacher_temp, dim=-1)
+        return F.softmax((_fp32(teacher) - c) / teacher_temp, dim=-1)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp, weight: torch.Tensor | None = None):
         if student.shape != teacher.shape:
@@ -107,10 +104,10 @@ class DistillLoss(nn.Module):
         teacher = teacher.detach()
         center = self.center
         if self.training:
-            batch_mean = _all_mean(teacher.float().reshape(-1, teacher.shape[-1]).mean(0))
+            batch_mean = all_mean(_fp32(teacher).reshape(-1, teacher.shape[-1]).mean(0))
             center = torch.where(self.center_ready, self.center, batch_mean)  # first batch: its own mean
         t = self.targets(teacher, teacher_temp, center)
-        ce = -(t * F.log_softmax(student.float() / self.student_temp, dim=-1)).sum(-1)
+        ce = -(t * F.log_softmax(_fp32(student) / self.student_temp, dim=-1)).sum(-1)
         if weight is None:
             loss = ce.mean()
         else:
@@ -158,4 +155,4 @@ def amip_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
         raise ValueError(f'voxel mask must be (b, D, H, W) = {(b, *spatial)} for images {tuple(pred.shape)}; '
                          f'got {tuple(mask.shape)}')
     m = mask.unsqueeze(1).float()  # float32: a float16 count overflows past 65504 voxels
-    return ((pred.float() - target.float()).abs() * m).sum() / (m.sum() * c).clamp_min(1)
+    return ((_fp32(pred) - _fp32(target)).abs() * m).sum() / (m.sum() * c).clamp_min(1)

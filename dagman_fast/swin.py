@@ -237,17 +237,26 @@ def window_plan(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]
 
 
 class SwinBlock(nn.Module):
-    "Pre-norm Swin block: (shifted) window attention and an MLP, each with a residual and drop path."
+    """Pre-norm Swin block: (shifted) window attention and an MLP, each with a residual and drop path.
+
+    `use_checkpoint`: under autograd each residual branch runs under `torch.utils.checkpoint` (non-reentrant, so
+    drop path's random draws are replayed): only the block's input and the residual between the branches are kept,
+    the rest is recomputed in the backward. Two checkpoints rather than one per block: the backward then holds the
+    recomputed tensors of one branch at a time, not of the whole block (for `swin-smit` at 96^3 the first stage's
+    MLP alone keeps about as much as its attention; see `bench/bench_checkpointing.py`).
+    """
 
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int], *,
-                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0, attn_impl: str = 'auto'):
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0, attn_impl: str = 'auto',
+                 use_checkpoint: bool = False):
         super().__init__()
         self.window_size, self.shift_size = tuple(window_size), tuple(shift_size)
+        self.use_checkpoint = use_checkpoint
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, attn_impl=attn_impl)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), recompute_gelu=not use_checkpoint)  # checkpointed: recomputed anyway
 
     def _fused(self, x: torch.Tensor, wn: int) -> bool:
         "Whether the Triton kernel runs this block: asked for, or 'auto' on CUDA with Triton and small windows."
@@ -259,6 +268,13 @@ class SwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
         "`x: (b, d, h, w, c)` -> same shape."
+        if self.use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(self.attn_residual, x, plan, use_reentrant=False)
+            return checkpoint(self.mlp_residual, x, use_reentrant=False)
+        return self.mlp_residual(self.attn_residual(x, plan))
+
+    def attn_residual(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
+        "`x + drop_path(attn(norm1(x)))` on the windows of `plan`; `x: (b, d, h, w, c)`."
         b, d, h, w, c = x.shape
         y = self.norm1(x)
         pd, ph, pw = plan.pad
@@ -274,7 +290,10 @@ class SwinBlock(nn.Module):
             y = permute_tokens(y.view(b, -1, c), plan.inv, plan.perm).view(b, dp, hp, wp, c)
         if pd or ph or pw:
             y = y[:, :d, :h, :w]
-        x = x + self.drop_path(y)
+        return x + self.drop_path(y)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        "`x + drop_path(mlp(norm2(x)))`; `x: (b, d, h, w, c)`."
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -307,7 +326,11 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    "`depth` Swin blocks (odd ones shifted by half a window) followed by patch merging."
+    """`depth` Swin blocks (odd ones shifted by half a window) followed by patch merging.
+
+    `use_checkpoint`: gradient checkpointing of the blocks (see `SwinBlock`); the merging is not checkpointed (what
+    it keeps is freed early in the backward, before the blocks' recomputation, so it does not raise the peak).
+    """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: Sequence[int], *, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path: Sequence[float] = (), merging: str = 'v2', attn_impl: str = 'auto',
@@ -319,9 +342,8 @@ class SwinStage(nn.Module):
         dp = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
             SwinBlock(dim, num_heads, window_size, (0, 0, 0) if i % 2 == 0 else self.shift_size, mlp_ratio=mlp_ratio,
-                      qkv_bias=qkv_bias, drop_path=dp[i], attn_impl=attn_impl) for i in range(depth))
-        for blk in self.blocks:
-            blk.mlp.recompute_gelu = not use_checkpoint  # a checkpointed block recomputes everything anyway
+                      qkv_bias=qkv_bias, drop_path=dp[i], attn_impl=attn_impl, use_checkpoint=use_checkpoint)
+            for i in range(depth))
         self.downsample = PatchMerging(dim, merging)
         self._plans: dict = {}
 
@@ -337,11 +359,7 @@ class SwinStage(nn.Module):
         "`x: (b, d, h, w, c)` -> `(b, d/2, h/2, w/2, 2c)`."
         plans = self.plans(tuple(x.shape[1:4]), x.device)
         for i, blk in enumerate(self.blocks):
-            plan = plans[i % 2]
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(blk, x, plan, use_reentrant=False)
-            else:
-                x = blk(x, plan)
+            x = blk(x, plans[i % 2])
         return self.downsample(x)
 
 # %% ../nbs/02_swin.ipynb #9dd7b092
@@ -490,6 +508,28 @@ def _check_sizes(cfg, **sizes) -> None:
         raise ValueError(f'{name}.mlp_ratio must be positive; got {cfg.mlp_ratio}')
 
 
+def _checkpoint_choice(v, n_stages: int) -> bool | tuple[int, ...]:
+    """`SwinConfig.use_checkpoint` in its canonical form: True (every stage), False (none) or the sorted stage numbers
+    of a proper subset, so that equal choices compare equal and the JSON round trip (a list) is exact.
+
+    A bare integer is refused: `use_checkpoint=1` meant True before stage subsets existed, and would now read as
+    stage 1; a one-stage subset is written `(1,)`.
+    """
+    if isinstance(v, bool):
+        return v
+    stages = tuple(range(1, n_stages + 1))
+    if isinstance(v, (tuple, list)) and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        bad = sorted(set(v) - set(stages))
+        if not bad:
+            chosen = tuple(sorted(set(v)))
+            return True if chosen == stages else chosen or False
+        raise ValueError(f'SwinConfig.use_checkpoint: stage(s) {bad} do not exist; valid stage numbers are {stages} '
+                         f'(1-based, as sa_stage)')
+    hint = f'; for stage {v} alone write ({v},)' if isinstance(v, int) else ''
+    raise ValueError(f'SwinConfig.use_checkpoint must be True (every stage), False (none) or a tuple of stage numbers '
+                     f'from {stages}, e.g. (1, 2); got {v!r}{hint}')
+
+
 @dataclass(frozen=True)
 class SwinConfig(_JSONConfig):
     """Everything that defines a `SwinEncoder`; round-trips through JSON beside exported weights.
@@ -516,7 +556,7 @@ class SwinConfig(_JSONConfig):
     sa_depth: int = 2
     sa_num_heads: int = 8
     attn_impl: str = 'auto'              # one of ATTN_IMPLS
-    use_checkpoint: bool = False         # per-block gradient checkpointing
+    use_checkpoint: bool | tuple = False  # gradient checkpointing of each block: True, False or stage numbers (1, 2)
 
     def __post_init__(self):
         for name in ('depths', 'num_heads'):
@@ -550,6 +590,13 @@ class SwinConfig(_JSONConfig):
         if self.sa_stage is not None and (self.embed_dim * 2 ** self.sa_stage) % self.sa_num_heads:
             raise ValueError(f'SA works on {self.embed_dim * 2 ** self.sa_stage} channels, not divisible by '
                              f'sa_num_heads={self.sa_num_heads}')
+        object.__setattr__(self, 'use_checkpoint', _checkpoint_choice(self.use_checkpoint, len(self.depths)))
+
+    @property
+    def checkpoint_stages(self) -> tuple[int, ...]:
+        "The stages (1-based, as `sa_stage`) whose blocks run under gradient checkpointing."
+        n, uc = len(self.depths), self.use_checkpoint
+        return tuple(range(1, n + 1)) if uc is True else () if uc is False else uc
 
     @property
     def grid_multiple(self) -> Triple:
@@ -571,9 +618,12 @@ class ViTConfig(_JSONConfig):
     qkv_bias: bool = True
     drop_path_rate: float = 0.0
     attn_impl: str = 'auto'
-    use_checkpoint: bool = False
+    use_checkpoint: bool = False  # every block but the last (whose attention map the model returns); no stages
 
     def __post_init__(self):
+        if not isinstance(self.use_checkpoint, bool):
+            raise ValueError(f'ViTConfig.use_checkpoint must be True or False (a ViT has no stages to choose from: '
+                             f'True checkpoints every block but the last); got {self.use_checkpoint!r}')
         for name in ('img_size', 'patch_size'):
             v, triple = getattr(self, name), as_triple(getattr(self, name), name)  # validates ints too
             object.__setattr__(self, name, v if isinstance(v, int) else triple)
@@ -724,7 +774,7 @@ class SwinEncoder(_EncoderBase):
         self.stages = nn.ModuleList(
             SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], window, mlp_ratio=cfg.mlp_ratio,
                       qkv_bias=cfg.qkv_bias, drop_path=dpr[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])],
-                      merging=cfg.merging, attn_impl=cfg.attn_impl, use_checkpoint=cfg.use_checkpoint)
+                      merging=cfg.merging, attn_impl=cfg.attn_impl, use_checkpoint=i + 1 in cfg.checkpoint_stages)
             for i in range(n))
         self.sa = None
         if cfg.sa_stage is not None:
@@ -808,7 +858,7 @@ class ViTEncoder(_EncoderBase):
         dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         self.blocks = nn.ModuleList(ViTBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
                                              drop_path=dpr[i], attn_impl=cfg.attn_impl) for i in range(cfg.depth))
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:  # the last block is never checkpointed (see forward): it keeps the GELU recompute
             blk.mlp.recompute_gelu = not cfg.use_checkpoint  # a checkpointed block recomputes everything anyway
         self.norm = nn.LayerNorm(cfg.embed_dim)
         for p in (self.mask_token, self.cls_token, self.pos_embed):

@@ -43,6 +43,8 @@ TINY = ['pretrain', '--synthetic', '2', '--encoder', 'swin-tiny', '--crop', '32'
     ('depths', '(2, 2, 2, 2)', 'tuple', (2, 2, 2, 2)), ('depths', '[1, 1]', 'tuple', (1, 1)),
     ('img_size', '64', 'int | tuple', 64), ('img_size', '(64, 64, 32)', 'int | tuple', (64, 64, 32)),
     ('loss_weights', "{'aitd': 1}", 'dict', {'aitd': 1}),
+    ('encoder.use_checkpoint', 'true', 'bool | tuple', True), ('encoder.use_checkpoint', '0', 'bool | tuple', False),
+    ('encoder.use_checkpoint', '(1, 2)', 'bool | tuple', (1, 2)), ('encoder.use_checkpoint', '[2]', 'bool | tuple', (2,)),
 ])
 def test_set_values_parse_by_the_fields_type(key, text, kind, expected):
     v = _coerce(key, text, kind)
@@ -61,6 +63,8 @@ def test_set_values_parse_by_the_fields_type(key, text, kind, expected):
     ('mask_ratios=0.5', ['mask_ratios', 'not a DAGMaNConfig field']),
     ('encoder.depth_s=1', ['encoder.depth_s', 'not an encoder field']),
     ('mask_ratio', ['KEY=VALUE']),
+    ('encoder.use_checkpoint=2', ['encoder.use_checkpoint', 'for one stage write (2,)']),
+    ('encoder.use_checkpoint=all', ['encoder.use_checkpoint', 'stage numbers']),
 ])
 def test_set_refuses_wrong_types_and_unknown_keys(item, words):
     with pytest.raises(CLIError) as e:

@@ -762,26 +762,30 @@ def test_checkpointing_same_outputs_and_gradients(impl):
 
 
 @pytest.mark.parametrize('use_checkpoint,grad,calls', [
-    (True, True, 2),  # checkpointed: each block runs again during backward
+    (True, True, 2),  # checkpointed: each residual branch of the block runs again during backward
     (False, True, 1),  # not checkpointed: once
     (True, False, 1),  # under no_grad checkpointing is skipped
 ])
 def test_checkpointing_recomputes_blocks(use_checkpoint, grad, calls):
     enc = tiny_encoder(use_checkpoint=use_checkpoint)
-    counts = {'n': 0}
+    counts = {'attn_residual': 0, 'mlp_residual': 0}
     blk = enc.stages[1].blocks[1]
-    forward = blk.forward
 
-    def counting_forward(*args, **kwargs):  # (forward hooks do not fire in the checkpoint's recomputation)
-        counts['n'] += 1
-        return forward(*args, **kwargs)
-    blk.forward = counting_forward
+    def counting(name):  # (forward hooks do not fire in the checkpoint's recomputation)
+        branch = getattr(blk, name)
+
+        def run(*args, **kwargs):
+            counts[name] += 1
+            return branch(*args, **kwargs)
+        return run
+    for name in counts:
+        setattr(blk, name, counting(name))
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.set_grad_enabled(grad):
         loss = map_loss(enc.forward_features(x))
         if grad:
             loss.backward()
-    assert counts['n'] == calls
+    assert counts == {'attn_residual': calls, 'mlp_residual': calls}
 
 
 def test_checkpointing_with_drop_path_in_train_mode():
