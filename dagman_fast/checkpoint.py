@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import warnings
@@ -24,8 +25,8 @@ from .model import encoder_config_from_dict
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
 
 # %% auto #0
-__all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'atomic_save', 'remove_orphans', 'load_checkpoint',
-           'rank_rng_state', 'DAGMaNCheckpoint', 'load_encoder']
+__all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'SMIT_MERGE_ORDER', 'LAYOUTS', 'atomic_save', 'remove_orphans',
+           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
@@ -235,17 +236,66 @@ def _strip(k: str) -> str:
     return k
 
 
+# SMIT's patch merging concatenates the 8 sub-voxels of each 2x2x2 block in the (d, h, w) offset order 000, 100, 010,
+# 001, 110, 011, 101, 111 (its `PatchMerging.forward`); `PatchMerging('v2')` in 000, 001, ..., 111 (MONAI's
+# `PatchMergingV2`). Block b of ours is block SMIT_MERGE_ORDER[b] of SMIT's.
+SMIT_MERGE_ORDER = (0, 3, 2, 5, 1, 6, 4, 7)
+
+LAYOUTS = ("a dagman_fast export or pretraining checkpoint; MONAI's SwinTransformer / self-supervised Swin UNETR "
+           "(model_swinvit.pt: 'state_dict' with module.patch_embed.*, module.layers1.0.blocks.*); SMIT's encoder "
+           "(its pretraining save {'state_dict': patch_embed.*, layers.0.blocks.*} or the published weights "
+           "{'student': module.backbone.transformer.*})")
+
+
+def _layout(sd: dict) -> str:
+    "'monai', 'smit' or 'ours' from the key names of a state dict (prefixes ignored)."
+    keys = [re.sub(r'^((module|swinViT|backbone|transformer)\.)+', '', k) for k in sd]
+    if any(k.startswith('layers1.0.blocks.') for k in keys):
+        return 'monai'
+    if any(re.match(r'layers\.\d+\.blocks\.', k) for k in keys):
+        return 'smit'
+    return 'ours'
+
+
+def smit_to_monai(sd: dict) -> dict:
+    """SMIT encoder weights (The-Veeraraghavan-Lab/SMIT, `models/Trans.py`) under MONAI's `SwinTransformer` names,
+    for `from_monai(..., merging='v2')`: prefixes `module.`, `backbone.`, `transformer.` dropped, `layers.{i}.` ->
+    `layers{i+1}.0.`, each patch merging's 8 channel blocks put in `PatchMergingV2`'s order (`SMIT_MERGE_ORDER`: the
+    same function), and what has no place in the encoder left out: the mask token, the per-stage output norms
+    `norm0`..`norm3` (applied to SMIT's skip features only), heads and decoder."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r'^((module|backbone|transformer)\.)+', '', k)
+        m = re.match(r'layers\.(\d+)\.(.*)', k)
+        if m:
+            out[f'layers{int(m[1]) + 1}.0.{m[2]}'] = v
+        elif k.startswith('patch_embed.'):
+            out[k] = v
+    for k in [k for k in out if '.downsample.' in k]:
+        v = out[k]
+        dim = v.shape[-1] // 8
+        blocks = v.reshape(*v.shape[:-1], 8, dim)[..., list(SMIT_MERGE_ORDER), :]
+        out[k] = blocks.reshape(v.shape).contiguous()
+    return out
+
+
 def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, strict: bool = True,
-                 map_location='cpu') -> SwinEncoder | ViTEncoder:
-    """An encoder from an exported file (`learn.export_encoder`), a pretraining checkpoint, or a state dict.
+                 map_location='cpu', merging: str | None = None) -> SwinEncoder | ViTEncoder:
+    """An encoder from an exported file (`learn.export_encoder`), a pretraining checkpoint, a state dict, or public
+    Swin weights in MONAI's or SMIT's layout.
 
     Args:
         source: a path or an already loaded dict. Files load with `weights_only=True`.
-        config: the encoder config; default: the one stored in the file (or in `<path>.json` beside it).
+        config: the encoder config; default: the one stored in the file (or in `<path>.json` beside it). Public
+            weights carry none: their architecture is read from the tensors (`from_monai`).
         strict: raise if keys are missing or unexpected (after stripping `module.`, `student.`, `encoder.` and
             `_orig_mod.` prefixes and dropping teacher, head and reconstruction keys); else warn and load the rest.
+        merging: the patch merging of MONAI-layout weights: 'legacy' (MONAI's default) or 'v2'
+            (`downsample='mergingv2'`). Needed for a plain MONAI state dict; the self-supervised checkpoint
+            (`model_swinvit.pt`, `module.` keys) is 'legacy' unless given.
 
-    The missing and unexpected keys are also left in `encoder.load_report`.
+    Layouts: `LAYOUTS`. A file in none of them is refused with an error naming them. The missing and unexpected keys
+    of our own layout are left in `encoder.load_report`.
     """
     path = None
     if isinstance(source, (str, os.PathLike)):
@@ -269,7 +319,24 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
         sd = {k[len('student.encoder.'):]: v for k, v in obj['model'].items() if k.startswith('student.encoder.')}
         stored = obj['config']['encoder']
     else:
-        sd = obj.get('state_dict', obj.get('model', obj))
+        sd = obj.get('student', obj.get('state_dict', obj.get('model', obj)))  # SMIT's published weights: 'student'
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f'{path or "the dict"} holds no state dict of tensors; expected one of: {LAYOUTS}')
+        layout = _layout(sd)
+        if layout != 'ours':
+            from .swin import from_monai
+            name = 'SMIT' if layout == 'smit' else 'MONAI'
+            try:
+                if layout == 'smit':
+                    return from_monai(smit_to_monai(sd), merging='v2')
+                if merging is None and not any(k.startswith('module.') for k in sd):
+                    raise ValueError("a MONAI state dict does not say which patch merging it was trained with: pass "
+                                     "merging='legacy' (MONAI's default) or 'v2' (downsample='mergingv2', and what "
+                                     "dagman export --monai writes for a default encoder)")
+                return from_monai(sd, merging=merging or 'legacy')  # module.*: the self-supervised checkpoint's
+            except (KeyError, ValueError) as e:
+                raise ValueError(f'{path or "the state dict"} looks like {name} Swin weights but does not load as '
+                                 f'them: {e}') from e
         if any(k.startswith(('student.', 'module.student.')) for k in sd):  # a fastai learn.save of the DAGMaNModel
             sd = {k: v for k, v in sd.items() if k.replace('module.', '', 1).startswith('student.encoder.')}
         if path is not None and path.with_suffix('.json').is_file():
@@ -286,6 +353,9 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
     enc = build_encoder(config)
     missing, unexpected = enc.load_state_dict(sd, strict=False)
     enc.load_report = dict(missing=list(missing), unexpected=list(unexpected))
+    if sd and len(unexpected) == len(sd):  # not one key of ours: another layout altogether
+        raise ValueError(f'{path or "the state dict"}: none of its {len(sd)} keys is an encoder weight (first: '
+                         f'{list(sd)[:3]}); expected one of: {LAYOUTS}')
     if missing or unexpected:
         msg = (f'{path or "state dict"}: {len(missing)} missing key(s) {list(missing)[:8]}, {len(unexpected)} '
                f'unexpected key(s) {list(unexpected)[:8]}')

@@ -903,7 +903,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='segmentation: share of volumes held out when none is given as validation (default 0.2)')
     s.add_argument('--samples-per-volume', type=_int_min(1), default=4,
                    help='segmentation: random crops per training volume and epoch (default 4)')
-    s.add_argument('--encoder', default=None, help='encoder.pth from dagman pretrain, or a pretraining checkpoint '
+    s.add_argument('--encoder', default=None, help='encoder.pth from dagman pretrain, a pretraining checkpoint, or '
+                                                    "public weights: MONAI's model_swinvit.pt, SMIT's checkpoint "
                                                     '(default: a random encoder)')
     s.add_argument('--preset', default=None, choices=list(PRESETS),
                    help='random encoder preset when no --encoder (default swin-smit on CUDA, else swin-tiny)')

@@ -210,8 +210,9 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
 
     Args:
         dls: `DataLoaders` of `(image (b, 1, d, h, w), label)` (e.g. `medmnist3d_dls`, `nodule_crops_dls`).
-        encoder: None (random `preset`), a path (`learn.export_encoder` file or pretraining checkpoint), a
-            `DAGMaNLearner` or an encoder module.
+        encoder: None (random `preset`), a path (`learn.export_encoder` file, pretraining checkpoint, or public
+            weights in MONAI's self-supervised or SMIT's layout: see `load_encoder`), a `DAGMaNLearner` or an
+            encoder module.
         arch, preset: the random encoder when `encoder` is None (default preset `swin-smit` / `vit-base`).
         linear_probe: freeze the encoder for good (eval mode, out of the optimiser): only the head trains.
         pool: 'avg' (mean of the final tokens) or 'cls' (the SA module's / ViT's [CLS] token).

@@ -957,13 +957,15 @@ def to_monai(encoder: SwinEncoder, as_module: bool = False):
 
 
 def _strip_prefixes(sd: dict) -> dict:
-    "Drop the wrappers MONAI checkpoints put around the Swin weights (`module.`, `swinViT.`)."
+    """Drop the wrappers MONAI checkpoints put around the Swin weights (`module.`, `swinViT.`), and give the MLP of
+    each block MONAI's module's names: the self-supervised Swin UNETR checkpoint (`model_swinvit.pt`) was saved
+    with timm's `mlp.fc1` / `mlp.fc2`, which MONAI's `load_from` copies into `mlp.linear1` / `mlp.linear2`."""
     out = {}
     for k, v in sd.items():
         for p in ('module.', 'swinViT.'):
             if k.startswith(p):
                 k = k[len(p):]
-        out[k] = v
+        out[re.sub(r'\.mlp\.fc([12])\.', r'.mlp.linear\1.', k)] = v
     return out
 
 
@@ -987,6 +989,8 @@ def from_monai(module_or_state_dict, *, merging: str | None = None, **overrides)
     `merging` ('legacy' is MONAI's default `downsample='merging'`; 'v2' is `'mergingv2'`); from a module it is
     read off the module. Keys outside the Swin encoder (a SwinUNETR decoder) are ignored; SwinUNETR-v2 weights
     (`use_v2=True`) are refused. `overrides` set the other config fields (SA is off unless `sa_stage` is given).
+    MONAI's self-supervised checkpoint layout (`module.` prefixes, timm's `mlp.fc1` names, the SSL heads beside the
+    encoder) loads too: `from_monai(torch.load('model_swinvit.pt')['state_dict'], merging='legacy')`.
     """
     window = overrides.pop('window_size', None)
     if isinstance(module_or_state_dict, nn.Module):
