@@ -27,10 +27,11 @@ from .swin import SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
-           'resolve_encoder', 'ClsModel', 'cls_splitter', 'encoder_groups', 'cls_learner', 'SegModel', 'seg_splitter',
-           'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls',
-           'summarize', 'evaluate_classifier', 'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class',
-           'evaluate_segmenter', 'plot_overlay', 'save_segmenter', 'load_segmenter']
+           'resolve_encoder', 'ClsModel', 'cls_splitter', 'encoder_groups', 'layer_decay_lrs', 'ClsLearner',
+           'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume',
+           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc',
+           'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
+           'save_segmenter', 'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
 def _confusion(y_true, y_pred, n: int) -> np.ndarray:
@@ -203,9 +204,49 @@ def encoder_groups(enc: SwinEncoder | ViTEncoder) -> list[list]:
     return [g for g in groups if g]
 
 
+def layer_decay_lrs(n_groups: int, lr: float, decay: float = 0.75) -> np.ndarray:
+    """Layer-wise learning-rate decay (BEiT, MAE fine-tuning): `lr` for the last parameter group (the head), times
+    `decay` for each group below it, down to the first (the patch embedding and the first Swin stage)."""
+    if not 0 < decay <= 1:
+        raise ValueError(f'layer_decay must be in (0, 1]; got {decay}')
+    return lr * decay ** np.arange(n_groups - 1, -1, -1, dtype=float)
+
+
+class ClsLearner(DistributedLearner):
+    """The `Learner` of `cls_learner` and `seg_learner`: fastai's, data parallel under `torchrun` (see
+    `DistributedLearner`); `fine_tune` keeps fastai's meaning, and `fine_tune_recipe` is the transformer recipe."""
+
+    def fine_tune_recipe(self, epochs: int, lr: float | None = None, layer_decay: float = 0.75, warmup: float = 0.1,
+                         lr_min: float = 1e-6, monitor: str | None = None, fname: str = 'best', cbs=None) -> None:
+        """Fine-tune the way transformers are (BEiT, MAE): every layer trains from the first step, with layer-wise
+        learning-rate decay over the parameter groups (`layer_decay_lrs`: the head at `lr`, each Swin stage below it
+        `layer_decay` times the one above), a linear warm-up over the first `warmup` of the steps then a cosine to
+        `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's optimiser); the epoch with the best validation
+        `monitor` (default: the first metric, AUC for `cls_learner`; else the validation loss) is kept by fastai's
+        `SaveModelCallback` and loaded at the end, so the test split is scored once, on the weights the validation
+        split chose.
+
+        Example: `learn.fine_tune_recipe(30, 1e-3)`.
+        """
+        from fastai.callback.schedule import ParamScheduler
+        from fastai.callback.tracker import SaveModelCallback
+
+        from .learner import warmup_cosine_scheds
+        if monitor is None:
+            monitor = self.metrics[0].name if len(self.metrics) else 'valid_loss'
+        self.unfreeze()
+        if self.opt is None:
+            self.create_opt()
+        lrs = layer_decay_lrs(len(self.opt.hypers), self.lr if lr is None else lr, layer_decay)
+        # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
+        sched = ParamScheduler(warmup_cosine_scheds(lrs, warmup, lr_min * lrs / lrs.max()))
+        comp = np.less if 'loss' in monitor else np.greater
+        self.fit(epochs, cbs=[sched, SaveModelCallback(monitor=monitor, comp=comp, fname=fname)] + list(cbs or []))
+
+
 def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None, linear_probe: bool = False,
                 pool: str = 'avg', n_out: int | None = None, dropout: float = 0.0, lr: float = 1e-3, wd: float = 0.05,
-                metrics=None, **kwargs) -> DistributedLearner:
+                metrics=None, **kwargs) -> ClsLearner:
     """A fastai `Learner` for classification with a (pretrained) encoder and a linear head.
 
     Args:
@@ -222,7 +263,8 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
 
     `learn.fine_tune(epochs, base_lr)` trains the head with the encoder frozen, then everything with LRs spread
     (fastai halves `base_lr` first) from `base_lr/200` (patch embedding) to `base_lr/2` (head); `learn.freeze()` is a
-    linear probe of the current encoder (eval mode: no drop path).
+    linear probe of the current encoder (eval mode: no drop path); `learn.fine_tune_recipe(epochs, lr)` fine-tunes
+    with layer-wise LR decay, warm-up and cosine, keeping the best validation epoch (`ClsLearner`).
     """
     check_option(arch, ('swin', 'vit'), 'arch')
     n_out = n_out or getattr(dls, 'c', None)
@@ -230,9 +272,9 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         raise ValueError(f'need at least 2 classes: pass n_out= (dls.c is {getattr(dls, "c", None)})')
     enc = resolve_encoder(encoder, preset or ('swin-smit' if arch == 'swin' else 'vit-base'))
     model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe)
-    learn = DistributedLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=lr, wd=wd,
-                               splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
-                               train_bn=False, **kwargs)
+    learn = ClsLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=lr, wd=wd,
+                       splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
+                       train_bn=False, **kwargs)
     learn.ddp_find_unused = True  # the encoder's mask token (and with avg pooling the SA module's norm) never serve
     return learn
 
@@ -327,7 +369,7 @@ class DiceScore(Metric):
 
 
 def seg_learner(dls, encoder=None, n_classes: int | None = None, preset: str = 'swin-smit', lr: float = 1e-3,
-                wd: float = 0.05, norm_name: str = 'instance', **kwargs) -> DistributedLearner:
+                wd: float = 0.05, norm_name: str = 'instance', **kwargs) -> ClsLearner:
     """A fastai `Learner` for segmentation: a (pretrained) Swin encoder and MONAI's SwinUNETR decoder, Dice + CE
     loss, Dice metric. `encoder` as in `cls_learner`; `n_classes` defaults to `dls.c` (background included).
     `learn.fine_tune(epochs, base_lr)` trains the decoder with the encoder frozen first."""
@@ -335,8 +377,8 @@ def seg_learner(dls, encoder=None, n_classes: int | None = None, preset: str = '
     if not n_classes or n_classes < 2:
         raise ValueError(f'need at least 2 classes (background + one): pass n_classes= (dls.c is {getattr(dls, "c", None)})')
     model = SegModel(resolve_encoder(encoder, preset), n_classes, norm_name)
-    learn = DistributedLearner(dls, model, loss_func=DiceCE(), opt_func=Adam, lr=lr, wd=wd, splitter=seg_splitter,
-                               metrics=[DiceScore(n_classes)], train_bn=False, **kwargs)
+    learn = ClsLearner(dls, model, loss_func=DiceCE(), opt_func=Adam, lr=lr, wd=wd, splitter=seg_splitter,
+                       metrics=[DiceScore(n_classes)], train_bn=False, **kwargs)
     learn.ddp_find_unused = True  # the encoder's mask token and SA module never serve the decoder
     return learn
 
