@@ -339,6 +339,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'dagman_fast.finetune._nanmean': ('finetune.html#_nanmean', 'dagman_fast/finetune.py'),
                                       'dagman_fast.finetune._save_model': ('finetune.html#_save_model', 'dagman_fast/finetune.py'),
                                       'dagman_fast.finetune.auc_score': ('finetune.html#auc_score', 'dagman_fast/finetune.py'),
+                                      'dagman_fast.finetune.balanced_class_weights': ( 'finetune.html#balanced_class_weights',
+                                                                                       'dagman_fast/finetune.py'),
                                       'dagman_fast.finetune.cls_learner': ('finetune.html#cls_learner', 'dagman_fast/finetune.py'),
                                       'dagman_fast.finetune.cls_metrics': ('finetune.html#cls_metrics', 'dagman_fast/finetune.py'),
                                       'dagman_fast.finetune.cls_splitter': ('finetune.html#cls_splitter', 'dagman_fast/finetune.py'),

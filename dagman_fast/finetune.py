@@ -28,9 +28,9 @@ from .swin import SwinEncoder, ViTEncoder, build_encoder
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
            'resolve_encoder', 'ClsModel', 'cls_splitter', 'encoder_groups', 'layer_decay_lrs', 'ClsLearner',
-           'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume',
-           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc',
-           'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
+           'balanced_class_weights', 'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner',
+           'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier',
+           'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
            'save_segmenter', 'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
@@ -221,10 +221,10 @@ class ClsLearner(DistributedLearner):
         """Fine-tune the way transformers are (BEiT, MAE): every layer trains from the first step, with layer-wise
         learning-rate decay over the parameter groups (`layer_decay_lrs`: the head at `lr`, each Swin stage below it
         `layer_decay` times the one above), a linear warm-up over the first `warmup` of the steps then a cosine to
-        `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's optimiser); the epoch with the best validation
-        `monitor` (default: the first metric, AUC for `cls_learner`; else the validation loss) is kept by fastai's
-        `SaveModelCallback` and loaded at the end, so the test split is scored once, on the weights the validation
-        split chose.
+        `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's
+        optimiser); the epoch with the best validation `monitor` (default: the first metric, AUC for `cls_learner`;
+        else the validation loss) is kept by fastai's `SaveModelCallback` and loaded at the end, so the test split is
+        scored once, on the weights the validation split chose.
 
         Example: `learn.fine_tune_recipe(30, 1e-3)`.
         """
@@ -244,9 +244,16 @@ class ClsLearner(DistributedLearner):
         self.fit(epochs, cbs=[sched, SaveModelCallback(monitor=monitor, comp=comp, fname=fname)] + list(cbs or []))
 
 
+def balanced_class_weights(labels, n_classes: int) -> torch.Tensor:
+    """Weights for the cross-entropy that make every class count alike (scikit-learn's 'balanced':
+    `n / (n_classes * count_c)`), from the training labels; a class absent from them gets weight 0."""
+    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long).flatten(), minlength=n_classes).float()
+    return torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros(()))
+
+
 def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None, linear_probe: bool = False,
                 pool: str = 'avg', n_out: int | None = None, dropout: float = 0.0, lr: float = 1e-3, wd: float = 0.05,
-                metrics=None, **kwargs) -> ClsLearner:
+                metrics=None, class_weights=None, **kwargs) -> ClsLearner:
     """A fastai `Learner` for classification with a (pretrained) encoder and a linear head.
 
     Args:
@@ -259,6 +266,8 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         pool: 'avg' (mean of the final tokens) or 'cls' (the SA module's / ViT's [CLS] token).
         n_out: classes (default `dls.c`).
         metrics: default AUC, accuracy, sensitivity, specificity (`cls_metrics`).
+        class_weights: None (plain cross-entropy), 'balanced' (`balanced_class_weights` of the training labels: for
+            skewed classes, e.g. AdrenalMNIST3D's 77/23) or a weight per class.
         **kwargs: passed to fastai's `Learner` (e.g. `path`, `cbs`).
 
     `learn.fine_tune(epochs, base_lr)` trains the head with the encoder frozen, then everything with LRs spread
@@ -272,7 +281,16 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         raise ValueError(f'need at least 2 classes: pass n_out= (dls.c is {getattr(dls, "c", None)})')
     enc = resolve_encoder(encoder, preset or ('swin-smit' if arch == 'swin' else 'vit-base'))
     model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe)
-    learn = ClsLearner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=Adam, lr=lr, wd=wd,
+    if isinstance(class_weights, str):
+        check_option(class_weights, ('balanced',), 'class_weights')
+        class_weights = balanced_class_weights([int(y) for _, y in dls.train.dataset], n_out)
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        if class_weights.shape != (n_out,):
+            raise ValueError(f'class_weights needs one weight per class ({n_out}); got shape '
+                             f'{tuple(class_weights.shape)}')
+        class_weights = class_weights.to(getattr(dls, 'device', None) or 'cpu')
+    learn = ClsLearner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=Adam, lr=lr, wd=wd,
                        splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
                        train_bn=False, **kwargs)
     learn.ddp_find_unused = True  # the encoder's mask token (and with avg pooling the SA module's norm) never serve

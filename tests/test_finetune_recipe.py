@@ -10,7 +10,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 
-from dagman_fast.finetune import ClsLearner, cls_learner, layer_decay_lrs
+from dagman_fast.finetune import ClsLearner, balanced_class_weights, cls_learner, layer_decay_lrs
 from dagman_fast.swin import SwinEncoder
 
 
@@ -66,3 +66,21 @@ def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     assert len(losses) == 5 and losses[-1] > min(losses)  # (here the best epoch is not the last)
     assert learn.validate()[0] == pytest.approx(min(losses), rel=1e-5)
     assert (tmp_path / 'models' / 'best.pth').exists()
+
+
+def test_balanced_class_weights_make_each_class_count_alike(tmp_path):
+    w = balanced_class_weights([0, 0, 0, 1], 2)
+    torch.testing.assert_close(w, torch.tensor([4 / 6, 4 / 2]))  # n / (classes * count): 3 zeros, 1 one
+    torch.testing.assert_close(balanced_class_weights([0, 2, 2], 3), torch.tensor([1.0, 0.0, 0.5]))  # absent: 0
+    learn = _learner(tmp_path)  # 8 training labels: 4 and 4, so 'balanced' is all ones
+    skewed = cls_learner(learn.dls, encoder=learn.model.encoder, class_weights=[0.25, 0.75], path=tmp_path)
+    balanced = cls_learner(learn.dls, encoder=learn.model.encoder, class_weights='balanced', path=tmp_path)
+    torch.testing.assert_close(balanced.loss_func.func.weight, torch.ones(2))
+    logits, y = torch.randn(6, 2), torch.tensor([0, 1, 1, 0, 1, 1])
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction='none')
+    w = torch.tensor([0.25, 0.75])[y]
+    torch.testing.assert_close(skewed.loss_func(logits, y), (ce * w).sum() / w.sum())  # weighted mean, by hand
+    with pytest.raises(ValueError, match='one weight per class'):
+        cls_learner(learn.dls, encoder=learn.model.encoder, class_weights=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match='class_weights'):
+        cls_learner(learn.dls, encoder=learn.model.encoder, class_weights='inverse')
