@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_kill_resume import _log
+from test_kill_resume import _log, assert_same_logs, kill_after
 
 from dagman_fast.checkpoint import load_checkpoint, load_encoder
 from dagman_fast.data import synthetic_ct
@@ -214,19 +212,10 @@ def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_run_logs(sca
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            *map(str, args), '--out', str(part)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    deadline = time.time() + 600
-    while len(_log(part)) < 2 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert proc.poll() is None, 'the run finished before it could be killed'
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers at once, as a cluster's scheduler does
-    proc.wait()
+    kill_after(proc, part, group=True)  # the launcher and both workers at once, as a cluster's scheduler does
     done = torchrun(*args, '--out', part, '--resume')
     assert 'resuming from' in done.stdout
-    a, b = _log(full), _log(part)
-    assert [r['epoch'] for r in b] == ['0', '1', '2', '3']
-    for ra, rb in zip(a, b):
-        for k in ('train_loss', 'aitd', 'ampd', 'gitd', 'amip', 'aitd_entropy', 'ema_momentum', 'lr'):
-            assert abs(float(ra[k]) - float(rb[k])) <= 1e-5 * max(1.0, abs(float(ra[k]))), (ra['epoch'], k)
+    assert_same_logs(_log(full), _log(part), 4)
     ea, eb = torch.load(full / 'encoder.pth', weights_only=True), torch.load(part / 'encoder.pth', weights_only=True)
     for k in ea['state_dict']:
         torch.testing.assert_close(ea['state_dict'][k], eb['state_dict'][k], rtol=1e-5, atol=1e-6, msg=k)
