@@ -1,8 +1,13 @@
 """AdrenalMNIST3D downstream benchmark: from scratch vs SMIT vs DAGMaN pretraining, linear probe and fine-tune.
 
-    python bench/bench_medmnist.py --seeds 0 1           # the BENCHMARKS.md table (see there for the times)
-    python bench/bench_medmnist.py --out runs/medmnist   # keep the encoders, logs and results (rerun: reuses them)
+    python bench/bench_medmnist.py --out runs/medmnist   # the BENCHMARKS.md table; keeps encoders, logs, results
+    python bench/bench_medmnist.py --out runs/medmnist --size 64 --protocols probe   # the 64^3 images, same encoders
+    python bench/bench_medmnist.py --out runs/mm --arms dagman --fraction 0.25        # few-shot: a quarter of the labels
+    python bench/bench_medmnist.py --table-from runs/medmnist runs/mm                 # one table from several runs
     python bench/bench_medmnist.py --quick               # a smoke run of every step (a minute)
+
+Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with its own `--out` and
+`--encoder-dir` pointing at the pretrained encoders) and their tables joined with `--table-from`.
 
 1. Pretraining (self-supervised, labels unused) on the 1188 official training images, padded 28^3 -> 36^3, two
    random 32^3 views each (`medmnist3d_ssl_dls`), for `--pretrain-epochs` epochs with `dagman_learner`, once per
@@ -15,11 +20,14 @@
      with the training statistics, and a linear layer trained on them with fastai (`--probe-epochs`, one cycle,
      its own learning rate and weight decay): the protocol of `cls_learner(linear_probe=True)` plus the usual
      feature standardisation, at a small share of its cost;
-   - fine-tune: `cls_learner(...).fine_tune(E, lr, freeze_epochs=1, lr_mult=10)` for the pretrained encoders;
-     scratch trains all layers at one rate for the same 1 + E epochs (`fit_one_cycle`): freezing a random encoder
-     first would only waste an epoch.
-   The last epoch's model is scored on the official test split (no selection on test). Seeds change the head's
-   initialisation, the shuffling and the random encoder of the scratch arm; the pretraining itself runs once.
+   - fine-tune: the recipe, `cls_learner`'s defaults (balanced class weights, MONAI augmentation of the training
+     batches, drop path 0.1, AdamW) and `learn.fine_tune_recipe(E, lr)` (layer-wise LR decay 0.75 over the Swin
+     stages, 10% warm-up then cosine); the scratch arm uses one rate for every layer (`layer_decay=1`). The epoch
+     with the best validation AUC is kept (`SaveModelCallback`) and scored once on the official test split: the
+     test split never chooses anything.
+   Seeds change the head's initialisation, the shuffling, the augmentation and the random encoder of the scratch
+   arm; the pretraining itself runs once. `--size 64` evaluates on the 64^3 images with the same encoders (their
+   SA position embedding is resized to the larger grid).
 3. A table (mean +- std over seeds of test AUC and ACC), `results.json` and per-run rows go to `--out`.
 
 Published MedMNIST v2 (Yang et al. 2023) bests on AdrenalMNIST3D test: AUC 0.839 (ResNet-18 + ACS, 28^3),
@@ -83,7 +91,7 @@ def pretrain(method: str, args, out: Path) -> tuple[Path, float]:
 
 def labelled(args, seed: int):
     set_seed(seed)
-    dls = medmnist3d_dls(FLAG, args.root, bs=args.bs)
+    dls = medmnist3d_dls(FLAG, args.root, size=args.size, bs=args.bs)
     if args.fraction < 1:
         labels = dls.train.dataset.tensors[1].tolist()
         dls = subset_dls(dls, few_shot_indices(labels, args.fraction, seed=seed))
@@ -127,26 +135,27 @@ def linear_probe(arm: str, seed: int, encoders: dict, args) -> dict:
 def fine_tune(arm: str, seed: int, encoders: dict, args) -> dict:
     dls = labelled(args, seed)
     set_seed(seed)
-    learn = cls_learner(dls, encoder=encoder_for(arm, encoders), lr=args.lr)
-    with learn.no_bar(), learn.no_logging():
-        if arm == 'scratch':
-            learn.fit_one_cycle(1 + args.ft_epochs, args.lr)
-        else:
-            learn.fine_tune(args.ft_epochs, args.lr, freeze_epochs=1, lr_mult=10)
-    res, _, _ = evaluate_classifier(learn.model, dls.test)
-    return res
+    with tempfile.TemporaryDirectory() as tmp:  # SaveModelCallback's best epoch, one folder per run
+        learn = cls_learner(dls, encoder=encoder_for(arm, encoders), lr=args.lr, path=tmp)
+        with learn.no_bar(), learn.no_logging():
+            learn.fine_tune_recipe(args.ft_epochs, args.lr, layer_decay=1.0 if arm == 'scratch' else args.layer_decay)
+    res, _, _ = evaluate_classifier(learn.model, dls.test)  # once, on the epoch the validation split chose
+    return dict(res, kept_epoch=learn.best_epoch)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ['| encoder | protocol | test AUC | test ACC | runs |', '|---|---|---|---|---|']
-    for arm in ARMS:
-        for proto in ('linear probe', 'fine-tune'):
-            r = [x for x in rows if x['arm'] == arm and x['protocol'] == proto]
-            if not r:
-                continue
-            f = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"
-            lines.append(f"| {arm} | {proto} | {f('auc')} | {f('accuracy')} | {len(r)} |")
-    lines.append(f"| published best (MedMNIST v2) | | {PUBLISHED['auc'][0]} ({PUBLISHED['auc'][1]}) | "
+    lines = ['| size | labels | encoder | protocol | test AUC | test ACC | runs |', '|---|---|---|---|---|---|---|']
+    keys = sorted({(r.get('size', 28), r.get('fraction', 1.0)) for r in rows}, key=lambda k: (k[0], -k[1]))
+    for size, frac in keys:
+        for arm in ARMS:
+            for proto in ('linear probe', 'fine-tune'):
+                r = [x for x in rows if x['arm'] == arm and x['protocol'] == proto and x.get('size', 28) == size
+                     and x.get('fraction', 1.0) == frac]
+                if not r:
+                    continue
+                f = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"
+                lines.append(f"| {size}^3 | {frac:.0%} | {arm} | {proto} | {f('auc')} | {f('accuracy')} | {len(r)} |")
+    lines.append(f"| 28^3 | 100% | published best (MedMNIST v2) | | {PUBLISHED['auc'][0]} ({PUBLISHED['auc'][1]}) | "
                  f"{PUBLISHED['acc'][0]} ({PUBLISHED['acc'][1]}) | |")
     return '\n'.join(lines)
 
@@ -158,9 +167,15 @@ def main(argv=None):
     p.add_argument('--out', default=None, help='output folder (default: a new temporary folder)')
     p.add_argument('--arms', nargs='+', default=list(ARMS), choices=ARMS)
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    p.add_argument('--protocols', nargs='+', default=['probe', 'finetune'], choices=['probe', 'finetune'])
+    p.add_argument('--size', type=int, default=28, choices=[28, 64], help='image side of the labelled runs')
+    p.add_argument('--encoder-dir', default=None, help='folder of pretrained <method>/encoder.pth (default --out)')
+    p.add_argument('--table-from', nargs='+', default=None, help="only join the results.json of these --out folders")
+    p.add_argument('--threads', type=int, default=None, help='torch threads (default: torch chooses)')
     p.add_argument('--pretrain-epochs', type=int, default=8)
     p.add_argument('--pretrain-lr', type=float, default=5e-4)
-    p.add_argument('--ft-epochs', type=int, default=4, help='unfrozen fine-tuning epochs (after 1 frozen)')
+    p.add_argument('--ft-epochs', type=int, default=6, help='fine-tuning epochs (the best validation epoch is kept)')
+    p.add_argument('--layer-decay', type=float, default=0.75, help='layer-wise LR decay of pretrained encoders')
     p.add_argument('--lr', type=float, default=1e-3)
     p.add_argument('--probe-epochs', type=int, default=30)
     p.add_argument('--probe-lr', type=float, default=1e-2)
@@ -169,6 +184,12 @@ def main(argv=None):
     p.add_argument('--bs', type=int, default=32)
     p.add_argument('--quick', action='store_true', help='smoke run: 1 epoch each on a 5%% subset, one seed')
     args = p.parse_args(argv)
+    if args.table_from:
+        rows = [r for d in args.table_from for r in json.loads((Path(d) / 'results.json').read_text())['rows']]
+        print(table(rows))
+        return rows
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.pretrain_epochs, args.ft_epochs, args.probe_epochs, args.seeds = 1, 1, 2, args.seeds[:1]
         args.fraction, args.bs = min(args.fraction, 0.05), 8
@@ -177,14 +198,17 @@ def main(argv=None):
     encoders, timing = {}, {}
     for arm in args.arms:
         if arm != 'scratch':
-            encoders[arm], timing[f'pretrain_{arm}_s'] = pretrain(arm, args, out)
+            encoders[arm], timing[f'pretrain_{arm}_s'] = pretrain(arm, args, Path(args.encoder_dir or out))
     rows = []
     for seed in args.seeds:  # seed-major: a stopped run still has every arm for its first seeds
         for arm in args.arms:
             for proto, fn in (('linear probe', linear_probe), ('fine-tune', fine_tune)):
+                if proto.split()[-1].replace('-', '') not in args.protocols:
+                    continue
                 t0 = time.time()
                 res = fn(arm, seed, encoders, args)
-                rows.append(dict(arm=arm, protocol=proto, seed=seed, seconds=round(time.time() - t0, 1), **res))
+                rows.append(dict(arm=arm, protocol=proto, seed=seed, size=args.size, fraction=args.fraction,
+                                 seconds=round(time.time() - t0, 1), **res))
                 print(json.dumps(rows[-1]), flush=True)
                 (out / 'results.json').write_text(json.dumps(dict(config=vars(args), timing=timing, rows=rows),
                                                              indent=1) + '\n')

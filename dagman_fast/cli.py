@@ -499,12 +499,31 @@ def _report(model, dls, out: Path, split: str) -> dict:
 DATA_ARGS = ('medmnist', 'root', 'nodules', 'size', 'seed', 'label_rule')
 
 
+def _check_schedule(args, default: str) -> None:
+    "`--schedule` (default `default`) and the options that belong to the other schedule are an error, not ignored."
+    args.schedule = args.schedule or default
+    other = (('freeze_epochs',) if args.schedule == 'recipe' else ('layer_decay', 'warmup'))
+    given = [k for k in other if getattr(args, k, None) is not None]
+    if given:
+        names = ', '.join('--' + k.replace('_', '-') for k in given)
+        raise CLIError(f'{names}: not an option of --schedule {args.schedule} (the recipe trains every layer from the '
+                       f'first step, with --layer-decay and --warmup; fastai freezes first, for --freeze-epochs)')
+    if args.schedule == 'fastai' and args.freeze_epochs is None:
+        args.freeze_epochs = 1
+
+
 def _train(learn, args, pretrained: bool) -> None:
-    "The schedule: a probe trains its head; a pretrained encoder is fine-tuned (frozen first); a random one trains."
+    """The schedule: a probe trains its head; `--schedule recipe` fine-tunes every layer with layer-wise LR decay (none
+    for a random encoder), warm-up and cosine, keeping the best validation epoch; `--schedule fastai`: fastai's
+    `fine_tune` for a pretrained encoder (frozen first), one cycle at one rate for a random one."""
     if getattr(args, 'linear_probe', False):
         if not getattr(learn.model, 'frozen_encoder', False):
             learn.freeze()  # segmentation: the encoder stays fixed, the decoder trains
         learn.fit_one_cycle(args.epochs, args.lr)
+    elif args.schedule == 'recipe':
+        decay = args.layer_decay if args.layer_decay is not None else 0.75 if pretrained else 1.0
+        learn.fine_tune_recipe(args.epochs, args.lr, layer_decay=decay,
+                               warmup=0.1 if args.warmup is None else args.warmup)
     elif pretrained:
         learn.fine_tune(args.epochs, args.lr, freeze_epochs=args.freeze_epochs)
     else:  # freezing a random encoder, then spreading small rates over it, would only slow it down
@@ -525,6 +544,14 @@ def _fit_distributed(learn, args, world: int, bs: int) -> bool:
     return _rank() == 0
 
 
+def _kept(learn) -> dict:
+    "The epoch the recipe kept (0-based, chosen on the validation split) and its score, for results.json."
+    if getattr(learn, 'best_epoch', None) is None:
+        return {}
+    return dict(kept_epoch=learn.best_epoch, kept_by={learn.monitor: learn.best_value},
+                epochs_run=len(learn.recorder.values))
+
+
 def _finetune(args) -> int:
     if args.seg or args.seg_csv:
         return _finetune_seg(args)
@@ -538,6 +565,7 @@ def _finetune(args) -> int:
     from dagman_fast.swin import build_encoder, encoder_config
     if not 0 < args.fraction <= 1:
         raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
+    _check_schedule(args, 'recipe')
     _check_cls_data(args)
     out = _check_out(Path(args.out))  # before any data is read
     world = setup_distributed()  # under torchrun / accelerate launch
@@ -556,12 +584,15 @@ def _finetune(args) -> int:
         preset = args.preset or ('swin-smit' if torch.cuda.is_available() else 'swin-tiny')
         encoder = build_encoder(encoder_config(preset, img_size=side))
         _say(f'no --encoder: a randomly initialised {preset}')
-    learn = cls_learner(dls, encoder=encoder, linear_probe=args.linear_probe, pool=args.pool, path=out)
+    weights = None if args.class_weights == 'none' else 'balanced'
+    learn = cls_learner(dls, encoder=encoder, linear_probe=args.linear_probe, pool=args.pool, path=out,
+                        class_weights=weights, augment=not args.no_augment,
+                        drop_path=0.1 if args.drop_path is None else args.drop_path)
     if not _fit_distributed(learn, args, world, dls.train.bs):  # rank 0 saves and scores the test split alone
         return 0
     save_classifier(learn.model, out / 'classifier.pth', data={k: getattr(args, k) for k in DATA_ARGS})
     results = dict(config={k: v for k, v in vars(args).items() if k != 'func'}, n_train=len(dls.train.dataset),
-                   valid=_report(learn.model, dls, out, 'valid'))
+                   **_kept(learn), valid=_report(learn.model, dls, out, 'valid'))
     if getattr(dls, 'test', None) is not None:
         results['test'] = _report(learn.model, dls, out, 'test')
     (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
@@ -623,7 +654,7 @@ def _seg_pairs(args) -> tuple[list, list]:
 
 
 SEG_DATA_ARGS = ('labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')
-CLS_ONLY = ('medmnist', 'nodules', 'root', 'size', 'label_rule')
+CLS_ONLY = ('medmnist', 'nodules', 'root', 'size', 'label_rule', 'class_weights', 'no_augment', 'drop_path')
 SEG_ONLY = ('seg', 'seg_csv', 'valid_seg', 'labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')
 
 
@@ -666,6 +697,7 @@ def _finetune_seg(args) -> int:
     if args.fraction < 1:
         raise CLIError('--fraction (few-shot) is for classification; give fewer --seg volumes instead')
     _check_seg_args(args)
+    _check_schedule(args, 'fastai')
     args.seed = 0 if args.seed is None else args.seed
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
@@ -696,7 +728,7 @@ def _finetune_seg(args) -> int:
     save_segmenter(learn.model, out / 'segmenter.pth', data={k: getattr(args, k) for k in SEG_DATA_ARGS} |
                    dict(valid=held_out))
     results = dict(config={k: v for k, v in vars(args).items() if k != 'func'},
-                   n_train_volumes=len(dls.train.dataset.volumes),
+                   n_train_volumes=len(dls.train.dataset.volumes), **_kept(learn),
                    valid=_seg_report(learn.model, dls.valid_volumes, out, args))
     (out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
     print(json.dumps(results['valid'], indent=1))
@@ -911,7 +943,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--linear-probe', action='store_true', help='train the head only (the encoder stays fixed)')
     s.add_argument('--pool', choices=['avg', 'cls'], default='avg', help="features: 'avg' (final tokens) or 'cls'")
     s.add_argument('--epochs', type=_int_min(1), default=20)
-    s.add_argument('--freeze-epochs', type=_int_min(0), default=1, help='epochs with the encoder frozen first (default 1)')
+    s.add_argument('--schedule', choices=['recipe', 'fastai'], default=None,
+                   help="'recipe' (default for classification): every layer trains from the first step with layer-wise "
+                        "LR decay, warm-up then cosine, and the epoch with the best validation AUC is kept and scored "
+                        "on the test split; 'fastai' (default for segmentation): fastai's fine_tune, frozen first")
+    s.add_argument('--layer-decay', type=_float_range(0, 1), default=None,
+                   help='recipe: LR factor per Swin stage below the head (default 0.75; 1 for a random encoder)')
+    s.add_argument('--warmup', type=_float_range(0, 0.9, lo_open=False), default=None,
+                   help='recipe: share of the steps of linear warm-up (default 0.1)')
+    s.add_argument('--freeze-epochs', type=_int_min(0), default=None,
+                   help='fastai schedule: epochs with the encoder frozen first (default 1)')
+    s.add_argument('--class-weights', choices=['balanced', 'none'], default=None,
+                   help="classification: 'balanced' (default: each class counts alike in the loss) or 'none'")
+    s.add_argument('--no-augment', action='store_true',
+                   help='classification: no MONAI augmentation of the training batches (flips, affine, intensity)')
+    s.add_argument('--drop-path', type=_float_range(0, 0.9, lo_open=False), default=None,
+                   help="classification: the encoder's stochastic depth while fine-tuning (default 0.1)")
     s.add_argument('--lr', type=_float_range(0), default=1e-3)
     s.add_argument('--fraction', type=_float_range(0, 1), default=1.0,
                    help='stratified share of the training set (few-shot), in (0, 1]')

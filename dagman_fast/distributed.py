@@ -165,6 +165,15 @@ class DDPTrainer(DistributedTrainer):
                              f'than the batch size {bs}, so it would train on nothing: use a smaller batch size or '
                              f'fewer processes')
 
+    def after_fit(self):
+        # DDP copies rank 0's buffers to every rank before each training forward, so the last step's updates of
+        # running statistics (a classifier's FeatureNorm) are each rank's own: rank 0's are kept everywhere, as the
+        # next forward would, and the replicas stay identical
+        if is_distributed():
+            for buf in self.learn.model.buffers():
+                torch.distributed.broadcast(buf, 0)
+        super().after_fit()
+
     def _wrap_dl(self, dl):
         return dl if isinstance(dl, DistributedDL) else _DistributedDL(dl, device=self.learn.model.device)
 

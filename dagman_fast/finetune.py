@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import fastai.callback.progress  # noqa: F401  fastai's progress bars (and learn.no_bar) for every Learner
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle and fine_tune to Learner
+from fastai.callback.core import Callback
+from fastai.callback.tracker import SaveModelCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, Metric, accuracy, skm_to_fastai
@@ -23,15 +27,16 @@ from .callbacks import unwrap
 from .checkpoint import load_encoder
 from .distributed import DistributedLearner
 from .model import DAGMaNModel
-from .swin import SwinEncoder, ViTEncoder, build_encoder
+from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
-           'resolve_encoder', 'ClsModel', 'cls_splitter', 'encoder_groups', 'layer_decay_lrs', 'ClsLearner',
-           'balanced_class_weights', 'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner',
-           'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier',
-           'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
-           'save_segmenter', 'load_segmenter']
+           'resolve_encoder', 'FeatureNorm', 'ClsModel', 'cls_splitter', 'encoder_groups', 'layer_decay_lrs',
+           'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'Augment3D', 'cls_learner',
+           'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume', 'few_shot_indices',
+           'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc', 'save_classifier',
+           'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay', 'save_segmenter',
+           'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
 def _confusion(y_true, y_pred, n: int) -> np.ndarray:
@@ -118,15 +123,33 @@ def resolve_encoder(encoder=None, preset: str = 'swin-smit', **overrides) -> Swi
     raise TypeError(f'encoder must be None, a path, a DAGMaNLearner or an encoder module; got {type(encoder).__name__}')
 
 
+class FeatureNorm(nn.BatchNorm1d):
+    """Standardises pooled features per dimension (BatchNorm without affine, as MAE's linear probe): batch statistics
+    in training, running ones in evaluation. A pretrained encoder's pooled features can vary across images by a
+    thousandth of their size (BENCHMARKS.md, issue 14): unstandardised, a linear head sees the same input for every
+    image and calls every case the majority class. A training batch of one uses the running statistics (BatchNorm
+    would raise)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
+
+
 class ClsModel(nn.Module):
-    """An encoder and a linear head on its pooled final tokens (`pool='avg'`) or its [CLS] token (`pool='cls'`).
+    """An encoder and a linear head on its pooled final tokens (`pool='avg'`) or its [CLS] token (`pool='cls'`),
+    standardised first by `FeatureNorm` (`norm=True`, the default; the probe's feature standardisation, kept while
+    fine-tuning).
 
     Inputs whose size the encoder cannot take (e.g. MedMNIST's 28^3 for a Swin that needs multiples of 32) are
     zero-padded evenly on each side to the next size it can.
     """
 
     def __init__(self, encoder: nn.Module, n_out: int, pool: str = 'avg', dropout: float = 0.0,
-                 frozen_encoder: bool = False):
+                 frozen_encoder: bool = False, norm: bool = True):
         super().__init__()
         self.pool = check_option(pool, POOLS, 'pool')
         is_vit = isinstance(encoder, ViTEncoder)
@@ -139,10 +162,10 @@ class ClsModel(nn.Module):
             dim = cfg.embed_dim * 2 ** cfg.sa_stage
         else:
             dim = encoder.feature_channels[-1]
-        self.encoder, self.frozen_encoder = encoder, frozen_encoder
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_out))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
+        self.encoder, self.frozen_encoder, self.norm = encoder, frozen_encoder, norm
+        self.head = nn.Sequential(*([FeatureNorm(dim)] if norm else []), nn.Dropout(dropout), nn.Linear(dim, n_out))
+        nn.init.trunc_normal_(self.head[-1].weight, std=0.01)
+        nn.init.zeros_(self.head[-1].bias)
         if frozen_encoder:
             encoder.requires_grad_(False)
 
@@ -229,7 +252,6 @@ class ClsLearner(DistributedLearner):
         Example: `learn.fine_tune_recipe(30, 1e-3)`.
         """
         from fastai.callback.schedule import ParamScheduler
-        from fastai.callback.tracker import SaveModelCallback
 
         from .learner import warmup_cosine_scheds
         if monitor is None:
@@ -241,7 +263,22 @@ class ClsLearner(DistributedLearner):
         # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
         sched = ParamScheduler(warmup_cosine_scheds(lrs, warmup, lr_min * lrs / lrs.max()))
         comp = np.less if 'loss' in monitor else np.greater
-        self.fit(epochs, cbs=[sched, SaveModelCallback(monitor=monitor, comp=comp, fname=fname)] + list(cbs or []))
+        keep = _KeepBest(monitor=monitor, comp=comp, fname=fname)
+        self.fit(epochs, cbs=[sched, keep] + list(cbs or []))
+        self.best_epoch, self.best_value, self.monitor = keep.best_epoch, float(keep.best), monitor
+
+
+class _KeepBest(SaveModelCallback):
+    "fastai's `SaveModelCallback`, which also remembers which epoch it kept (`best_epoch`, 0-based)."
+
+    def before_fit(self):
+        super().before_fit()
+        self.best_epoch = None
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best:
+            self.best_epoch = self.epoch
 
 
 def balanced_class_weights(labels, n_classes: int) -> torch.Tensor:
@@ -251,9 +288,61 @@ def balanced_class_weights(labels, n_classes: int) -> torch.Tensor:
     return torch.where(counts > 0, counts.sum() / (n_classes * counts.clamp_min(1)), torch.zeros(()))
 
 
+def set_drop_path(encoder: SwinEncoder | ViTEncoder, rate: float) -> SwinEncoder | ViTEncoder:
+    """Stochastic depth on `encoder`'s blocks, growing linearly with depth from 0 to `rate` as `drop_path_rate` does
+    at construction (the SA module has none): how fine-tuning adds drop path to an encoder pretrained without it, or
+    removes it (`rate=0`). Changes `encoder` in place and returns it."""
+    if not 0 <= rate < 1:
+        raise ValueError(f'drop_path must be in [0, 1); got {rate}')
+    vit = isinstance(encoder, ViTEncoder)
+    blocks = list(encoder.blocks) if vit else [b for st in encoder.stages for b in st.blocks]
+    for blk, r in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+        # a new module is in training mode: it takes the block's
+        blk.drop_path = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+    encoder.config = replace(encoder.config, drop_path_rate=rate)
+    return encoder
+
+
+def cls_augment(flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scale: float = 0.1, shift: float = 2.0,
+                intensity: float = 0.1):
+    """MONAI's 3-D augmentation for classification volumes `(c, d, h, w)`: a flip along each axis (probability
+    `flip` each), and with probability `prob` each: an affine (rotation up to `rotate` degrees about each axis, scaling
+    up to `scale`, a shift of up to `shift` voxels, zero fill), an intensity scale and an intensity shift of up to
+    `intensity`. Returns a `monai.transforms.Compose`."""
+    from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
+    rad = math.radians(rotate)
+    return Compose([*(RandFlip(prob=flip, spatial_axis=i) for i in range(3)),
+                    RandAffine(prob=prob, rotate_range=(rad,) * 3, scale_range=(scale,) * 3,
+                               translate_range=(shift,) * 3, padding_mode='zeros', cache_grid=False),
+                    RandScaleIntensity(factors=intensity, prob=prob),
+                    RandShiftIntensity(offsets=intensity, prob=prob)])
+
+
+class Augment3D(Callback):
+    """Augments the training batches with a MONAI transform (default `cls_augment()`), one draw per volume, on the
+    batch's device; validation, `get_preds` and the test split are never augmented (`run_valid=False`).
+
+    A batch callback, like fastai's `MixUp`, rather than a transform of a dataset, so it works with any `DataLoaders`
+    of volumes (`medmnist3d_dls`, `nodule_crops_dls`, your own). MONAI keeps its own random state: it is reseeded from
+    torch's generator every batch, so `set_seed` repeats the draws and every data-parallel rank draws its own."""
+    run_valid, order = False, -1
+
+    def __init__(self, tfm=None):
+        self.tfm = cls_augment() if tfm is None else tfm
+
+    def before_batch(self):
+        if hasattr(self.tfm, 'set_random_state'):
+            self.tfm.set_random_state(int(torch.randint(2 ** 31 - 1, ())))
+        x = self.xb[0]
+        out = [self.tfm(v) for v in x]
+        self.learn.xb = (torch.stack([o.as_tensor() if hasattr(o, 'as_tensor') else o for o in out]).to(x),
+                         *self.xb[1:])
+
+
 def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None, linear_probe: bool = False,
                 pool: str = 'avg', n_out: int | None = None, dropout: float = 0.0, lr: float = 1e-3, wd: float = 0.05,
-                metrics=None, class_weights=None, **kwargs) -> ClsLearner:
+                metrics=None, class_weights='balanced', augment=True, drop_path: float | None = 0.1,
+                norm: bool = True, **kwargs) -> ClsLearner:
     """A fastai `Learner` for classification with a (pretrained) encoder and a linear head.
 
     Args:
@@ -265,11 +354,20 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         linear_probe: freeze the encoder for good (eval mode, out of the optimiser): only the head trains.
         pool: 'avg' (mean of the final tokens) or 'cls' (the SA module's / ViT's [CLS] token).
         n_out: classes (default `dls.c`).
+        norm: standardise the pooled features before the head (`FeatureNorm`; default True).
         metrics: default AUC, accuracy, sensitivity, specificity (`cls_metrics`).
-        class_weights: None (plain cross-entropy), 'balanced' (`balanced_class_weights` of the training labels: for
-            skewed classes, e.g. AdrenalMNIST3D's 77/23) or a weight per class.
+        class_weights: 'balanced' (default: `balanced_class_weights` of the training labels, so skewed classes such
+            as AdrenalMNIST3D's 77/23 count alike; all ones for balanced classes), None (plain cross-entropy) or a
+            weight per class.
+        augment: True (default: `cls_augment()`, MONAI flips, affine and intensity jitter of the training batches
+            through the `Augment3D` callback), False, or a MONAI transform of one volume.
+        drop_path: the encoder's stochastic depth while fine-tuning (`set_drop_path`; default 0.1, the rate of
+            `swin-smit`), or None to keep the encoder's own.
         **kwargs: passed to fastai's `Learner` (e.g. `path`, `cbs`).
 
+    The defaults are the fine-tuning recipe (BENCHMARKS.md, issue 14): standardised features, balanced class weights,
+    augmentation, drop path 0.1, AdamW (weight decay `wd`); pass `norm=False, class_weights=None, augment=False,
+    drop_path=None` for none of them.
     `learn.fine_tune(epochs, base_lr)` trains the head with the encoder frozen, then everything with LRs spread
     (fastai halves `base_lr` first) from `base_lr/200` (patch embedding) to `base_lr/2` (head); `learn.freeze()` is a
     linear probe of the current encoder (eval mode: no drop path); `learn.fine_tune_recipe(epochs, lr)` fine-tunes
@@ -280,7 +378,9 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
     if not n_out or n_out < 2:
         raise ValueError(f'need at least 2 classes: pass n_out= (dls.c is {getattr(dls, "c", None)})')
     enc = resolve_encoder(encoder, preset or ('swin-smit' if arch == 'swin' else 'vit-base'))
-    model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe)
+    if drop_path is not None:
+        set_drop_path(enc, drop_path)
+    model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe, norm=norm)
     if isinstance(class_weights, str):
         check_option(class_weights, ('balanced',), 'class_weights')
         class_weights = balanced_class_weights([int(y) for _, y in dls.train.dataset], n_out)
@@ -290,6 +390,10 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
             raise ValueError(f'class_weights needs one weight per class ({n_out}); got shape '
                              f'{tuple(class_weights.shape)}')
         class_weights = class_weights.to(getattr(dls, 'device', None) or 'cpu')
+    if augment is not False:
+        cbs = kwargs.pop('cbs', None)
+        cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+        kwargs['cbs'] = [Augment3D(None if augment is True else augment)] + cbs
     learn = ClsLearner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=Adam, lr=lr, wd=wd,
                        splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
                        train_bn=False, **kwargs)
@@ -513,7 +617,8 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, path=None, title: str = 'ROC
 def save_classifier(model: ClsModel, path, data: dict | None = None) -> Path:
     """The fine-tuned classifier as weights + config (loads with `weights_only=True`, see `load_classifier`);
     `data`: how its data was built (plain values), for `dagman evaluate`."""
-    return _save_model(model, path, CLASSIFIER_FORMAT, data, pool=model.pool, n_out=model.head[1].out_features)
+    return _save_model(model, path, CLASSIFIER_FORMAT, data, pool=model.pool, n_out=model.head[-1].out_features,
+                       norm=model.norm)
 
 
 def _save_model(model: nn.Module, path, fmt: str, data: dict | None, **meta) -> Path:
@@ -538,7 +643,9 @@ def _load_model(path, fmt: str, build) -> nn.Module:
 
 def load_classifier(path) -> ClsModel:
     "A classifier written by `save_classifier` (or `dagman finetune`)."
-    return _load_model(path, CLASSIFIER_FORMAT, lambda enc, obj: ClsModel(enc, obj['n_out'], obj['pool']))
+    # a classifier saved before FeatureNorm existed has none
+    return _load_model(path, CLASSIFIER_FORMAT,
+                       lambda enc, obj: ClsModel(enc, obj['n_out'], obj['pool'], norm=obj.get('norm', False)))
 
 # %% ../nbs/06_finetune.ipynb #0d57d061
 SEGMENTER_FORMAT = 'dagman_fast.segmenter'

@@ -171,7 +171,7 @@ def _metrics(out: Path, bs: int) -> dict:
     dls = DataLoaders(DataLoader(ds, bs=bs), DataLoader(ds, bs=bs), device='cpu')
     dls.c = 2
     learn = cls_learner(dls, encoder=SwinEncoder(tiny_config(img_size=CROP)), path=out)
-    torch.nn.init.normal_(learn.model.head[1].weight, std=10.0)  # a head whose scores differ between the crops
+    torch.nn.init.normal_(learn.model.head[-1].weight, std=10.0)  # a head whose scores differ between the crops
     with learn.distrib_ctx():
         res = learn.validate()
     names = ['valid_loss'] + [m.name for m in learn.metrics]

@@ -225,19 +225,25 @@ MEDMNIST = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
 
 
 @pytest.mark.skipif(not (MEDMNIST / 'adrenalmnist3d.npz').exists(), reason='needs ../shared/data/medmnist')
-def test_torchrun_finetune_gathers_the_metrics_and_rank0_scores_the_test_split(tmp_path):
+@pytest.mark.parametrize('schedule', [['--schedule', 'fastai', '--epochs', '1', '--freeze-epochs', '1'],
+                                      ['--epochs', '2']], ids=['fastai', 'recipe'])
+def test_torchrun_finetune_gathers_the_metrics_and_rank0_scores_the_test_split(tmp_path, schedule):
     from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
     from dagman_fast.swin import build_encoder, encoder_config
     enc = build_encoder(encoder_config('swin-tiny', img_size=32))
     atomic_save(dict(format=ENCODER_FORMAT, config=enc.config.to_dict(), state_dict=enc.state_dict()),
                 tmp_path / 'encoder.pth')
-    out = tmp_path / 'cls'  # fastai's fine_tune: a frozen epoch, then all layers (DDP wraps the model anew per fit)
+    # fastai's fine_tune: a frozen epoch, then all layers (DDP wraps the model anew per fit); the recipe (the
+    # default): rank 0 saves the best validation epoch and every rank loads it at the end
+    out = tmp_path / 'cls'
     res = torchrun('-m', 'dagman_fast.cli', 'finetune', '--medmnist', 'adrenalmnist3d', '--root', MEDMNIST,
-                   '--encoder', tmp_path / 'encoder.pth', '--fraction', '0.1', '--epochs', '1', '--freeze-epochs', '1',
-                   '--bs', '16', '--out', out)
+                   '--encoder', tmp_path / 'encoder.pth', '--fraction', '0.1', *schedule, '--bs', '16', '--out', out)
     assert 'weights identical on all 2 processes' in res.stdout
     assert res.stdout.count('data parallel: 2 processes') == 1
     results = json.loads((out / 'results.json').read_text())
     for split in ('valid', 'test'):
         assert 0 <= results[split]['auc'] <= 1 and 0 <= results[split]['accuracy'] <= 1
+    if '--schedule' not in schedule:  # the kept epoch's validation AUC, over both ranks, is that of the saved model
+        assert results['kept_epoch'] in (0, 1)
+        assert results['valid']['auc'] == pytest.approx(results['kept_by']['auc'], abs=1e-6)
     assert (out / 'classifier.pth').exists() and (out / 'roc_test.png').exists()

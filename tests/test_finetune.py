@@ -112,7 +112,7 @@ def test_padding_and_pools(tmp_path):
     ref = enc.forward_features(F.pad(x, [2, 2, 2, 2, 2, 2]))[-1].mean((2, 3, 4))
     torch.testing.assert_close(model.features(x), ref)
     cls = ClsModel(enc, 3, pool='cls').eval()
-    assert cls(x).shape == (2, 3) and cls.head[1].in_features == 12 * 8
+    assert cls(x).shape == (2, 3) and cls.head[-1].in_features == 12 * 8
     no_sa = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=None)
     with pytest.raises(ValueError, match='sa_stage'):
         ClsModel(build_encoder(no_sa), 2, pool='cls')

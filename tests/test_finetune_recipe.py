@@ -84,3 +84,166 @@ def test_balanced_class_weights_make_each_class_count_alike(tmp_path):
         cls_learner(learn.dls, encoder=learn.model.encoder, class_weights=[1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match='class_weights'):
         cls_learner(learn.dls, encoder=learn.model.encoder, class_weights='inverse')
+
+
+def test_set_drop_path_grows_with_depth_and_only_acts_in_training():
+    from dagman_fast.finetune import set_drop_path
+    from dagman_fast.swin import DropPath
+    torch.manual_seed(0)
+    enc = SwinEncoder(tiny_config(img_size=32))
+    blocks = [b for st in enc.stages for b in st.blocks]
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in blocks)  # built without drop path
+    x = torch.rand(2, 1, 32, 32, 32)
+    enc.eval()
+    ref = enc.forward_features(x)[-1]
+    assert set_drop_path(enc, 0.3) is enc and enc.config.drop_path_rate == 0.3
+    rates = [b.drop_path.drop_prob if isinstance(b.drop_path, DropPath) else 0.0 for b in blocks]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.3, len(blocks)), rtol=1e-6)  # 0 (Identity) at the first block
+    torch.testing.assert_close(enc.forward_features(x)[-1], ref)  # eval: no drop path
+    enc.train()
+    torch.manual_seed(1)
+    a = enc.forward_features(x)[-1]
+    torch.manual_seed(2)
+    assert not torch.allclose(a, enc.forward_features(x)[-1])  # training: random depth per sample
+    set_drop_path(enc, 0.0)
+    assert all(isinstance(b.drop_path, torch.nn.Identity) for b in blocks)
+    torch.testing.assert_close(enc.forward_features(x)[-1], ref)  # removed again (the blocks have no dropout)
+    with pytest.raises(ValueError, match='drop_path'):
+        set_drop_path(enc, 1.0)
+
+
+class Inputs(Callback):
+    "The model's inputs of every training and validation batch, after the callbacks before it (order 50)."
+    order = 50
+
+    def before_fit(self):
+        self.seen_train, self.seen_valid = [], []
+
+    def before_batch(self):
+        (self.seen_train if self.training else self.seen_valid).append(self.xb[0].clone())
+
+
+def test_augment3d_changes_training_batches_only_and_repeats_with_the_seed(tmp_path):
+    from dagman_fast.finetune import Augment3D, cls_augment
+    runs = []
+    for _ in range(2):
+        learn = _learner(tmp_path)  # set_seed(0) inside
+        assert any(isinstance(cb, Augment3D) for cb in learn.cbs)  # on by default
+        seen, plain = Inputs(), _learner(tmp_path)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 0.0, cbs=[seen])  # lr 0: the inputs are all that changes
+        runs.append(seen)
+    valid_x = torch.cat([x for x, _ in plain.dls.valid])
+    torch.testing.assert_close(torch.cat(runs[0].seen_valid), valid_x)  # validation is never augmented
+    originals = [x for x, _ in plain.dls.train.dataset]
+    changed = [not any(torch.equal(x, o) for o in originals) for x in torch.cat(runs[0].seen_train)]
+    assert len(changed) == 8 and sum(changed) >= 7  # six draws of p=0.5 each: a volume stays as it was 1 time in 64
+    for a, b in zip(runs[0].seen_train, runs[1].seen_train):
+        torch.testing.assert_close(a, b)  # set_seed repeats MONAI's draws
+    # a deterministic transform against a hand-made reference: flips along the three axes, nothing else
+    flip_all = Augment3D(cls_augment(flip=1.0, prob=0.0))
+    learn = cls_learner(plain.dls, encoder=plain.model.encoder, augment=flip_all.tfm, path=tmp_path)
+    seen = Inputs()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 0.0, cbs=[seen])
+    x = torch.cat(seen.seen_train)
+    flipped = {float(v.flip(1, 2, 3).sum()): v.flip(1, 2, 3) for v, _ in plain.dls.train.dataset}
+    for v in x:
+        ref = min(flipped.values(), key=lambda r: float((r - v).abs().max()))
+        torch.testing.assert_close(v, ref)
+    assert cls_learner(plain.dls, encoder=plain.model.encoder, augment=False).cbs.filter(
+        lambda cb: isinstance(cb, Augment3D)) == []
+
+
+def test_cls_learner_defaults_are_the_recipe(tmp_path):
+    from dagman_fast.finetune import Augment3D
+    from dagman_fast.swin import DropPath
+    learn = _learner(tmp_path)
+    torch.testing.assert_close(learn.loss_func.func.weight, torch.ones(2))  # 'balanced' (4 and 4 here)
+    assert len(learn.cbs.filter(lambda cb: isinstance(cb, Augment3D))) == 1
+    last = learn.model.encoder.stages[-1].blocks[-1].drop_path
+    assert isinstance(last, DropPath) and last.drop_prob == pytest.approx(0.1)
+    plain = cls_learner(learn.dls, encoder=learn.model.encoder, class_weights=None, augment=False, drop_path=None)
+    assert plain.loss_func.func.weight is None and not plain.cbs.filter(lambda cb: isinstance(cb, Augment3D))
+    assert plain.model.encoder.stages[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.1)  # kept, not reset
+
+
+class Counted(DataLoader):
+    "A DataLoader that counts how often it is iterated."
+    iterations = 0
+
+    def __iter__(self):
+        Counted.iterations += 1
+        return super().__iter__()
+
+
+def test_recipe_never_looks_at_the_test_split_and_keeps_the_validation_best(tmp_path):
+    from dagman_fast.finetune import evaluate_classifier
+    learn = _learner(tmp_path)
+    x = torch.rand(6, 1, 32, 32, 32)
+    learn.dls.test = Counted(list(zip(x, torch.tensor([0, 1] * 3))), bs=3)
+    Counted.iterations = 0
+    with learn.no_bar(), learn.no_logging():
+        learn.fine_tune_recipe(4, lr=1e-2)  # monitor: the first metric, the validation AUC
+    assert Counted.iterations == 0  # training and the choice of epoch never read the test split
+    auc = [v[2] for v in learn.recorder.values]  # (train_loss, valid_loss, auc, ...)
+    assert learn.monitor == 'auc' and learn.best_epoch == int(np.argmax(auc))  # fastai keeps the first of ties
+    assert learn.best_value == pytest.approx(max(auc))
+    assert learn.validate()[1] == pytest.approx(max(auc))  # the weights now are the kept epoch's
+    evaluate_classifier(learn.model, learn.dls.test)
+    assert Counted.iterations == 1  # scored once, at the end
+
+
+def test_cli_finetune_uses_the_recipe_by_default(tmp_path, capsys):
+    import json
+
+    from dagman_fast.cli import main
+    from tests.test_cli import _fake_medmnist, assert_fails
+    _fake_medmnist(tmp_path)
+    data = ['--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--bs', '4', '--preset', 'swin-tiny']
+    out = tmp_path / 'ft'
+    assert main(['finetune', *data, '--epochs', '3', '--out', str(out)]) == 0
+    res = json.loads((out / 'results.json').read_text())
+    assert res['config']['schedule'] == 'recipe' and res['epochs_run'] == 3 and res['kept_epoch'] in (0, 1, 2)
+    assert res['valid']['auc'] == pytest.approx(res['kept_by']['auc'], abs=1e-6)  # the validation-chosen weights
+    fastai = tmp_path / 'fa'
+    assert main(['finetune', *data, '--schedule', 'fastai', '--no-augment', '--class-weights', 'none', '--epochs', '1',
+                 '--out', str(fastai)]) == 0
+    assert 'kept_epoch' not in json.loads((fastai / 'results.json').read_text())  # fastai's last epoch
+    x = str(tmp_path / 'x')
+    assert_fails(capsys, ['finetune', *data, '--freeze-epochs', '2', '--out', x], '--freeze-epochs: not an option of '
+                                                                                  '--schedule recipe')
+    assert_fails(capsys, ['finetune', *data, '--schedule', 'fastai', '--layer-decay', '0.5', '--out', x],
+                 '--layer-decay: not an option of --schedule fastai')
+    assert_fails(capsys, ['finetune', *data, '--drop-path', '1', '--out', x], '--drop-path')
+    assert_fails(capsys, ['finetune', '--seg', 'a', 'b', '--labels', '1', '--no-augment', '--out', x],
+                 '--no-augment: not an option of segmentation')
+
+
+def test_feature_norm_standardises_pooled_features_and_round_trips(tmp_path):
+    from dagman_fast.finetune import ClsModel, FeatureNorm, load_classifier, save_classifier
+    g = torch.Generator().manual_seed(0)
+    # features as a collapsed encoder gives them: a large offset shared by every image, a thousandth that differs
+    f = 0.5 + 1e-3 * torch.randn(16, 8, generator=g)
+    fn = FeatureNorm(8).train()
+    z = fn(f)
+    ref = (f - f.mean(0)) / torch.sqrt(f.var(0, unbiased=False) + fn.eps)  # by hand
+    torch.testing.assert_close(z, ref, rtol=1e-4, atol=1e-4)
+    assert fn(f[:1]).shape == (1, 8)  # a training batch of one uses the running statistics instead of failing
+    assert not any(p.requires_grad for p in fn.parameters())  # no affine: the head's linear layer scales
+    torch.manual_seed(0)
+    model = ClsModel(SwinEncoder(tiny_config(img_size=32)), 2)
+    assert isinstance(model.head[0], FeatureNorm) and isinstance(model.head[-1], torch.nn.Linear)
+    assert not isinstance(ClsModel(SwinEncoder(tiny_config(img_size=32)), 2, norm=False).head[0], FeatureNorm)
+    model.train()(torch.rand(4, 1, 32, 32, 32))  # running statistics move off 0 / 1
+    model.eval()
+    x = torch.rand(3, 1, 32, 32, 32)
+    save_classifier(model, tmp_path / 'c.pth')
+    again = load_classifier(tmp_path / 'c.pth')
+    torch.testing.assert_close(again(x), model(x))  # the statistics are saved with the weights
+    old = torch.load(tmp_path / 'c.pth', weights_only=True)  # a classifier saved before FeatureNorm: no 'norm'
+    plain = ClsModel(SwinEncoder(tiny_config(img_size=32)), 2, norm=False)
+    old.pop('norm')
+    old['state_dict'] = {k: v for k, v in plain.state_dict().items()}
+    torch.save(old, tmp_path / 'old.pth')
+    assert not load_classifier(tmp_path / 'old.pth').norm
