@@ -31,12 +31,12 @@ from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
-           'resolve_encoder', 'FeatureNorm', 'ClsModel', 'cls_splitter', 'encoder_groups', 'layer_decay_lrs',
-           'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'Augment3D', 'cls_learner',
-           'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume', 'few_shot_indices',
-           'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc', 'save_classifier',
-           'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay', 'save_segmenter',
-           'load_segmenter']
+           'resolve_encoder', 'FeatureNorm', 'FeatureStats', 'ClsModel', 'cls_splitter', 'encoder_groups',
+           'layer_decay_lrs', 'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'Augment3D',
+           'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume',
+           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc',
+           'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
+           'save_segmenter', 'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
 def _confusion(y_true, y_pred, n: int) -> np.ndarray:
@@ -137,6 +137,33 @@ class FeatureNorm(nn.BatchNorm1d):
         if self.training and x.shape[0] == 1:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
         return super().forward(x)
+
+
+class FeatureStats(Callback):
+    """Before every validation, `FeatureNorm`'s running statistics are recomputed from the training images as the
+    model sees them in evaluation: no augmentation, no drop path, no dropout ("precise BatchNorm", Wu & Johnson 2021).
+    The running averages of training batches describe augmented, drop-path features; a collapsed-looking encoder
+    (features that differ by a thousandth) turns that small shift into a shift of many standard deviations, and the
+    classifier then calls every validation or test case one class (BENCHMARKS.md, issue 14). At most `max_n`
+    training images, in order; every data-parallel rank computes the same statistics from the whole training set."""
+    order = 60
+
+    def __init__(self, max_n: int = 2048, bs: int = 64):
+        self.max_n, self.bs = max_n, bs
+
+    def before_validate(self):
+        model = unwrap(self.learn.model)
+        norm = next((m for m in model.head if isinstance(m, FeatureNorm)), None) if isinstance(model, ClsModel) else None
+        ds = getattr(self.dls.train, 'dataset', None)
+        if norm is None or ds is None or len(ds) < 2:
+            return
+        ds = torch.utils.data.Subset(ds, range(min(len(ds), self.max_n)))
+        device = norm.running_mean.device
+        model.eval()
+        with torch.no_grad():
+            feats = torch.cat([model.features(b[0].to(device)).float()
+                               for b in torch.utils.data.DataLoader(ds, batch_size=self.bs)])
+        norm.running_mean.copy_(feats.mean(0)), norm.running_var.copy_(feats.var(0))
 
 
 class ClsModel(nn.Module):
@@ -354,7 +381,8 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         linear_probe: freeze the encoder for good (eval mode, out of the optimiser): only the head trains.
         pool: 'avg' (mean of the final tokens) or 'cls' (the SA module's / ViT's [CLS] token).
         n_out: classes (default `dls.c`).
-        norm: standardise the pooled features before the head (`FeatureNorm`; default True).
+        norm: standardise the pooled features before the head (`FeatureNorm`, its statistics recomputed in
+            evaluation mode before every validation by `FeatureStats`; default True).
         metrics: default AUC, accuracy, sensitivity, specificity (`cls_metrics`).
         class_weights: 'balanced' (default: `balanced_class_weights` of the training labels, so skewed classes such
             as AdrenalMNIST3D's 77/23 count alike; all ones for balanced classes), None (plain cross-entropy) or a
@@ -390,10 +418,13 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
             raise ValueError(f'class_weights needs one weight per class ({n_out}); got shape '
                              f'{tuple(class_weights.shape)}')
         class_weights = class_weights.to(getattr(dls, 'device', None) or 'cpu')
+    cbs = kwargs.pop('cbs', None)
+    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
     if augment is not False:
-        cbs = kwargs.pop('cbs', None)
-        cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
-        kwargs['cbs'] = [Augment3D(None if augment is True else augment)] + cbs
+        cbs = [Augment3D(None if augment is True else augment)] + cbs
+    if norm:
+        cbs = [FeatureStats()] + cbs
+    kwargs['cbs'] = cbs
     learn = ClsLearner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=Adam, lr=lr, wd=wd,
                        splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
                        train_bn=False, **kwargs)

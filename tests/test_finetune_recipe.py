@@ -247,3 +247,16 @@ def test_feature_norm_standardises_pooled_features_and_round_trips(tmp_path):
     old['state_dict'] = {k: v for k, v in plain.state_dict().items()}
     torch.save(old, tmp_path / 'old.pth')
     assert not load_classifier(tmp_path / 'old.pth').norm
+
+
+def test_feature_stats_recompute_the_norm_in_evaluation_mode(tmp_path):
+    "After a fit with augmentation and drop path, FeatureNorm holds the eval-mode statistics of the training images."
+    learn = _learner(tmp_path)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    model = learn.model.eval()
+    with torch.no_grad():
+        f = torch.cat([model.features(x) for x, _ in torch.utils.data.DataLoader(learn.dls.train.dataset, batch_size=3)])
+    norm = model.head[0]
+    torch.testing.assert_close(norm.running_mean, f.mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(norm.running_var, f.var(0), rtol=1e-4, atol=1e-8)
