@@ -153,7 +153,8 @@ class FeatureStats(Callback):
 
     def before_validate(self):
         model = unwrap(self.learn.model)
-        norm = next((m for m in model.head if isinstance(m, FeatureNorm)), None) if isinstance(model, ClsModel) else None
+        heads = model.head if isinstance(model, ClsModel) else []
+        norm = next((m for m in heads if isinstance(m, FeatureNorm)), None)
         ds = getattr(self.dls.train, 'dataset', None)
         if norm is None or ds is None or len(ds) < 2:
             return

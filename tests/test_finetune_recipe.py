@@ -256,7 +256,8 @@ def test_feature_stats_recompute_the_norm_in_evaluation_mode(tmp_path):
         learn.fit(1, 1e-3)
     model = learn.model.eval()
     with torch.no_grad():
-        f = torch.cat([model.features(x) for x, _ in torch.utils.data.DataLoader(learn.dls.train.dataset, batch_size=3)])
+        plain = torch.utils.data.DataLoader(learn.dls.train.dataset, batch_size=3)  # in order, unaugmented
+        f = torch.cat([model.features(x) for x, _ in plain])
     norm = model.head[0]
     torch.testing.assert_close(norm.running_mean, f.mean(0), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(norm.running_var, f.var(0), rtol=1e-4, atol=1e-8)
