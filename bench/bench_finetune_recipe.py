@@ -25,6 +25,7 @@ Variants (seed 0 unless `--seeds`), each differing from the one above it in one 
     +drop-path and drop path 0.1
     full       and the pooled features standardised before the head (`FeatureNorm`): the defaults of `cls_learner`
                (what `dagman finetune` does)
+    full-noweights                the full recipe without class weights
     recipe+norm, old+norm         the standardisation alone, with the recipe's and with fastai's schedule
     full-lr3e-4, full-lr3e-3      the full recipe at other learning rates
     full-decay0.5, full-decay0.9  the full recipe with other layer decays
@@ -58,6 +59,7 @@ VARIANTS = {
     '+augment': dict(schedule='recipe', lr=1e-3, **{**OFF, 'class_weights': 'balanced', 'augment': True}),
     '+drop-path': dict(schedule='recipe', lr=1e-3, **{**FULL, 'norm': False}),
     'full': dict(schedule='recipe', lr=1e-3, **FULL),
+    'full-noweights': dict(schedule='recipe', lr=1e-3, **{**FULL, 'class_weights': None}),
     'recipe+norm': dict(schedule='recipe', lr=1e-3, **{**OFF, 'norm': True}),
     'old+norm': dict(schedule='fastai', lr=1e-3, **{**OFF, 'norm': True}),
     'full-lr3e-4': dict(schedule='recipe', lr=3e-4, **FULL),
