@@ -41,11 +41,14 @@ import time
 from pathlib import Path
 
 import torch
+from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 
 from dagman_fast.data import medmnist3d_dls
 from dagman_fast.finetune import cls_learner, evaluate_classifier
 from dagman_fast.learner import load_encoder
+
+from bench_medmnist import _features, fit_head  # noqa: E402  (bench/ is on the path when run as a script)
 
 FLAG = 'adrenalmnist3d'
 OFF = dict(class_weights=None, augment=False, drop_path=None, norm=False)
@@ -76,12 +79,6 @@ def linear_cka(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()))
 
 
-@torch.no_grad()
-def pooled(model, dl) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model.features(x).float().cpu() for x, _ in dl])
-
-
 class ValAUC:
     "Validation AUC after each epoch, from the recorder (the first metric of `cls_metrics`)."
 
@@ -93,27 +90,18 @@ class ValAUC:
         return [round(float(v[names.index('auc')]), 4) for v in self.learn.recorder.values]
 
 
-def probe_head(learn, epochs: int = 30) -> None:
-    "Fit the head alone on frozen, unaugmented features (the linear probe), as LP-FT's first step."
-    model = learn.model
-    xs, ys = [], []
-    plain = torch.utils.data.DataLoader(learn.dls.train.dataset, batch_size=64)
-    with torch.no_grad():
-        model.eval()
-        for x, y in plain:
-            xs.append(model.features(x).float()), ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
+def probe_head(learn, seed: int, epochs: int = 30) -> None:
+    """LP-FT's first step: the head fitted alone on frozen, unaugmented, standardised features, as
+    `bench_medmnist.linear_probe` fits its probe (`fit_head`), with the learner's class weights."""
+    model, dls = learn.model, learn.dls
+    plain = lambda dl: DataLoader(dl.dataset, bs=64)  # in order, no drop_last
+    (xtr, ytr), (xva, yva) = (_features(model, plain(dl)) for dl in (dls.train, dls.valid))
     if model.norm:  # the standardisation starts from the training features' statistics
-        fn = model.head[0]
-        fn.running_mean.copy_(x.mean(0)), fn.running_var.copy_(x.var(0))
-        x = fn.eval()(x)
-    head = model.head[-1]
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
-    w = learn.loss_func.func.weight
-    for _ in range(epochs * 4):  # full-batch steps
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(head(x), y, weight=w).backward()
-        opt.step()
+        fn = model.head[0].eval()
+        fn.running_mean.copy_(xtr.mean(0)), fn.running_var.copy_(xtr.var(0))
+        xtr, xva = fn(xtr), fn(xva)
+    set_seed(seed)
+    fit_head(model.head[-1], xtr, ytr, xva, yva, epochs, lr=1e-2, wd=1e-3, weight=learn.loss_func.func.weight)
 
 
 def run(name: str, seed: int, args, out: Path) -> dict:
@@ -126,7 +114,7 @@ def run(name: str, seed: int, args, out: Path) -> dict:
                         drop_path=v['drop_path'], norm=v['norm'], path=out / f'{name}_{seed}')
     before = copy.deepcopy(learn.model)
     if v.get('lp_head'):
-        probe_head(learn)
+        probe_head(learn, seed)
     t0 = time.time()
     with learn.no_bar(), learn.no_logging():
         if v['schedule'] == 'fastai':
@@ -138,7 +126,7 @@ def run(name: str, seed: int, args, out: Path) -> dict:
             learn.fine_tune_recipe(args.epochs, v['lr'], layer_decay=v.get('layer_decay', 0.75))
     secs = time.time() - t0
     res, probs, labels = evaluate_classifier(learn.model, dls.test)  # the test split, once, on the kept weights
-    cka = linear_cka(pooled(before, dls.valid), pooled(learn.model, dls.valid))
+    cka = linear_cka(_features(before, dls.valid)[0], _features(learn.model, dls.valid)[0])
     return dict(variant=name, seed=seed, val_auc=ValAUC(learn)(),
                 val_loss=[round(float(v[1]), 4) for v in learn.recorder.values],
                 kept_epoch=getattr(learn, 'best_epoch', None),

@@ -120,16 +120,22 @@ def linear_probe(arm: str, seed: int, encoders: dict, args) -> dict:
     (xtr, ytr), (xva, yva), (xte, yte) = (_features(model, plain(dl)) for dl in (dls.train, dls.valid, dls.test))
     mean, std = xtr.mean(0), xtr.std(0) + 1e-6
     norm = lambda x: (x - mean) / std
-    fdl = lambda x, y, **kw: DataLoader(torch.utils.data.TensorDataset(norm(x), y), bs=64, **kw)
-    fdls = DataLoaders(fdl(xtr, ytr, shuffle=True), fdl(xva, yva), device='cpu')
     set_seed(seed)
     head = torch.nn.Linear(xtr.shape[1], dls.c)
-    learn = Learner(fdls, head, loss_func=CrossEntropyLossFlat(), opt_func=Adam, wd=args.probe_wd,
-                    metrics=cls_metrics(dls.c))
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(args.probe_epochs, args.probe_lr)
-    res, _, _ = evaluate_classifier(head, fdl(xte, yte))
+    fit_head(head, norm(xtr), ytr, norm(xva), yva, args.probe_epochs, args.probe_lr, args.probe_wd)
+    res, _, _ = evaluate_classifier(head, DataLoader(torch.utils.data.TensorDataset(norm(xte), yte), bs=64))
     return res
+
+
+def fit_head(head: torch.nn.Module, xtr, ytr, xva, yva, epochs: int, lr: float, wd: float, weight=None) -> Learner:
+    "Fit `head` on fixed (standardised) features with fastai's one-cycle schedule; `weight`: class weights."
+    fdl = lambda x, y, **kw: DataLoader(torch.utils.data.TensorDataset(x, y), bs=64, **kw)
+    fdls = DataLoaders(fdl(xtr, ytr, shuffle=True), fdl(xva, yva), device='cpu')
+    learn = Learner(fdls, head, loss_func=CrossEntropyLossFlat(weight=weight), opt_func=Adam, wd=wd,
+                    metrics=cls_metrics(head.out_features))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, lr)
+    return learn
 
 
 def fine_tune(arm: str, seed: int, encoders: dict, args) -> dict:

@@ -15,7 +15,7 @@ from fastai.learner import Learner
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 # %% auto #0
-__all__ = ['is_distributed', 'world_size', 'rank', 'setup_distributed', 'all_mean', 'all_max', 'gather_objects',
+__all__ = ['is_distributed', 'world_size', 'rank', 'setup_distributed', 'all_sum', 'all_mean', 'all_max', 'gather_objects',
            'broadcast_object', 'barrier', 'replicas_differ', 'reseed_per_rank', 'DDPTrainer', 'DistributedLearner']
 
 # %% ../nbs/04d_distributed.ipynb #39fc4272
@@ -53,13 +53,18 @@ def setup_distributed() -> int:
     return state.num_processes
 
 # %% ../nbs/04d_distributed.ipynb #e73b6e30
-def all_mean(t: torch.Tensor) -> torch.Tensor:
-    "The mean of `t` over the processes (a new tensor); `t` itself in a single process."
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    "The sum of `t` over the processes (a new tensor); `t` itself in a single process."
     if not is_distributed():
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / dist.get_world_size()
+    return t
+
+
+def all_mean(t: torch.Tensor) -> torch.Tensor:
+    "The mean of `t` over the processes (a new tensor); `t` itself in a single process."
+    return all_sum(t) / dist.get_world_size() if is_distributed() else t
 
 
 def all_max(t: torch.Tensor) -> torch.Tensor:

@@ -25,17 +25,17 @@ from fastai.optimizer import Adam
 from .core import as_triple, check_option
 from .callbacks import unwrap
 from .checkpoint import load_encoder
-from .distributed import DistributedLearner
+from .distributed import DistributedLearner, all_sum, rank, world_size
 from .model import DAGMaNModel
 from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
            'resolve_encoder', 'FeatureNorm', 'FeatureStats', 'ClsModel', 'cls_splitter', 'encoder_groups',
-           'layer_decay_lrs', 'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'Augment3D',
-           'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner', 'predict_volume',
-           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc',
-           'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
+           'layer_decay_lrs', 'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'BatchAugment3D',
+           'Augment3D', 'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner',
+           'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier',
+           'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
            'save_segmenter', 'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
@@ -145,10 +145,10 @@ class FeatureStats(Callback):
     The running averages of training batches describe augmented, drop-path features; a collapsed-looking encoder
     (features that differ by a thousandth) turns that small shift into a shift of many standard deviations, and the
     classifier then calls every validation or test case one class (BENCHMARKS.md, issue 14). At most `max_n`
-    training images, in order; every data-parallel rank computes the same statistics from the whole training set."""
+    training images (a fixed random subset), shared out between the data-parallel ranks and summed over them."""
     order = 60
 
-    def __init__(self, max_n: int = 2048, bs: int = 64):
+    def __init__(self, max_n: int = 512, bs: int = 64):
         self.max_n, self.bs = max_n, bs
 
     def before_validate(self):
@@ -158,13 +158,23 @@ class FeatureStats(Callback):
         ds = getattr(self.dls.train, 'dataset', None)
         if norm is None or ds is None or len(ds) < 2:
             return
-        ds = torch.utils.data.Subset(ds, range(min(len(ds), self.max_n)))
+        # the same fixed random subset on every rank and every epoch (a dataset sorted by class must not bias it),
+        # shared out between the ranks; the sums are added up over the group
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:self.max_n]
+        mine = torch.utils.data.Subset(ds, order[rank()::world_size()].tolist())
         device = norm.running_mean.device
+        sums = torch.zeros(2, norm.num_features, dtype=torch.float64, device=device)
+        count = torch.zeros((), dtype=torch.float64, device=device)
         model.eval()
         with torch.no_grad():
-            feats = torch.cat([model.features(b[0].to(device)).float()
-                               for b in torch.utils.data.DataLoader(ds, batch_size=self.bs)])
-        norm.running_mean.copy_(feats.mean(0)), norm.running_var.copy_(feats.var(0))
+            for b in torch.utils.data.DataLoader(mine, batch_size=self.bs):
+                f = model.features(b[0].to(device)).double()
+                sums += torch.stack([f.sum(0), (f * f).sum(0)])
+                count += f.shape[0]
+        sums, count = all_sum(sums), all_sum(count)
+        mean = sums[0] / count
+        var = (sums[1] - count * mean * mean) / (count - 1).clamp_min(1)  # unbiased, as BatchNorm's running_var
+        norm.running_mean.copy_(mean), norm.running_var.copy_(var.clamp_min(0))
 
 
 class ClsModel(nn.Module):
@@ -336,7 +346,8 @@ def cls_augment(flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scal
     """MONAI's 3-D augmentation for classification volumes `(c, d, h, w)`: a flip along each axis (probability
     `flip` each), and with probability `prob` each: an affine (rotation up to `rotate` degrees about each axis, scaling
     up to `scale`, a shift of up to `shift` voxels, zero fill), an intensity scale and an intensity shift of up to
-    `intensity`. Returns a `monai.transforms.Compose`."""
+    `intensity`. Returns a `monai.transforms.Compose` of one volume, for a dataset's transforms; `BatchAugment3D` draws
+    the same augmentation for a whole batch at once (what `Augment3D` uses by default)."""
     from monai.transforms import Compose, RandAffine, RandFlip, RandScaleIntensity, RandShiftIntensity
     rad = math.radians(rotate)
     return Compose([*(RandFlip(prob=flip, spatial_axis=i) for i in range(3)),
@@ -346,22 +357,84 @@ def cls_augment(flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scal
                     RandShiftIntensity(offsets=intensity, prob=prob)])
 
 
+def _rotation(angles: torch.Tensor) -> torch.Tensor:
+    "Rotation matrices `(b, 3, 3)` about the three array axes in turn, for `angles (b, 3)` in radians."
+    c, s = angles.cos(), angles.sin()
+    one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
+    r0 = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], -1).view(-1, 3, 3)
+    r1 = torch.stack([c[:, 1], zero, s[:, 1], zero, one, zero, -s[:, 1], zero, c[:, 1]], -1).view(-1, 3, 3)
+    r2 = torch.stack([c[:, 2], -s[:, 2], zero, s[:, 2], c[:, 2], zero, zero, zero, one], -1).view(-1, 3, 3)
+    return r0 @ r1 @ r2
+
+
+class BatchAugment3D:
+    """`cls_augment`'s augmentation drawn for a whole batch `(b, c, d, h, w)` at once: per volume, a flip along each
+    axis (probability `flip` each) and with probability `prob` an affine (rotation up to `rotate` degrees about each
+    axis, scaling up to `scale`, a shift of up to `shift` voxels), all folded into one matrix about the volume's centre
+    and applied by one call of MONAI's `AffineTransform` (trilinear, zero fill); then with probability `prob` each an
+    intensity scale and an intensity shift of up to `intensity`.
+
+    MONAI's array transforms (`cls_augment`) take one volume per call: on a GPU a batch of 32 is hundreds of small
+    kernels and Python between them, so the batch is warped here in one `grid_sample` instead. The draws come from
+    torch's generator (`generator`, else the global one on the CPU): `set_seed` repeats them. A flip alone maps voxel
+    centres onto voxel centres, so it is exact."""
+
+    def __init__(self, flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scale: float = 0.1,
+                 shift: float = 2.0, intensity: float = 0.1):
+        self.flip, self.prob, self.rotate, self.scale = flip, prob, rotate, scale
+        self.shift, self.intensity = shift, intensity
+
+    def __repr__(self):
+        return (f'BatchAugment3D(flip={self.flip}, prob={self.prob}, rotate={self.rotate}, scale={self.scale}, '
+                f'shift={self.shift}, intensity={self.intensity})')
+
+    def matrices(self, b: int, shape, generator=None) -> torch.Tensor:
+        "The `(b, 4, 4)` voxel-space matrices (output voxel to input voxel) of one draw for `b` volumes of `shape`."
+        u = lambda *size: torch.rand(*size, generator=generator, dtype=torch.float64) * 2 - 1  # noqa: E731
+        signs = torch.where(torch.rand(b, 3, generator=generator, dtype=torch.float64) < self.flip, -1.0, 1.0).double()
+        on = (torch.rand(b, 1, generator=generator, dtype=torch.float64) < self.prob).double()
+        angles, scales = u(b, 3) * math.radians(self.rotate) * on, 1 + u(b, 3) * self.scale * on
+        a = _rotation(angles) @ torch.diag_embed(scales) @ torch.diag_embed(signs)
+        centre = torch.tensor([(n - 1) / 2 for n in shape], dtype=torch.float64)
+        theta = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1)
+        theta[:, :3, :3] = a
+        theta[:, :3, 3] = centre - a @ centre + u(b, 3) * self.shift * on
+        return theta
+
+    def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        from monai.networks.layers import AffineTransform
+        b = x.shape[0]
+        theta = self.matrices(b, x.shape[2:], generator).to(x.device, torch.float32)
+        warp = AffineTransform(normalized=False, padding_mode='zeros', align_corners=True)
+        out = warp(x.float(), theta).to(x.dtype)
+        draw = lambda: torch.rand(b, generator=generator)  # noqa: E731
+        view = (b,) + (1,) * (x.ndim - 1)
+        factor = torch.where(draw() < self.prob, 1 + (draw() * 2 - 1) * self.intensity, torch.ones(b))
+        offset = torch.where(draw() < self.prob, (draw() * 2 - 1) * self.intensity, torch.zeros(b))
+        return out * factor.view(view).to(out) + offset.view(view).to(out)
+
+
 class Augment3D(Callback):
-    """Augments the training batches with a MONAI transform (default `cls_augment()`), one draw per volume, on the
-    batch's device; validation, `get_preds` and the test split are never augmented (`run_valid=False`).
+    """Augments the training batches: validation, `get_preds` and the test split are never augmented
+    (`run_valid=False`). `tfm` is a `BatchAugment3D` (the default, `BatchAugment3D()`: the whole batch in one warp on
+    its device) or a MONAI transform of one volume (e.g. `cls_augment()`), then applied volume by volume.
 
     A batch callback, like fastai's `MixUp`, rather than a transform of a dataset, so it works with any `DataLoaders`
-    of volumes (`medmnist3d_dls`, `nodule_crops_dls`, your own). MONAI keeps its own random state: it is reseeded from
-    torch's generator every batch, so `set_seed` repeats the draws and every data-parallel rank draws its own."""
+    of volumes (`medmnist3d_dls`, `nodule_crops_dls`, your own). The draws come from torch's generator (MONAI's own
+    random state is reseeded from it every batch), so `set_seed` repeats them and every data-parallel rank draws its
+    own."""
     run_valid, order = False, -1
 
     def __init__(self, tfm=None):
-        self.tfm = cls_augment() if tfm is None else tfm
+        self.tfm = BatchAugment3D() if tfm is None else tfm
 
     def before_batch(self):
+        x = self.xb[0]
+        if isinstance(self.tfm, BatchAugment3D):
+            self.learn.xb = (self.tfm(x), *self.xb[1:])
+            return
         if hasattr(self.tfm, 'set_random_state'):
             self.tfm.set_random_state(int(torch.randint(2 ** 31 - 1, ())))
-        x = self.xb[0]
         out = [self.tfm(v) for v in x]
         self.learn.xb = (torch.stack([o.as_tensor() if hasattr(o, 'as_tensor') else o for o in out]).to(x),
                          *self.xb[1:])
@@ -388,8 +461,9 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
         class_weights: 'balanced' (default: `balanced_class_weights` of the training labels, so skewed classes such
             as AdrenalMNIST3D's 77/23 count alike; all ones for balanced classes), None (plain cross-entropy) or a
             weight per class.
-        augment: True (default: `cls_augment()`, MONAI flips, affine and intensity jitter of the training batches
-            through the `Augment3D` callback), False, or a MONAI transform of one volume.
+        augment: True (default: `BatchAugment3D()`, flips, affine and intensity jitter of the training batches
+            through the `Augment3D` callback), False, a `BatchAugment3D`, or a MONAI transform of one volume (such as
+            `cls_augment()`).
         drop_path: the encoder's stochastic depth while fine-tuning (`set_drop_path`; default 0.1, the rate of
             `swin-smit`), or None to keep the encoder's own.
         **kwargs: passed to fastai's `Learner` (e.g. `path`, `cbs`).

@@ -8,7 +8,8 @@ then saves what the test compares, one file per rank, in the output folder:
   draws whatever the number of processes): the student, teacher and centres after it.
 - `draws`: two epochs with random masking; which samples each rank saw, and its masks and patch-dropout draws; then
   what `metrics` measures. `--epochs 1` stops after the first epoch's checkpoint, `--resume` continues one.
-- `metrics`: the validation AUC and accuracy of a classifier (the same weights on every rank).
+- `metrics`: the validation AUC and accuracy of a classifier (the same weights on every rank), and its feature
+  standardisation's statistics computed from the training crops (shared out between the ranks).
 """
 from __future__ import annotations
 
@@ -142,8 +143,8 @@ def draws(out: Path, bs: int, resume: Path | None = None, epochs: int = 2) -> No
     rec = Record()
     with learn.distrib_ctx():
         learn.fit(2, 1e-3, cbs=[SeeDrop(), rec] + ([CancelAfter(epochs)] if epochs < 2 else []), start_epoch=start)
-    results = _metrics(out, bs) if resume is None and epochs == 2 else {}
-    torch.save(dict(steps=rec.steps, world=world_size(), results=results), out / f'rank{rank()}.pt')
+    results, norm = _metrics(out, bs) if resume is None and epochs == 2 else ({}, None)
+    torch.save(dict(steps=rec.steps, world=world_size(), results=results, norm=norm), out / f'rank{rank()}.pt')
 
 
 class CancelAfter(Callback):
@@ -158,9 +159,11 @@ class CancelAfter(Callback):
             raise CancelFitException
 
 
-def _metrics(out: Path, bs: int) -> dict:
+def _metrics(out: Path, bs: int) -> tuple[dict, torch.Tensor]:
     """Validation metrics of one classifier (rank 0's weights on every rank) on 7 labelled crops, and the Dice of a
-    one-layer segmenter on 7 label maps: 7 samples on 2 ranks make fastai repeat one to even out the shares."""
+    one-layer segmenter on 7 label maps: 7 samples on 2 ranks make fastai repeat one to even out the shares. Also the
+    classifier's `FeatureNorm` statistics, which `FeatureStats` computes from the training crops shared out between
+    the ranks."""
     from dagman_fast.distributed import DistributedLearner
     from dagman_fast.finetune import DiceScore, cls_learner
     set_seed(0)
@@ -183,11 +186,14 @@ def _metrics(out: Path, bs: int) -> dict:
                                 metrics=[DiceScore(3)], path=out)
     with slearn.distrib_ctx():
         dice = slearn.validate()[1]
-    return {**dict(zip(names, [float(r) for r in res])), 'dice': float(dice)}
+    norm = learn.model.head[0]
+    return ({**dict(zip(names, [float(r) for r in res])), 'dice': float(dice)},
+            torch.stack([norm.running_mean, norm.running_var]))
 
 
 def metrics(out: Path, bs: int) -> None:
-    torch.save(dict(results=_metrics(out, bs), world=world_size()), out / f'rank{rank()}.pt')
+    results, norm = _metrics(out, bs)
+    torch.save(dict(results=results, norm=norm, world=world_size()), out / f'rank{rank()}.pt')
 
 
 if __name__ == '__main__':

@@ -153,12 +153,16 @@ def test_sharding_draws_and_metrics_under_torchrun_and_accelerate_launch(tmp_pat
             assert torch.equal(a['mask'], b['mask']) and torch.equal(a['drop'], b['drop'])
     # validation metrics over all ranks: every rank reports those of the whole validation set (7 samples, one of them
     # repeated by fastai to give both ranks 4: left out again before the metrics), not of its half
-    single = worker('metrics', tmp_path / 'one', 4)[0]['results']
+    one = worker('metrics', tmp_path / 'one', 4)[0]
+    single = one['results']
     assert set(single) == {'valid_loss', 'auc', 'accuracy', 'sensitivity', 'specificity', 'dice'}
     for r in first + again:  # (fastai's valid_loss itself counts the repeated sample: not compared)
         for k, v in single.items():
             if k != 'valid_loss':
                 assert r['results'][k] == pytest.approx(v, abs=1e-6), k
+        # FeatureStats: each rank pooled its share of the 7 training crops; the summed statistics are those of all 7
+        torch.testing.assert_close(r['norm'], one['norm'], rtol=1e-5, atol=1e-7)
+    assert one['norm'][1].min() > 0  # a real variance, not an empty share
 
 
 # ---------------------------------------------------------------- the command line under torchrun

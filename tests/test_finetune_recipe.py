@@ -44,6 +44,17 @@ def _learner(tmp_path):
     return cls_learner(dls, encoder=SwinEncoder(tiny_config(img_size=32)), path=tmp_path)
 
 
+class Spoil(Callback):
+    "Before the validation of epoch `epoch`, the head's weights made useless: that epoch cannot be the best."
+    def __init__(self, epoch: int):
+        self.at = epoch
+
+    def after_train(self):
+        if self.epoch == self.at:
+            with torch.no_grad():
+                self.learn.model.head[-1].weight.mul_(-50.0)
+
+
 def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     learn = _learner(tmp_path)
     assert isinstance(learn, ClsLearner)
@@ -51,7 +62,8 @@ def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     enc0 = {k: v.clone() for k, v in learn.model.encoder.state_dict().items()}
     lrs = StepLRs()
     with learn.no_bar(), learn.no_logging():
-        learn.fine_tune_recipe(5, lr=1e-2, layer_decay=0.5, warmup=0.2, lr_min=1e-6, monitor='valid_loss', cbs=[lrs])
+        learn.fine_tune_recipe(5, lr=1e-2, layer_decay=0.5, warmup=0.2, lr_min=1e-6, monitor='valid_loss',
+                               cbs=[lrs, Spoil(4)])
     steps = np.array(lrs.lrs)  # (10 steps, 5 groups: four Swin stages and the head)
     assert steps.shape == (10, 5)
     assert np.all(steps[0] == 0)  # the warm-up starts from 0
@@ -63,7 +75,7 @@ def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     assert any(k.startswith('stages.0.') for k in moved)  # the first stage trained too
     # the weights at the end are those of the epoch with the lowest validation loss, not of the last epoch
     losses = [v[1] for v in learn.recorder.values]
-    assert len(losses) == 5 and losses[-1] > min(losses)  # (here the best epoch is not the last)
+    assert len(losses) == 5 and losses[-1] > min(losses)  # (the last epoch spoilt on purpose: not the best)
     assert learn.validate()[0] == pytest.approx(min(losses), rel=1e-5)
     assert (tmp_path / 'models' / 'best.pth').exists()
 
@@ -153,6 +165,46 @@ def test_augment3d_changes_training_batches_only_and_repeats_with_the_seed(tmp_p
         torch.testing.assert_close(v, ref)
     assert cls_learner(plain.dls, encoder=plain.model.encoder, augment=False).cbs.filter(
         lambda cb: isinstance(cb, Augment3D)) == []
+
+
+def test_batch_augment_against_hand_made_references():
+    "BatchAugment3D: flips exact, no-op when off, a 90-degree turn against torch.rot90, draws bounded and per volume."
+    from dagman_fast.finetune import BatchAugment3D
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, 5, 6, 7, generator=g)
+    torch.testing.assert_close(BatchAugment3D(flip=0.0, prob=0.0)(x), x)  # nothing drawn: the volumes themselves
+    torch.testing.assert_close(BatchAugment3D(flip=1.0, prob=0.0)(x), x.flip(2, 3, 4))  # all three axes, exactly
+    # a quarter turn in the (h, w) plane about the centre: torch.rot90, voxel for voxel
+    cube = torch.rand(2, 1, 4, 6, 6, generator=g)
+    quarter = BatchAugment3D(flip=0.0, prob=0.0)
+    turn = torch.eye(4, dtype=torch.float64).repeat(2, 1, 1)
+    turn[:, 1:3, 1:3] = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    turn[:, 1:3, 3] = 2.5 - turn[:, 1:3, 1:3] @ torch.tensor([2.5, 2.5], dtype=torch.float64)
+    quarter.matrices = lambda b, shape, generator=None: turn
+    torch.testing.assert_close(quarter(cube), torch.rot90(cube, 1, (3, 4)), rtol=0, atol=1e-5)
+    # the draws: rotation times scale, about the centre, within the ranges, a different one per volume
+    aug = BatchAugment3D(flip=0.0, prob=1.0, rotate=15.0, scale=0.1, shift=2.0)
+    theta = aug.matrices(500, (9, 9, 9), torch.Generator().manual_seed(1))
+    a = theta[:, :3, :3]
+    s = torch.linalg.svdvals(a)
+    assert s.min() >= 0.9 - 1e-9 and s.max() <= 1.1 + 1e-9 and (torch.linalg.det(a) > 0).all()
+    centre = torch.full((3,), 4.0, dtype=torch.float64)
+    moved = a @ centre + theta[:, :3, 3] - centre  # where the centre lands: the shift alone
+    assert moved.abs().max() <= 2.0 + 1e-9 and moved.abs().max() > 1.5
+    r = a / s.prod(-1).pow(1 / 3).view(-1, 1, 1)  # near enough a rotation: its angle stays below ~15 deg on each axis
+    angle = torch.rad2deg(torch.arccos(((r.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
+    assert angle.max() < 15 * 3 ** 0.5 + 3 and angle.std() > 1
+    flips = BatchAugment3D(flip=0.5, prob=0.0).matrices(2000, (4, 4, 4), torch.Generator().manual_seed(2))
+    frac = (flips[:, :3, :3].diagonal(dim1=1, dim2=2) < 0).double().mean(0)
+    assert ((frac - 0.5).abs() < 0.05).all()  # each axis flipped about half the time, independently drawn
+    # the intensity: out = x * a + b per volume, |a - 1| <= 0.1, |b| <= 0.1, and the same draws for the same seed
+    jitter = BatchAugment3D(flip=0.0, prob=1.0, rotate=0.0, scale=0.0, shift=0.0, intensity=0.1)
+    out = jitter(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, jitter(x, torch.Generator().manual_seed(3)))
+    for v, o in zip(x.flatten(1), out.flatten(1)):
+        fit = torch.linalg.lstsq(torch.stack([v, torch.ones_like(v)], 1), o[:, None]).solution.flatten()
+        assert abs(fit[0] - 1) <= 0.1 + 1e-4 and abs(fit[1]) <= 0.1 + 1e-4
+        torch.testing.assert_close(o, v * fit[0] + fit[1], rtol=0, atol=1e-5)
 
 
 def test_cls_learner_defaults_are_the_recipe(tmp_path):
