@@ -16,6 +16,8 @@
 #                   takes a while, and a time limit there must not lose the other results)
 #     pretrain      bench/bench_pretrain.py -> pretrain.json: a DAGMaN step at the paper's scale (swin-smit, 128^3
 #                   crops, batch 2 x 2 views, bf16) with eager attention and with the Triton kernels, in parts
+#     augment       bench/bench_augment.py -> augment.json: fine-tuning's batch augmentation, MONAI per volume
+#                   against BatchAugment3D, on the CPU and the GPU
 #   summary.md      bench/gpu_summary.py: the tables for BENCHMARKS.md, measured against the kernel targets
 # Each part has its own time limit and a failing part does not stop the next; the exit status is non-zero if any
 # part failed. On a machine without CUDA it says so and exits 0.
@@ -72,6 +74,7 @@ part kernels 120 "$PY" "${bench[@]}" -k 'not flex' --benchmark-json "$out/kernel
 part flex 90 "$PY" "${bench[@]}" -k flex --benchmark-json "$out/flex.json"
 part pretrain 120 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 --warmup 3 \
   --methods dagman --attn-impls reference triton --json "$out/pretrain.json"
+part augment 60 "$PY" bench/bench_augment.py --reps 5 --json "$out/augment.json"
 "$PY" bench/gpu_summary.py "$out" >"$out/summary.md" 2>&1 || failed+=("summary")
 cat "$out/summary.md"
 

@@ -369,15 +369,15 @@ def _rotation(angles: torch.Tensor) -> torch.Tensor:
 
 class BatchAugment3D:
     """`cls_augment`'s augmentation drawn for a whole batch `(b, c, d, h, w)` at once: per volume, a flip along each
-    axis (probability `flip` each) and with probability `prob` an affine (rotation up to `rotate` degrees about each
-    axis, scaling up to `scale`, a shift of up to `shift` voxels), all folded into one matrix about the volume's centre
-    and applied by one call of MONAI's `AffineTransform` (trilinear, zero fill); then with probability `prob` each an
+    axis (probability `flip` each); with probability `prob` an affine (rotation up to `rotate` degrees about each
+    axis, scaling up to `scale`, a shift of up to `shift` voxels, about the volume's centre) applied by one call of
+    MONAI's `AffineTransform` (trilinear, zero fill) for all the volumes drawn; then with probability `prob` each an
     intensity scale and an intensity shift of up to `intensity`.
 
     MONAI's array transforms (`cls_augment`) take one volume per call: on a GPU a batch of 32 is hundreds of small
-    kernels and Python between them, so the batch is warped here in one `grid_sample` instead. The draws come from
-    torch's generator (`generator`, else the global one on the CPU): `set_seed` repeats them. A flip alone maps voxel
-    centres onto voxel centres, so it is exact."""
+    kernels and Python between them, so here each step covers the batch (`bench/bench_augment.py` times both). Flips
+    are exact; only the volumes drawn for an affine are resampled. The draws come from torch's generator (`generator`,
+    else the global one on the CPU): `set_seed` repeats them."""
 
     def __init__(self, flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scale: float = 0.1,
                  shift: float = 2.0, intensity: float = 0.1):
@@ -389,29 +389,35 @@ class BatchAugment3D:
                 f'shift={self.shift}, intensity={self.intensity})')
 
     def matrices(self, b: int, shape, generator=None) -> torch.Tensor:
-        "The `(b, 4, 4)` voxel-space matrices (output voxel to input voxel) of one draw for `b` volumes of `shape`."
+        """The affines of one draw for `b` volumes of `shape`: `(b, 4, 4)` voxel-space matrices (output voxel to input
+        voxel), the identity for the volumes not drawn (probability `1 - prob`)."""
         u = lambda *size: torch.rand(*size, generator=generator, dtype=torch.float64) * 2 - 1  # noqa: E731
-        signs = torch.where(torch.rand(b, 3, generator=generator, dtype=torch.float64) < self.flip, -1.0, 1.0).double()
         on = (torch.rand(b, 1, generator=generator, dtype=torch.float64) < self.prob).double()
         angles, scales = u(b, 3) * math.radians(self.rotate) * on, 1 + u(b, 3) * self.scale * on
-        a = _rotation(angles) @ torch.diag_embed(scales) @ torch.diag_embed(signs)
+        a = _rotation(angles) @ torch.diag_embed(scales)
         centre = torch.tensor([(n - 1) / 2 for n in shape], dtype=torch.float64)
         theta = torch.eye(4, dtype=torch.float64).repeat(b, 1, 1)
         theta[:, :3, :3] = a
         theta[:, :3, 3] = centre - a @ centre + u(b, 3) * self.shift * on
-        return theta
+        return torch.where(on.view(b, 1, 1) > 0, theta, torch.eye(4, dtype=torch.float64))
 
     def __call__(self, x: torch.Tensor, generator=None) -> torch.Tensor:
         from monai.networks.layers import AffineTransform
-        b = x.shape[0]
-        theta = self.matrices(b, x.shape[2:], generator).to(x.device, torch.float32)
-        warp = AffineTransform(normalized=False, padding_mode='zeros', align_corners=True)
-        out = warp(x.float(), theta).to(x.dtype)
+        b, view = x.shape[0], (x.shape[0],) + (1,) * (x.ndim - 1)
+        flips = torch.rand(b, 3, generator=generator) < self.flip
+        for axis in range(3):
+            if flips[:, axis].any():
+                x = torch.where(flips[:, axis].view(view).to(x.device), x.flip(2 + axis), x)
+        theta = self.matrices(b, x.shape[2:], generator)
+        warp = ~(theta == torch.eye(4, dtype=theta.dtype)).all(-1).all(-1)
+        if warp.any():
+            resample = AffineTransform(normalized=False, padding_mode='zeros', align_corners=True)
+            idx = warp.nonzero().flatten().to(x.device)
+            x = x.index_copy(0, idx, resample(x[idx].float(), theta[warp].to(x.device, torch.float32)).to(x.dtype))
         draw = lambda: torch.rand(b, generator=generator)  # noqa: E731
-        view = (b,) + (1,) * (x.ndim - 1)
         factor = torch.where(draw() < self.prob, 1 + (draw() * 2 - 1) * self.intensity, torch.ones(b))
         offset = torch.where(draw() < self.prob, (draw() * 2 - 1) * self.intensity, torch.zeros(b))
-        return out * factor.view(view).to(out) + offset.view(view).to(out)
+        return x * factor.view(view).to(x) + offset.view(view).to(x)
 
 
 class Augment3D(Callback):

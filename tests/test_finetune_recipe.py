@@ -194,9 +194,13 @@ def test_batch_augment_against_hand_made_references():
     r = a / s.prod(-1).pow(1 / 3).view(-1, 1, 1)  # near enough a rotation: its angle stays below ~15 deg on each axis
     angle = torch.rad2deg(torch.arccos(((r.diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
     assert angle.max() < 15 * 3 ** 0.5 + 3 and angle.std() > 1
-    flips = BatchAugment3D(flip=0.5, prob=0.0).matrices(2000, (4, 4, 4), torch.Generator().manual_seed(2))
-    frac = (flips[:, :3, :3].diagonal(dim1=1, dim2=2) < 0).double().mean(0)
-    assert ((frac - 0.5).abs() < 0.05).all()  # each axis flipped about half the time, independently drawn
+    half = BatchAugment3D(prob=0.5).matrices(2000, (4, 4, 4), torch.Generator().manual_seed(2))
+    assert abs((half != torch.eye(4, dtype=half.dtype)).any(-1).any(-1).double().mean() - 0.5) < 0.05
+    # the flips: each axis about half the time, independently; voxel (0, 0, 0) of arange(8) tells which axes turned
+    corner = BatchAugment3D(flip=0.5, prob=0.0)(torch.arange(8.0).view(1, 1, 2, 2, 2).repeat(4000, 1, 1, 1, 1),
+                                                 torch.Generator().manual_seed(2))[:, 0, 0, 0, 0].long()
+    bits = torch.stack([(corner >> k) & 1 for k in (2, 1, 0)], 1).double()  # flipped along d, h, w
+    assert ((bits.mean(0) - 0.5).abs() < 0.05).all() and (torch.corrcoef(bits.T) - torch.eye(3)).abs().max() < 0.06
     # the intensity: out = x * a + b per volume, |a - 1| <= 0.1, |b| <= 0.1, and the same draws for the same seed
     jitter = BatchAugment3D(flip=0.0, prob=1.0, rotate=0.0, scale=0.0, shift=0.0, intensity=0.1)
     out = jitter(x, torch.Generator().manual_seed(3))
