@@ -40,7 +40,8 @@ setup(
     package_dir={'dagman_fast': 'dagman_fast', 'dagman_fast.kernels': 'kernels'},
     include_package_data=True,
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split() + cfg['analysis_requirements'].split(),
+                    'analysis': cfg['analysis_requirements'].split()},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

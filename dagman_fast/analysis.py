@@ -4,17 +4,29 @@
 from __future__ import annotations
 
 import csv
+import os
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from fastai.callback.core import Callback
+
+from .core import as_triple
 
 # %% auto #0
-__all__ = ['head_diversity', 'plot_pretrain_log']
+__all__ = ['STAT_COLUMNS', 'cls_attention_dissimilarity', 'window_attention_probs', 'global_attention_probs',
+           'attention_distance', 'attention_entropy', 'grid_positions', 'AttentionStats', 'attention_stats',
+           'stage_columns', 'AttentionStatsLog', 'plot_head_diversity', 'organ_crops', 'pooled_features',
+           'cluster_distances', 'cluster_report', 'attention_map', 'plot_attention_maps', 'plot_pretrain_log']
 
 # %% ../nbs/07_analysis.ipynb #c431cb75
-def head_diversity(attn_heads: torch.Tensor) -> torch.Tensor:
-    """How differently the heads attend: the mean over head pairs of `1 - cosine(a_i, a_j)` of their [CLS] attention
+def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
+    """How differently the heads of the SA module place their [CLS] attention over the scan (logged as
+    `sa_cls_dissimilarity`; not the head diversity of the paper, which is `AttentionStats`):
+    the mean over head pairs of `1 - cosine(a_i, a_j)` of their [CLS] attention
     maps `attn_heads: (b, nh, n)`, averaged over the batch. 0 when every head attends alike; it grows as heads
     specialise (for non-negative maps at most 1, reached by heads attending to disjoint cells)."""
     b, nh, _ = attn_heads.shape
@@ -25,10 +37,516 @@ def head_diversity(attn_heads: torch.Tensor) -> torch.Tensor:
     off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
     return (1 - off / (nh * (nh - 1))).mean()
 
+# %% ../nbs/07_analysis.ipynb #c8c9ce46
+def window_attention_probs(attn, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention probabilities `(B, nh, wn, wn)` of a `WindowAttention` on `x: (B, wn, c)`, tokens in window
+    order, with the additive shift `mask: (nw, wn, wn)` (B a multiple of nw, windows in order) or `(B, wn, wn)`:
+    `softmax(q k^T * scale + bias + mask)`, the formula every `attn_impl` computes (the fused paths never form the
+    matrix, so analysis recomputes it here)."""
+    b, wn, _ = x.shape
+    nh = attn.num_heads
+    q, k, _ = rearrange(attn.qkv(x), 'b n (three nh hd) -> three b nh n hd', three=3, nh=nh)
+    s = ((q * attn.scale) @ k.transpose(-2, -1)).float() + attn.relative_bias(wn).float()
+    if mask is not None:
+        mask = mask.float()
+        if mask.shape[0] != b:
+            mask = mask.repeat(b // mask.shape[0], 1, 1)
+        s = s + mask[:, None]
+    return s.softmax(-1)
+
+
+def global_attention_probs(attn, x: torch.Tensor) -> torch.Tensor:
+    "The attention probabilities `(b, nh, n, n)` of a global `Attention` (SA module, ViT) on `x: (b, n, c)`."
+    q, k, _ = rearrange(attn.qkv(x), 'b n (three nh hd) -> three b nh n hd', three=3, nh=attn.num_heads)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).float().softmax(-1)
+
+
+def attention_distance(probs: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+    """The attention distance of every query (Xie et al., "Revealing the Dark Secrets of Masked Image Modeling", CVPR
+    2023; Dosovitskiy et al., ViT, fig. 7): `sum_k p_qk |pos_q - pos_k|`, the attention-weighted mean Euclidean
+    distance to the keys. `probs: (B, nh, nq, nk)`, `pos_q: (B or 1, nq, 3)`, `pos_k: (B or 1, nk, 3)` in voxels of
+    the input. Returns `(B, nh, nq)`."""
+    dist = torch.cdist(pos_q.double(), pos_k.double()).to(probs.dtype)  # (B or 1, nq, nk)
+    return (probs * dist[:, None]).sum(-1)
+
+
+def attention_entropy(probs: torch.Tensor) -> torch.Tensor:
+    "The entropy `-sum_k p_qk log p_qk` (nats) of every query's attention; `probs: (..., nk)` -> `(...)`."
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+def grid_positions(grid, stride) -> torch.Tensor:
+    "`(d h w, 3)` the voxel offsets of the tokens of a `grid` whose tokens are `stride` voxels apart, in grid order."
+    axes = [torch.arange(g, dtype=torch.float64) * s for g, s in zip(grid, stride)]
+    return torch.stack(torch.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
+
+
+# %% ../nbs/07_analysis.ipynb #2a4f56f9
+class AttentionStats:
+    """Attention distance and entropy per head of every attention block of an encoder, recorded during its forwards:
+    the measures of Xie et al. (CVPR 2023), which the DAGMaN paper plots per Swin stage (its Figure 4a).
+
+    ```python
+    with AttentionStats(encoder) as stats:
+        encoder(x)        # any number of forwards (`attention_stats` runs them for you)
+    stats.rows()      # [{'stage': 'stage1', 'block': 0, 'head': 0, 'distance': .., 'entropy': ..}, ...]
+    stats.per_stage() # {'stage1': {'distance_mean': .., 'distance_var': .., ...}, ...}
+    ```
+
+    - Swin blocks (`stage1`..): the (shifted) window attention. Distances are between the true grid positions of
+      query and key, in voxels of the input (a token of stage s is `patch_size * 2**(s-1)` voxels wide); pairs that
+      the cyclic shift brings together are masked, so they carry no weight. Queries on padding are left out.
+    - The SA module (`sa`) and a ViT's blocks (`vit`): the patch queries; the distance over the patch keys (the
+      weights renormalised without [CLS]), the entropy over every key.
+    - Every `attn_impl`: the probabilities are recomputed with the reference formula from each block's own input
+      (`window_attention_probs`), beside the forward; the forward itself, and so the encoder's output, is unchanged.
+      Outside the `with` block nothing is recorded and training pays nothing (one `None` check per block).
+    - Per head, a mean over every query of every sample seen. `per_stage` gives, over the heads of all the blocks of
+      a stage, the mean and the (population) variance: the spread over heads is the diversity the paper plots.
+    """
+
+    def __init__(self, encoder):
+        from dagman_fast.swin import SwinEncoder, ViTEncoder
+        if not isinstance(encoder, (SwinEncoder, ViTEncoder)):
+            raise TypeError(f'AttentionStats needs a SwinEncoder or ViTEncoder; got {type(encoder).__name__}')
+        self.encoder, self._sums, self._hooks, self._grid = encoder, {}, [], None
+
+    def __enter__(self):
+        from dagman_fast.swin import SwinEncoder
+        enc, cfg = self.encoder, self.encoder.config
+        patch = as_triple(cfg.patch_size, 'patch_size')
+        if isinstance(enc, SwinEncoder):
+            for i, stage in enumerate(enc.stages):
+                stride = tuple(p * 2 ** i for p in patch)
+                for j, blk in enumerate(stage.blocks):
+                    blk.attn_probe = partial(self._window_probe, key=(f'stage{i + 1}', j), stride=stride)
+            if enc.sa is not None:
+                stride = tuple(p * 2 ** cfg.sa_stage for p in patch)
+                self._hooks.append(enc.sa.register_forward_pre_hook(self._sa_grid))
+                for j, blk in enumerate(enc.sa.blocks):
+                    blk.attn_probe = partial(self._global_probe, key=('sa', j), stride=stride)
+        else:
+            self._hooks.append(enc.register_forward_pre_hook(partial(self._vit_grid, patch=patch)))
+            for j, blk in enumerate(enc.blocks):
+                blk.attn_probe = partial(self._global_probe, key=('vit', j), stride=patch)
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.encoder.modules():
+            if getattr(m, 'attn_probe', None) is not None:
+                m.attn_probe = None
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _sa_grid(self, module, args):
+        self._grid = tuple(args[0].shape[1:4])  # SemanticAttention's input: (b, d, h, w, c)
+
+    def _vit_grid(self, module, args, patch):
+        self._grid = tuple(s // p for s, p in zip(args[0].shape[2:], patch))  # the ViT's input: (b, c, D, H, W)
+
+    def _add(self, key, dist: torch.Tensor, ent: torch.Tensor, valid: torch.Tensor | None = None):
+        "Accumulate `(B, nh, nq)` distances and entropies over the valid `(B, nq)` queries, per head."
+        w = torch.ones_like(dist[:, 0]) if valid is None else valid.to(dist).expand(dist.shape[0], -1)
+        new = torch.stack([(dist * w[:, None]).sum((0, 2)), (ent * w[:, None]).sum((0, 2))]).double().cpu()
+        old = self._sums.get(key)
+        self._sums[key] = (new, float(w.sum())) if old is None else (old[0] + new, old[1] + float(w.sum()))
+
+    @torch.no_grad()
+    def _window_probe(self, blk, y: torch.Tensor, plan, key, stride):
+        b, dp, hp, wp, c = y.shape
+        grid = (dp - plan.pad[0], hp - plan.pad[1], wp - plan.pad[2])
+        wn = plan.window[0] * plan.window[1] * plan.window[2]
+        pos = grid_positions((dp, hp, wp), stride).to(y.device)[plan.perm].view(-1, wn, 3)  # nw wn 3: true positions
+        valid = (pos < torch.tensor(stride, device=y.device) * torch.tensor(grid, device=y.device)).all(-1)
+        for sample in y.reshape(b, dp * hp * wp, c):  # one sample at a time: (nw, nh, wn, wn) probabilities
+            probs = window_attention_probs(blk.attn, sample[plan.perm].view(-1, wn, c), plan.mask)
+            self._add(key, attention_distance(probs, pos, pos), attention_entropy(probs), valid)
+
+    @torch.no_grad()
+    def _global_probe(self, blk, x: torch.Tensor, key, stride):
+        pos = grid_positions(self._grid, stride).to(x.device)[None]
+        probs = global_attention_probs(blk.attn, x)[:, :, 1:]  # patch queries; [CLS] is token 0
+        patch = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True).clamp_min(1e-30)
+        self._add(key, attention_distance(patch, pos, pos), attention_entropy(probs))
+
+    def rows(self) -> list[dict]:
+        "One row per head of every block seen: stage, block, head, mean attention distance (voxels), mean entropy."
+        rows = []
+        for (stage, block), (sums, n) in self._sums.items():
+            for h in range(sums.shape[1]):
+                rows.append(dict(stage=stage, block=block, head=h, distance=float(sums[0, h] / n),
+                                 entropy=float(sums[1, h] / n)))
+        return rows
+
+    def per_stage(self) -> dict:
+        """Per stage, over the heads of all its blocks: `distance_mean`, `distance_var`, `entropy_mean`, `entropy_var`
+        (population variance over heads) and `heads` (how many)."""
+        out = {}
+        for stage in dict.fromkeys(r['stage'] for r in self.rows()):
+            d = torch.tensor([r['distance'] for r in self.rows() if r['stage'] == stage], dtype=torch.float64)
+            e = torch.tensor([r['entropy'] for r in self.rows() if r['stage'] == stage], dtype=torch.float64)
+            out[stage] = dict(distance_mean=float(d.mean()), distance_var=float(d.var(unbiased=False)),
+                              entropy_mean=float(e.mean()), entropy_var=float(e.var(unbiased=False)), heads=len(d))
+        return out
+
+
+def attention_stats(encoder, images, bs: int = 2) -> AttentionStats:
+    """`AttentionStats` of `encoder` (a module, or anything `resolve_encoder` reads: an export, a checkpoint, public
+    weights) over `images`: a tensor `(n, c, d, h, w)` or an iterable of such batches (a DataLoader's `(x, ...)`
+    tuples too), in eval mode without gradients, each batch padded evenly to a size the encoder takes."""
+    from dagman_fast.finetune import pad_to_encoder, resolve_encoder
+    if not isinstance(encoder, nn.Module):
+        encoder = resolve_encoder(encoder)
+    device = next(encoder.parameters()).device
+    batches = images.split(bs) if isinstance(images, torch.Tensor) else images
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with AttentionStats(encoder) as stats, torch.no_grad():
+            for x in batches:
+                x = x[0] if isinstance(x, (tuple, list)) else x
+                encoder(pad_to_encoder(x.float().to(device), encoder))
+    finally:
+        encoder.train(was_training)
+    return stats
+
+
+# %% ../nbs/07_analysis.ipynb #e33d7be8
+STAT_COLUMNS = ('attn_dist', 'attn_dist_var', 'attn_ent', 'attn_ent_var')
+
+
+def stage_columns(per_stage: dict) -> dict:
+    """`AttentionStats.per_stage()` flattened into log columns: `attn_dist_<stage>` (mean over heads, voxels),
+    `attn_dist_var_<stage>` (variance over heads), `attn_ent_<stage>`, `attn_ent_var_<stage>`."""
+    out = {}
+    for stage, v in per_stage.items():
+        out.update({f'attn_dist_{stage}': v['distance_mean'], f'attn_dist_var_{stage}': v['distance_var'],
+                    f'attn_ent_{stage}': v['entropy_mean'], f'attn_ent_var_{stage}': v['entropy_var']})
+    return out
+
+
+class AttentionStatsLog(Callback):
+    """Every `every` epochs (and after the last), the teacher's attention distance and entropy per stage
+    (`AttentionStats`) on `n` fixed images, added to the row `PretrainLog` writes for that epoch (`stage_columns`; the
+    other epochs leave them empty) and drawn by `plot_pretrain_log`. The images are the first view of the first
+    training batch of the fit, so no random draw of the run changes; the teacher runs in eval mode, without
+    gradients, and is left as it was.
+
+    `dagman pretrain --attn-stats-every N` adds it; in Python: `dagman_learner(dls, cbs=[AttentionStatsLog(10)])`."""
+    order = 54  # before PretrainLog (55), which writes the row
+
+    def __init__(self, every: int = 10, n: int = 4):
+        if every < 1 or n < 1:
+            raise ValueError(f'AttentionStatsLog needs every >= 1 and n >= 1; got every={every}, n={n}')
+        self.every, self.n = every, n
+
+    def before_fit(self):
+        self._x = None
+
+    def before_batch(self):
+        if self.training and self._x is None:
+            self._x = self.xb[0][:self.n].detach().clone()
+
+    def after_epoch(self):
+        if self._x is None or not ((self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch):
+            return
+        from dagman_fast.callbacks import unwrap
+        encoder = unwrap(self.learn.model).teacher.encoder
+        stats = attention_stats(encoder, self._x, bs=self.n)
+        extras = getattr(self.learn, 'log_extras', None) or {}
+        self.learn.log_extras = {**extras, **stage_columns(stats.per_stage())}
+
+
+# %% ../nbs/07_analysis.ipynb #b03a37ce
+def _finish(fig, path=None):
+    "Lay out `fig`; save it as a PNG to `path` (its folder made) and close it, when given. Returns `fig`."
+    fig.tight_layout()
+    if path is not None:
+        import matplotlib.pyplot as plt
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+    return fig
+
+
+def plot_head_diversity(encoders: dict, path=None, stages=None):
+    """The paper's Figure 4a style comparison: per stage, a box plot over heads of the attention distance (top) and of
+    the attention entropy (bottom), one box per encoder side by side. `encoders`: `{name: AttentionStats or its
+    rows()}`, e.g. `{'dagman': attention_stats(enc_a, x), 'smit': attention_stats(enc_b, x)}`. Saves a PNG to `path`
+    when given; returns the matplotlib figure."""
+    import matplotlib
+    if path is not None:
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = {k: v.rows() if isinstance(v, AttentionStats) else list(v) for k, v in encoders.items()}
+    if not rows or not any(rows.values()):
+        raise ValueError('plot_head_diversity needs at least one encoder with recorded attention')
+    stages = list(stages or dict.fromkeys(r['stage'] for rs in rows.values() for r in rs))
+    names, n = list(rows), len(rows)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(stages) * n ** 0.5), 7), sharex=True)
+    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    width = 0.8 / n
+    for ax, key, label in ((axes[0], 'distance', 'attention distance (voxels)'),
+                           (axes[1], 'entropy', 'attention entropy (nats)')):
+        for i, name in enumerate(names):
+            data = [[r[key] for r in rows[name] if r['stage'] == s] or [float('nan')] for s in stages]
+            where = [k + (i - (n - 1) / 2) * width for k in range(len(stages))]
+            box = ax.boxplot(data, positions=where, widths=width * 0.9, patch_artist=True, showfliers=True)
+            for patch in box['boxes']:
+                patch.set(facecolor=colours[i % len(colours)], alpha=0.6)
+            ax.plot([], [], 's', color=colours[i % len(colours)], label=name)
+        ax.set(ylabel=label)
+        ax.legend(fontsize=8)
+    axes[1].set_xticks(range(len(stages)), stages)
+    axes[0].set_title('attention per head, by stage: the spread of a box is the diversity of the heads')
+    return _finish(fig, path)
+
+
+# %% ../nbs/07_analysis.ipynb #abe8b413
+def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
+                hu_range=(-175.0, 250.0), seed: int = 0):
+    """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
+    (`cluster_report`): `n_per_organ` crops per organ, each centred on a random voxel of that organ (MONAI's
+    `RandCropByPosNegLabel`, which keeps crops inside the volume), zero-padded first where the volume is smaller.
+
+    Args:
+        image, label_map: NIfTI paths (read with the library's CT preprocessing: RAS, `spacing` mm, the HU window
+            `hu_range` mapped to [0, 1], as pretraining sees scans) or arrays / tensors `(d, h, w)` on one grid, used
+            as they are.
+        label_values: the organs: label values, or groups of values merged into one organ (`[5, 1, (2, 3)]`: liver,
+            spleen, both kidneys), or a dict `{name: value or group}`.
+        size: the crop side in voxels (an int or a triple).
+        names: a name per organ (default the dict's keys, else 'label 5', ...).
+    Returns:
+        `(images (n, 1, *size) float32, labels (n,) long 0..k-1, names)`. An organ absent from the label map is an
+        error that names it.
+    """
+    from monai.transforms import RandCropByPosNegLabel, SpatialPad
+    from dagman_fast.data import _preprocess, label_groups
+    if isinstance(label_values, dict):
+        names, label_values = list(label_values), list(label_values.values())
+    groups = label_groups(label_values)
+    names = list(names) if names is not None else [f"label {','.join(map(str, g))}" for g in groups]
+    if len(names) != len(groups):
+        raise ValueError(f'names: {len(names)} names for {len(groups)} organs')
+    if n_per_organ < 1:
+        raise ValueError(f'n_per_organ must be at least 1; got {n_per_organ}')
+    size = as_triple(size, 'size')
+    if isinstance(image, (str, os.PathLike)) != isinstance(label_map, (str, os.PathLike)):
+        raise TypeError('image and label_map must both be paths or both be arrays')
+    if isinstance(image, (str, os.PathLike)):
+        for p in (image, label_map):
+            if not Path(p).exists():
+                raise FileNotFoundError(f'{p}: no such file')
+        prep = _preprocess(size, spacing, hu_range, 0.0)  # checks spacing and hu_range too
+        d = prep.transform(groups)({'image': str(image), 'label': str(label_map)})
+        img, lab = torch.as_tensor(d['image']).float(), torch.as_tensor(d['label']).long()
+    else:
+        img, raw = torch.as_tensor(image).float()[None], torch.as_tensor(label_map)
+        lab = torch.zeros((1, *raw.shape), dtype=torch.long)
+        if raw.shape != img.shape[1:]:
+            raise ValueError(f'label_map {tuple(raw.shape)} is not on the image grid {tuple(img.shape[1:])}')
+        for cls, vals in enumerate(groups, 1):
+            lab[0][torch.isin(raw, torch.tensor(vals, dtype=raw.dtype))] = cls
+    pad = SpatialPad(spatial_size=size, value=0.0)
+    img, lab = torch.as_tensor(pad(img)), torch.as_tensor(pad(lab))
+    absent = [n for cls, n in enumerate(names, 1) if not (lab == cls).any()]
+    if absent:
+        raise ValueError(f'organ(s) {absent} have no voxel in the label map (label values {label_values})')
+    xs, ys = [], []
+    for cls in range(1, len(groups) + 1):
+        crop = RandCropByPosNegLabel(spatial_size=size, label=(lab == cls).long(), pos=1.0, neg=0.0,
+                                     num_samples=n_per_organ)
+        crop.set_random_state(seed + cls)
+        xs += [torch.as_tensor(c) for c in crop(img)]
+        ys += [cls - 1] * n_per_organ
+    return torch.stack(xs).float(), torch.tensor(ys), names
+
+
+@torch.no_grad()
+def pooled_features(encoder, images: torch.Tensor, bs: int = 8) -> torch.Tensor:
+    """`(n, c)` the mean of the encoder's final token map (what `ClsModel(pool='avg')` classifies), in eval mode,
+    each batch padded evenly to a size the encoder takes."""
+    from dagman_fast.finetune import pad_to_encoder
+    device = next(encoder.parameters()).device
+    was = encoder.training
+    encoder.eval()
+    try:
+        return torch.cat([encoder.forward_features(pad_to_encoder(x.float().to(device), encoder))[-1].mean((2, 3, 4))
+                          .float().cpu() for x in images.split(bs)])
+    finally:
+        encoder.train(was)
+
+
+def cluster_distances(features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The paper's clustering figures on `features (n, c)` with classes `labels (n,)`: `intra`, the mean Euclidean
+    distance of a sample to its class centroid (averaged over classes), and `inter`, the mean distance between the
+    class centroids (over pairs); `ratio = inter / intra` (larger: better separated)."""
+    f, y = features.double(), torch.as_tensor(labels)
+    classes = y.unique()
+    if len(classes) < 2:
+        raise ValueError(f'cluster_distances needs at least 2 classes; got {len(classes)}')
+    cents = torch.stack([f[y == c].mean(0) for c in classes])
+    intra = torch.stack([(f[y == c] - cents[i]).norm(dim=1).mean() for i, c in enumerate(classes)]).mean()
+    pair = torch.pdist(cents).mean()
+    return dict(intra=float(intra), inter=float(pair), ratio=float(pair / intra.clamp_min(1e-12)))
+
+
+def cluster_report(encoder, images: torch.Tensor, labels, names=None, path=None, title: str | None = None,
+                   k: int = 5, seed: int = 0) -> dict:
+    """Unsupervised organ clustering (the paper's Task 4): pooled features of `encoder` (a module or anything
+    `resolve_encoder` reads) for `images (n, 1, d, h, w)`, standardised per dimension (as the linear probe; a
+    pretrained encoder's features can differ by a thousandth of their size), then
+
+    - `intra`, `inter`, `ratio`: `cluster_distances` on the standardised features;
+    - `silhouette`: scikit-learn's silhouette score of the true classes;
+    - `knn_accuracy`: `k`-nearest-neighbour accuracy, stratified 5-fold (fewer when a class is smaller);
+    - a UMAP embedding (umap-learn) drawn as a scatter labelled by class, saved as PNG with the JSON when `path`
+      (a folder) is given: `clusters.png`, `clusters.json`.
+
+    Needs `pip install "dagman_fast[analysis]"` (umap-learn, scikit-learn). Returns the figures as a dict."""
+    from sklearn.metrics import silhouette_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from dagman_fast.finetune import resolve_encoder
+    if not isinstance(encoder, nn.Module):
+        encoder = resolve_encoder(encoder)
+    y = torch.as_tensor(labels).long()
+    if len(y) != len(images):
+        raise ValueError(f'{len(images)} images but {len(y)} labels')
+    f = pooled_features(encoder, images)
+    z = (f - f.mean(0)) / f.std(0).clamp_min(1e-12)
+    counts = torch.bincount(y)
+    folds = int(min(5, counts[counts > 0].min()))
+    rep = dict(n=len(y), classes=int((counts > 0).sum()), **cluster_distances(z, y),
+               silhouette=float(silhouette_score(z.numpy(), y.numpy())))
+    if folds >= 2:
+        knn = KNeighborsClassifier(n_neighbors=min(k, len(y) - len(y) // folds - 1))
+        rep['knn_accuracy'] = float(cross_val_score(knn, z.numpy(), y.numpy(),
+                                                    cv=StratifiedKFold(folds, shuffle=True, random_state=seed)).mean())
+    names = list(names) if names is not None else [str(int(c)) for c in range(int(y.max()) + 1)]
+    rep['names'] = names
+    if path is not None:
+        import json
+
+        import umap
+        emb = umap.UMAP(n_neighbors=min(15, len(y) - 1), random_state=seed, n_jobs=1).fit_transform(z.numpy())
+        _scatter(emb, y, names, Path(path) / 'clusters.png', title or 'UMAP of pooled features', rep)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / 'clusters.json').write_text(json.dumps(rep, indent=1) + '\n')
+    return rep
+
+
+def _scatter(emb, y, names, png: Path, title: str, rep: dict):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for c in range(int(y.max()) + 1):
+        sel = (y == c).numpy()
+        if sel.any():
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=14, label=names[c] if c < len(names) else str(c))
+    ax.set(title=f"{title}\ninter/intra {rep['ratio']:.2f}, silhouette {rep['silhouette']:.2f}"
+                 + (f", {len(names)}-class k-NN {rep['knn_accuracy']:.2f}" if 'knn_accuracy' in rep else ''),
+           xticks=[], yticks=[])
+    ax.legend(fontsize=7, markerscale=1.5)
+    _finish(fig, png)
+
+
+# %% ../nbs/07_analysis.ipynb #8d956bd9
+def _encoder_of(model):
+    "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
+    from fastai.learner import Learner
+    from dagman_fast.callbacks import unwrap
+    from dagman_fast.finetune import CLASSIFIER_FORMAT, ClsModel, load_classifier, resolve_encoder
+    from dagman_fast.model import DAGMaNModel
+    from dagman_fast.swin import SwinEncoder, ViTEncoder
+    if isinstance(model, (str, os.PathLike)):
+        obj = torch.load(model, map_location='cpu', weights_only=True)
+        if isinstance(obj, dict) and obj.get('format') == CLASSIFIER_FORMAT:
+            return load_classifier(model).encoder
+        return resolve_encoder(model)
+    model = unwrap(model.model) if isinstance(model, Learner) else model
+    if isinstance(model, ClsModel):
+        return model.encoder
+    if isinstance(model, DAGMaNModel):
+        return model.teacher.encoder
+    if isinstance(model, (SwinEncoder, ViTEncoder)):
+        return model
+    raise TypeError(f'attention_map needs an encoder, a classifier, a DAGMaN learner or model, or a file; '
+                    f'got {type(model).__name__}')
+
+
+@torch.no_grad()
+def attention_map(model, volume: torch.Tensor, heads: bool = False) -> torch.Tensor:
+    """The [CLS] attention over the scan: the SA module's (a Swin with `sa_stage`) or, for a ViT, the last block's,
+    upsampled (trilinear) from the token grid to the voxels of `volume`.
+
+    Args:
+        model: a pretrained encoder, a classifier (`cls_learner`'s model or learner, linear probe or fine-tuned, or its
+            `classifier.pth`), a `DAGMaNLearner` / `DAGMaNModel` (the EMA teacher's), or an encoder file.
+        volume: `(c, d, h, w)` or `(1, c, d, h, w)`; padded evenly to a size the encoder takes, the padding cropped off
+            the map again.
+        heads: per head `(nh, d, h, w)` instead of the mean over heads `(d, h, w)`.
+    Each map is a distribution over the tokens (summing to 1 over the token grid), interpolated to the voxels."""
+    from dagman_fast.finetune import pad_offsets, pad_to_encoder
+    encoder = _encoder_of(model)
+    x = volume[None] if volume.ndim == 4 else volume
+    if x.ndim != 5 or x.shape[0] != 1:
+        raise ValueError(f'volume must be (c, d, h, w) or (1, c, d, h, w); got {tuple(volume.shape)}')
+    was = encoder.training
+    encoder.eval()
+    try:
+        device = next(encoder.parameters()).device
+        xp = pad_to_encoder(x.float().to(device), encoder)
+        out = encoder(xp)
+    finally:
+        encoder.train(was)
+    if out.attn_heads is None:
+        raise ValueError('this encoder has no [CLS] attention: a Swin needs the SA module (sa_stage set); '
+                         'a ViT always has one')
+    a = out.attn_heads[0].float().reshape(-1, *out.grid)  # nh d h w
+    up = F.interpolate(a[None], size=tuple(xp.shape[2:]), mode='trilinear', align_corners=False)[0].cpu()
+    (d0, _), (h0, _), (w0, _) = pad_offsets(x.shape[2:], encoder)
+    d, h, w = x.shape[2:]
+    up = up[:, d0:d0 + d, h0:h0 + h, w0:w0 + w]
+    return up if heads else up.mean(0)
+
+
+def plot_attention_maps(volume: torch.Tensor, maps: dict, path=None, title: str | None = None):
+    """Overlays of attention maps on a scan: for each map (`{name: (d, h, w)}`, e.g. from `attention_map` for a
+    pretrained encoder, a linear probe and a fine-tuned classifier), the axial, coronal and sagittal slices through
+    its peak, the scan in grey and the map (scaled to its own maximum) in colour. Saves a PNG when `path` is given;
+    returns the figure."""
+    import matplotlib
+    if path is not None:
+        matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    vol = volume[0] if volume.ndim == 4 else volume
+    vol = torch.as_tensor(vol).float().cpu()
+    fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3 * len(maps)), squeeze=False)
+    for row, (name, m) in zip(axes, maps.items()):
+        m = m.float().cpu()
+        if m.shape != vol.shape:
+            raise ValueError(f'map {name!r} {tuple(m.shape)} is not on the scan grid {tuple(vol.shape)}')
+        peak = [int(i) for i in torch.unravel_index(m.argmax(), m.shape)]
+        m = m / m.max().clamp_min(1e-12)
+        for ax, axis, plane in zip(row, range(3), ('axial (d)', 'coronal (h)', 'sagittal (w)')):
+            img, att = vol.select(axis, peak[axis]), m.select(axis, peak[axis])
+            ax.imshow(img.numpy(), cmap='gray')
+            ax.imshow(att.numpy(), cmap='jet', alpha=0.45, vmin=0, vmax=1)
+            ax.set(xticks=[], yticks=[], title=f'{name}: {plane} {peak[axis]}')
+    if title:
+        fig.suptitle(title)
+    return _finish(fig, path)
+
+
 # %% ../nbs/07_analysis.ipynb #e5f88a02
 def plot_pretrain_log(log, path=None, out_dim: int | None = None):
     """Plot the per-epoch CSV of `PretrainLog` (a path or its rows) in four panels: the distillation losses, the
-    reconstruction loss, the teacher's entropies and the head diversity with the mask ratio. With `out_dim`, a
+    reconstruction loss, the teacher's entropies, the dissimilarity of the SA [CLS] maps with the mask ratio,
+    and, when `AttentionStatsLog` ran, the attention distance and entropy per stage. With `out_dim`, a
     dashed line marks `log(out_dim)`, where a uniform (collapsed) teacher puts both losses and entropies. Saves a
     PNG to `path` when given; returns the matplotlib figure."""
     import math
@@ -57,15 +575,26 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
         if ax.lines:
             ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    stages = [k[len('attn_dist_'):] for k in log[0]
+              if k.startswith('attn_dist_') and not k.startswith('attn_dist_var_')]
+    fig, axes = plt.subplots(2, 3 if stages else 2, figsize=(16 if stages else 11, 7))
     draw(axes[0, 0], ['aitd', 'ampd', 'gitd'], 'distillation losses', 'cross-entropy (nats)', uniform=True)
     draw(axes[0, 1], ['amip', 'valid_loss'], 'masked reconstruction (L1) and validation loss')
     draw(axes[1, 0], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',
          'nats', uniform=True)
-    draw(axes[1, 1], ['head_diversity', 'mask_ratio'], "head diversity of the teacher's [CLS] attention; mask ratio")
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-    return fig
+    # (head_diversity: the name of sa_cls_dissimilarity in older logs)
+    draw(axes[1, 1], ['sa_cls_dissimilarity', 'head_diversity', 'mask_ratio'],
+         "dissimilarity of the heads' SA [CLS] maps; mask ratio")
+    if stages:  # AttentionStatsLog: every few epochs, so the points of the epochs it ran
+        for ax, key, label in ((axes[0, 2], 'dist', 'voxels'), (axes[1, 2], 'ent', 'nats')):
+            for s in stages:
+                pts = [(e, float(r[f'attn_{key}_{s}']), float(r.get(f'attn_{key}_var_{s}') or 0))
+                       for e, r in zip(ep, log) if r.get(f'attn_{key}_{s}') not in (None, '')]
+                if pts:
+                    e, m, v = zip(*pts)
+                    ax.errorbar(e, m, yerr=[x ** 0.5 for x in v], marker='o', ms=3, capsize=2, label=s)
+            what = 'distance' if key == 'dist' else 'entropy'
+            ax.set(xlabel='epoch', ylabel=label, title=f"teacher's attention {what} per stage (mean, std over heads)")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    return _finish(fig, path)

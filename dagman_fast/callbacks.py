@@ -18,7 +18,7 @@ from fastai.callback.fp16 import MixedPrecision
 from fastcore.foundation import L
 from torch.amp import GradScaler, autocast
 
-from .analysis import head_diversity
+from .analysis import cls_attention_dissimilarity
 from .distributed import all_max, all_mean, rank
 from .masking import patch_dropout_mask
 
@@ -283,9 +283,9 @@ class DeviceMixedPrecision(MixedPrecision):
 class PretrainLog(_DAGMaNCallback):
     """Appends a row per epoch to the CSV `fname` (in `learn.path`): the training means of the loss and each term,
     the validation loss, the achieved mask ratio, per distillation loss the teacher's per-sample entropy, the
-    entropy of its batch-mean distribution and the centre's norm, the head diversity of the teacher's [CLS]
-    attention, the EMA momentum, the teacher temperature, the learning rate and the epoch's seconds. Rows of
-    epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once an
+    entropy of its batch-mean distribution and the centre's norm, the dissimilarity of the heads' SA [CLS] maps
+    (`sa_cls_dissimilarity`), the figures other callbacks put in `learn.log_extras` (`AttentionStatsLog`), the EMA
+    momentum, the teacher temperature, the learning rate and the epoch's seconds. Rows of epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once an
     epoch; in a data-parallel run they are averaged over the ranks (every rank's batches count) and only rank 0
     writes. `learn.pretrain_log` holds the rows."""
     order = 55
@@ -339,7 +339,7 @@ class PretrainLog(_DAGMaNCallback):
             for k, v in d.stats.items():
                 self._add(f'{name}_{k}', v)
         if 'attn_heads' in guide:
-            self._add('head_diversity', head_diversity(guide['attn_heads']))
+            self._add('sa_cls_dissimilarity', cls_attention_dissimilarity(guide['attn_heads']))
 
     def after_epoch(self):
         if self._n == 0:  # a skipped epoch of a resumed run
@@ -352,6 +352,8 @@ class PretrainLog(_DAGMaNCallback):
         row['train_loss'] = vals.pop('train_loss')
         row['valid_loss'] = float(sums[-1] / self._vn) if self._vn else ''
         row.update(vals)
+        row.update(getattr(self.learn, 'log_extras', None) or {})  # e.g. AttentionStatsLog's, every few epochs
+        self.learn.log_extras = {}
         row.update(ema_momentum=getattr(self.learn, 'ema_momentum', ''), teacher_temp=float(self.dm.teacher_temp()),
                    lr=self.opt.hypers[-1]['lr'], seconds=round(time.perf_counter() - self._t0, 2))
         self.learn.pretrain_log.append(row)

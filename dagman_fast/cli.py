@@ -398,8 +398,12 @@ def _pretrain(args) -> int:
         _say(f'demo settings for a short run: {SHORT_RUN}')
     enc_over = {k[len('encoder.'):]: overrides.pop(k) for k in list(overrides) if k.startswith('encoder.')}
     from dagman_fast.swin import encoder_config
+    cbs = []
+    if args.attn_stats_every:
+        from dagman_fast.analysis import AttentionStatsLog
+        cbs.append(AttentionStatsLog(args.attn_stats_every))
     learn = dagman_learner(dls, method=args.method, encoder=encoder_config(encoder, **enc_over), path=out, lr=args.lr,
-                           checkpoint_every=args.save_every, **overrides)
+                           checkpoint_every=args.save_every, cbs=cbs, **overrides)
     start = 0
     if ckpt is not None:
         start = learn.resume(ckpt)
@@ -797,6 +801,99 @@ def _evaluate_seg(args) -> int:
     return 0
 
 
+def _analysis_names(paths: list, names) -> list[str]:
+    "A name per --encoder: --names, else the file's folder (runs/dagman/encoder.pth -> dagman) or its stem; unique."
+    if names:
+        if len(names) != len(paths):
+            raise CLIError(f'--names: {len(names)} names for {len(paths)} --encoder files')
+        return list(names)
+    out = []
+    for p in map(Path, paths):
+        base = p.parent.name if p.stem in ('encoder', 'classifier', 'checkpoint') and p.parent.name else p.stem
+        n, k = base, 2
+        while n in out:
+            n, k = f'{base}-{k}', k + 1
+        out.append(n)
+    return out
+
+
+def _analysis_data(args):
+    """(images (n, 1, d, h, w), labels (n,), class names, the volume the attention maps are drawn on) from --data:
+    a MedMNIST .npz (a split of it) or a NIfTI CT with --label-map and --labels (organ crops)."""
+    import numpy as np
+    import torch
+    data = Path(args.data)
+    if not data.exists():
+        raise CLIError(f'--data {data}: no such file', status=1)
+    if data.suffix == '.npz':
+        with np.load(data) as z:
+            key = f'{args.split}_images'
+            if key not in z:
+                raise CLIError(f'--data {data}: no {key!r} in it (a MedMNIST file has train_/val_/test_images); '
+                               f'keys: {sorted(z.files)}', status=1)
+            x = torch.from_numpy(z[key][:args.n].astype(np.float32))
+            y = torch.from_numpy(z[f'{args.split}_labels'][:args.n].reshape(-1).astype(np.int64))
+        x = x / 255.0 if x.max() > 1 else x
+        x = x[:, None] if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)  # (n, d, h, w) or channels last
+        return x, y, [str(int(c)) for c in range(int(y.max()) + 1)], x[0]
+    if not str(data).endswith(('.nii', '.nii.gz')):
+        raise CLIError(f'--data {data}: expected a MedMNIST .npz or a NIfTI CT (.nii, .nii.gz)')
+    if not args.label_map or not args.labels:
+        raise CLIError('--data with a CT scan needs --label-map (its organ labels) and --labels (the organs, '
+                       'e.g. 5 1 2,3)')
+    if args.label_names and len(args.label_names) != len(args.labels):
+        raise CLIError(f'--label-names: {len(args.label_names)} names for {len(args.labels)} --labels')
+    from dagman_fast.analysis import organ_crops
+    from dagman_fast.data import _preprocess
+    x, y, names = organ_crops(data, args.label_map, args.labels, size=args.size, n_per_organ=args.n_per_organ,
+                              names=args.label_names, spacing=args.spacing, hu_range=args.hu_range, seed=args.seed)
+    from monai.transforms import CenterSpatialCrop
+    scan = _preprocess(args.size, args.spacing, args.hu_range, 0.0).transform()({'image': str(data)})['image']
+    return x, y, names, CenterSpatialCrop(args.map_size)(torch.as_tensor(scan))
+
+
+def _analyze(args) -> int:
+    import torch
+
+    from dagman_fast.analysis import (_encoder_of, attention_map, attention_stats, cluster_report,
+                                      plot_attention_maps, plot_head_diversity)
+    missing = [e for e in args.encoder if not Path(e).exists()]
+    if missing:
+        raise CLIError(f'--encoder {missing[0]}: no such file', status=1)
+    names = _analysis_names(args.encoder, args.names)
+    out = _check_out(Path(args.out))
+    x, y, classes, volume = _analysis_data(args)
+    print(f'{len(x)} images {tuple(x.shape[2:])}, {len(classes)} classes; {len(names)} encoder(s): {", ".join(names)}')
+    torch.manual_seed(args.seed)
+    stats, clusters, maps, summary = {}, {}, {}, {}
+    for name, path in zip(names, args.encoder):
+        encoder = _encoder_of(path)
+        st = attention_stats(encoder, x[:args.n_stats], bs=2)
+        stats[name] = st
+        rep = cluster_report(encoder, x, y, classes, path=out / f'clusters_{name}', title=f'{name}: UMAP of pooled '
+                             f'features ({Path(args.data).name})', seed=args.seed)
+        clusters[name] = rep
+        summary[name] = dict(file=str(path), per_stage=st.per_stage(), clustering=rep)
+        if encoder.config.arch == 'vit' or getattr(encoder.config, 'sa_stage', None) is not None:
+            maps[name] = attention_map(encoder, volume)
+            plot_attention_maps(volume, {name: maps[name]}, out / f'attention_{name}.png',
+                                title=f'{name}: [CLS] attention')
+        else:
+            summary[name]['attention_map'] = 'none: a Swin without the SA module has no [CLS] attention'
+        print(f"{name}: clustering inter/intra {rep['ratio']:.3f}, silhouette {rep['silhouette']:.3f}"
+              + (f", k-NN {rep['knn_accuracy']:.3f}" if 'knn_accuracy' in rep else ''))
+    plot_head_diversity(stats, out / 'head_diversity.png')
+    if len(maps) > 1:
+        plot_attention_maps(volume, maps, out / 'attention_all.png', title='[CLS] attention of each encoder')
+    rows = {name: st.rows() for name, st in stats.items()}
+    (out / 'attention_stats.json').write_text(json.dumps(_finite(rows), indent=1) + '\n')
+    (out / 'summary.json').write_text(json.dumps(_finite(dict(data=str(args.data), n=len(x), classes=classes,
+                                                             encoders=summary)), indent=1) + '\n')
+    print(f'written to {out}: head_diversity.png, attention_stats.json, summary.json, clusters_<name>/, '
+          'attention_<name>.png')
+    return 0
+
+
 def _add_seg_data(s):
     s.add_argument('--seg', nargs=2, action='append', metavar=('IMAGE', 'LABEL'),
                    help='segmentation: a NIfTI image and its label map (repeat for more volumes)')
@@ -917,6 +1014,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='a DAGMaNConfig field, e.g. --set mask_ratio=0.6 --set patch_drop=0.2, or an encoder field '
                         'with an encoder. prefix, e.g. --set encoder.drop_path_rate=0 (repeatable)')
+    s.add_argument('--attn-stats-every', type=_int_min(1), default=None, metavar='N',
+                   help="every N epochs (and after the last), log the teacher's attention distance and entropy per "
+                        'stage (mean and variance over heads) in pretrain_log.csv and its plot')
     s.set_defaults(func=_pretrain)
 
     s = sub.add_parser('finetune', help='fine-tune (or linearly probe) an encoder: 3-D classification or segmentation',
@@ -975,6 +1075,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_seg_data(s)
     s.add_argument('--split', choices=['test', 'valid'], default='test')
     s.set_defaults(func=_evaluate)
+
+    s = sub.add_parser('analyze',
+                       help="the paper's analyses of encoders: head diversity, organ clustering, attention maps",
+                       description='For each --encoder (an encoder.pth, a pretraining checkpoint, public weights or a '
+                                   'classifier.pth): the attention distance and entropy of every head per stage '
+                                   '(OUT/head_diversity.png, all encoders side by side; attention_stats.json), the '
+                                   'unsupervised clustering of --data by its labels (OUT/clusters_NAME/: UMAP scatter '
+                                   'PNG and JSON with inter-/intra-cluster distances, silhouette, k-NN accuracy) and '
+                                   'its [CLS] attention over a volume (OUT/attention_NAME.png); OUT/summary.json.')
+    s.add_argument('--encoder', nargs='+', required=True, help='one or more encoder or classifier files')
+    s.add_argument('--names', nargs='+', default=None, help='a name per --encoder (default: its folder or file name)')
+    s.add_argument('--data', required=True,
+                   help='a MedMNIST .npz (its --split, labels as classes) or a NIfTI CT with --label-map and --labels '
+                        '(organ crops as classes)')
+    s.add_argument('--split', choices=['train', 'val', 'test'], default='test', help='MedMNIST split (default test)')
+    s.add_argument('--n', type=_int_min(2), default=256, help='MedMNIST: at most this many images (default 256)')
+    s.add_argument('--label-map', default=None, help='CT: the label map on the scan\'s grid (TotalSegmentator-style)')
+    s.add_argument('--labels', nargs='+', default=None, metavar='VALUES',
+                   help='CT: the organs, label values, several merged with commas (e.g. 5 1 2,3)')
+    s.add_argument('--label-names', nargs='+', default=None, help='CT: a name per --labels organ')
+    s.add_argument('--size', type=_int_min(4), default=32, help='CT: organ crop side in voxels (default 32)')
+    s.add_argument('--n-per-organ', type=_int_min(1), default=16, help='CT: crops per organ (default 16)')
+    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='CT: voxel size in mm (default 2.0)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
+                   help='CT: HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.add_argument('--map-size', type=_int_min(8), default=96,
+                   help='CT: the attention maps are drawn on a centred crop of this side (default 96)')
+    s.add_argument('--n-stats', type=_int_min(1), default=8,
+                   help='images the attention statistics average over (default 8)')
+    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--out', default='dagman_analysis', help='output folder (default dagman_analysis)')
+    s.set_defaults(func=_analyze)
 
     s = sub.add_parser('export', help='save the encoder of a checkpoint (or exported file) as weights + config',
                        description='Load the student encoder from a pretraining checkpoint (weights_only) and save '

@@ -31,12 +31,12 @@ from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
-           'resolve_encoder', 'FeatureNorm', 'FeatureStats', 'ClsModel', 'cls_splitter', 'encoder_groups',
-           'layer_decay_lrs', 'ClsLearner', 'balanced_class_weights', 'set_drop_path', 'cls_augment', 'BatchAugment3D',
-           'Augment3D', 'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner',
-           'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier',
-           'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay',
-           'save_segmenter', 'load_segmenter']
+           'resolve_encoder', 'pad_offsets', 'pad_to_encoder', 'FeatureNorm', 'FeatureStats', 'ClsModel',
+           'cls_splitter', 'encoder_groups', 'layer_decay_lrs', 'ClsLearner', 'balanced_class_weights', 'set_drop_path',
+           'cls_augment', 'BatchAugment3D', 'Augment3D', 'cls_learner', 'SegModel', 'seg_splitter', 'DiceCE',
+           'DiceScore', 'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls',
+           'summarize', 'evaluate_classifier', 'plot_roc', 'save_classifier', 'load_classifier', 'dice_per_class',
+           'evaluate_segmenter', 'plot_overlay', 'save_segmenter', 'load_segmenter']
 
 # %% ../nbs/06_finetune.ipynb #d372b55b
 def _confusion(y_true, y_pred, n: int) -> np.ndarray:
@@ -121,6 +121,21 @@ def resolve_encoder(encoder=None, preset: str = 'swin-smit', **overrides) -> Swi
     if isinstance(model, (SwinEncoder, ViTEncoder)):
         return copy.deepcopy(model)  # fine-tuning (or a k-fold loop) never changes the caller's encoder
     raise TypeError(f'encoder must be None, a path, a DAGMaNLearner or an encoder module; got {type(encoder).__name__}')
+
+
+def pad_offsets(shape, encoder) -> list[tuple[int, int]]:
+    "Per spatial axis of `shape` (d, h, w), the zeros `(before, after)` that bring it to a size `encoder` takes."
+    extra = [(-s) % m for s, m in zip(shape, encoder._grid_multiple())]
+    return [(e // 2, e - e // 2) for e in extra]
+
+
+def pad_to_encoder(x: torch.Tensor, encoder) -> torch.Tensor:
+    """`x: (b, c, d, h, w)` zero-padded evenly on each side to the next size `encoder` can take (e.g. MedMNIST's 28^3
+    to 32^3 for a Swin that needs multiples of 32); `x` itself when it already fits."""
+    offsets = pad_offsets(x.shape[2:], encoder)
+    if not any(a or b for a, b in offsets):
+        return x
+    return F.pad(x, [p for pair in reversed(offsets) for p in pair])  # F.pad lists the last axis first
 
 
 class FeatureNorm(nn.BatchNorm1d):
@@ -215,19 +230,9 @@ class ClsModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        mult = self.encoder._grid_multiple()
-        extra = [(-s) % m for s, m in zip(x.shape[2:], mult)]
-        if not any(extra):
-            return x
-        pad = []
-        for e in reversed(extra):  # F.pad lists the last axis first
-            pad += [e // 2, e - e // 2]
-        return F.pad(x, pad)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         "`(b, dim)` pooled features."
-        x = self._pad(x)
+        x = pad_to_encoder(x, self.encoder)
         if self.pool == 'cls':
             return self.encoder(x).cls
         return self.encoder.forward_features(x)[-1].mean((2, 3, 4))

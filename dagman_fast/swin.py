@@ -257,6 +257,7 @@ class SwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), recompute_gelu=not use_checkpoint)  # checkpointed: recomputed anyway
+        self.attn_probe = None  # analysis only (`dagman_fast.analysis.AttentionStats`): called with the windows' input
 
     def _fused(self, x: torch.Tensor, wn: int) -> bool:
         "Whether the Triton kernel runs this block: asked for, or 'auto' on CUDA with Triton and small windows."
@@ -280,6 +281,8 @@ class SwinBlock(nn.Module):
         pd, ph, pw = plan.pad
         if pd or ph or pw:
             y = F.pad(y, (0, 0, 0, pw, 0, ph, 0, pd))  # MONAI pads after the norm: padded tokens are zeros
+        if self.attn_probe is not None:  # the attention probabilities, through the reference formula, for analysis
+            self.attn_probe(self, y, plan)
         dp, hp, wp = y.shape[1:4]
         wn = plan.window[0] * plan.window[1] * plan.window[2]
         if self._fused(y, wn):  # roll, partition and shift mask inside the kernel: no token permutation
@@ -404,9 +407,12 @@ class ViTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.attn_probe = None  # analysis only (`dagman_fast.analysis.AttentionStats`): called with the attention's input
 
     def forward(self, x: torch.Tensor, return_cls_attn: bool = False):
         "`x: (b, n, c)` -> `(b, n, c)` (and the `(b, nh, n)` [CLS] attention with `return_cls_attn`)."
+        if self.attn_probe is not None:
+            self.attn_probe(self, self.norm1(x))
         y = self.attn(self.norm1(x), return_cls_attn)
         y, cls_attn = y if return_cls_attn else (y, None)
         x = x + self.drop_path(y)

@@ -432,12 +432,12 @@ def test_log_and_step_timer(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / 'pretrain_log.csv')))
     assert len(rows) == 2
     for k in ('train_loss', 'aitd', 'ampd', 'gitd', 'amip', 'mask_ratio', 'aitd_entropy', 'gitd_mean_entropy',
-              'ampd_center_norm', 'head_diversity', 'ema_momentum', 'teacher_temp', 'lr'):
+              'ampd_center_norm', 'sa_cls_dissimilarity', 'ema_momentum', 'teacher_temp', 'lr'):
         assert k in rows[0], k
     assert float(rows[0]['mask_ratio']) == pytest.approx(int(0.7 * 8) / 8)
     s = timer.summary()
     assert len(timer.steps) == 4 and s['teacher'] > 0 and s['student'] > 0 and s['ema'] > 0 and s['backward'] > 0
-    assert 0 <= float(rows[1]['head_diversity']) <= 1
+    assert 0 <= float(rows[1]['sa_cls_dissimilarity']) <= 1
 
 
 def test_every_fit_runs_the_whole_ema_cosine(tmp_path):
@@ -620,3 +620,27 @@ def test_collapse_warnings_catch_uniform_and_one_prototype_teachers(tmp_path):
     assert 'near uniform' in check(gitd_entropy=0.999 * k)[0]
     assert 'one or two' in check(aitd_entropy=0.2, aitd_mean_entropy=0.3)[0]
     assert check(epoch=2, gitd_entropy=0.999 * k) == []  # during the warm-up epochs: no verdict yet
+
+
+def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
+    from dagman_fast.analysis import AttentionStatsLog, attention_stats, plot_pretrain_log, stage_columns
+    learn = make_learner(tmp_path)
+    seen = []
+
+    class FirstView(Callback):  # what AttentionStatsLog keeps: the first view of the first training batch
+        def before_batch(self):
+            if self.training and not seen:
+                seen.append(self.xb[0][:2].clone())
+
+    quiet_fit(learn, 3, cbs=[AttentionStatsLog(every=2, n=2), FirstView()])
+    rows = list(csv.DictReader(open(tmp_path / 'pretrain_log.csv')))
+    assert [bool(r.get('attn_dist_stage1')) for r in rows] == [False, True, True]  # epoch 2, and the last
+    # the figures are those of the teacher at the end, on those images
+    ref = stage_columns(attention_stats(learn.model.teacher.encoder, seen[0]).per_stage())
+    assert {'attn_dist_sa', 'attn_ent_var_stage2'} <= set(ref)
+    for k, v in ref.items():
+        assert float(rows[-1][k]) == pytest.approx(v, rel=1e-4), k
+    fig = plot_pretrain_log(tmp_path / 'pretrain_log.csv', tmp_path / 'log.png')
+    assert len(fig.axes) == 6 and (tmp_path / 'log.png').exists()  # the attention panels beside the usual four
+    with pytest.raises(ValueError, match='every >= 1'):
+        AttentionStatsLog(every=0)
