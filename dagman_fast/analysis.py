@@ -37,7 +37,7 @@ def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
     off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
     return (1 - off / (nh * (nh - 1))).mean()
 
-# %% ../nbs/07_analysis.ipynb #c8c9ce46
+# %% ../nbs/07_analysis.ipynb #8075841f
 def window_attention_probs(attn, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention probabilities `(B, nh, wn, wn)` of a `WindowAttention` on `x: (B, wn, c)`, tokens in window
     order, with the additive shift `mask: (nw, wn, wn)` (B a multiple of nw, windows in order) or `(B, wn, wn)`:
@@ -81,7 +81,7 @@ def grid_positions(grid, stride) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
 
 
-# %% ../nbs/07_analysis.ipynb #2a4f56f9
+# %% ../nbs/07_analysis.ipynb #82bf78ac
 class AttentionStats:
     """Attention distance and entropy per head of every attention block of an encoder, recorded during its forwards:
     the measures of Xie et al. (CVPR 2023), which the DAGMaN paper plots per Swin stage (its Figure 4a).
@@ -212,7 +212,7 @@ def attention_stats(encoder, images, bs: int = 2) -> AttentionStats:
     return stats
 
 
-# %% ../nbs/07_analysis.ipynb #e33d7be8
+# %% ../nbs/07_analysis.ipynb #5c552464
 STAT_COLUMNS = ('attn_dist', 'attn_dist_var', 'attn_ent', 'attn_ent_var')
 
 
@@ -258,7 +258,7 @@ class AttentionStatsLog(Callback):
         self.learn.log_extras = {**extras, **stage_columns(stats.per_stage())}
 
 
-# %% ../nbs/07_analysis.ipynb #b03a37ce
+# %% ../nbs/07_analysis.ipynb #1d691b40
 def _finish(fig, path=None):
     "Lay out `fig`; save it as a PNG to `path` (its folder made) and close it, when given. Returns `fig`."
     fig.tight_layout()
@@ -303,7 +303,7 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
     return _finish(fig, path)
 
 
-# %% ../nbs/07_analysis.ipynb #abe8b413
+# %% ../nbs/07_analysis.ipynb #9fc27ec5
 def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
                 hu_range=(-175.0, 250.0), seed: int = 0):
     """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
@@ -454,7 +454,7 @@ def _scatter(emb, y, names, png: Path, title: str, rep: dict):
     _finish(fig, png)
 
 
-# %% ../nbs/07_analysis.ipynb #8d956bd9
+# %% ../nbs/07_analysis.ipynb #06780a48
 def _encoder_of(model):
     "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
     from fastai.learner import Learner
@@ -517,7 +517,7 @@ def attention_map(model, volume: torch.Tensor, heads: bool = False) -> torch.Ten
 def plot_attention_maps(volume: torch.Tensor, maps: dict, path=None, title: str | None = None):
     """Overlays of attention maps on a scan: for each map (`{name: (d, h, w)}`, e.g. from `attention_map` for a
     pretrained encoder, a linear probe and a fine-tuned classifier), the axial, coronal and sagittal slices through
-    its peak, the scan in grey and the map (scaled to its own maximum) in colour. Saves a PNG when `path` is given;
+    its peak, the scan in grey and the map (scaled to its own minimum and maximum) in colour. Saves a PNG when `path` is given;
     returns the figure."""
     import matplotlib
     if path is not None:
@@ -531,7 +531,7 @@ def plot_attention_maps(volume: torch.Tensor, maps: dict, path=None, title: str 
         if m.shape != vol.shape:
             raise ValueError(f'map {name!r} {tuple(m.shape)} is not on the scan grid {tuple(vol.shape)}')
         peak = [int(i) for i in torch.unravel_index(m.argmax(), m.shape)]
-        m = m / m.max().clamp_min(1e-12)
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)  # its own range: a flat map shows flat
         for ax, axis, plane in zip(row, range(3), ('axial (d)', 'coronal (h)', 'sagittal (w)')):
             img, att = vol.select(axis, peak[axis]), m.select(axis, peak[axis])
             ax.imshow(img.numpy(), cmap='gray')

@@ -245,7 +245,7 @@ def _export(enc, path: Path) -> Path:
     return path
 
 
-def test_dagman_analyze_end_to_end(phantom, tmp_path, capsys):
+def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):
     from dagman_fast.cli import main
     torch.manual_seed(0)
     a = _export(SwinEncoder(tiny_config(img_size=32, sa_stage=2)), tmp_path / 'runs' / 'dagman' / 'encoder.pth')
@@ -267,7 +267,7 @@ def test_dagman_analyze_end_to_end(phantom, tmp_path, capsys):
         assert (out / f).stat().st_size > (100 if f.endswith('.json') else 5000), f
     assert not (out / 'attention_smit.png').exists()
     # a MedMNIST file: its labels as classes
-    npz = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist' / 'adrenalmnist3d.npz'
+    npz = shared_data / 'medmnist' / 'adrenalmnist3d.npz'
     assert main(['analyze', '--encoder', str(a), '--names', 'tiny', '--data', str(npz), '--n', '30', '--n-stats', '2',
                  '--out', str(tmp_path / 'mm')]) == 0
     mm = json.loads((tmp_path / 'mm' / 'summary.json').read_text())

@@ -141,6 +141,23 @@ def test_encoder_with_triton_attention_matches_reference(window):
             assert rel_err(q.grad, p.grad) < 1e-4, name
 
 
+def test_attention_stats_on_the_fused_path_equal_the_reference():
+    "AttentionStats on a Triton-attention encoder (the forward never forms the matrix) records what eager records."
+    from dagman_fast.analysis import attention_stats
+    torch.manual_seed(5)
+    cfg = dict(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
+               window_size=4)
+    ref = SwinEncoder(SwinConfig(**cfg, attn_impl='reference')).to(DEVICE)
+    tri = SwinEncoder(SwinConfig(**cfg, attn_impl='triton')).to(DEVICE)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 1, 32, 32, 32, device=DEVICE)
+    a, b = attention_stats(ref, x).rows(), attention_stats(tri, x).rows()
+    assert len(a) == len(b) == 2 * (1 + 2 + 2 + 4) + 2 * 4
+    for r, t in zip(a, b):
+        assert (r['stage'], r['block'], r['head']) == (t['stage'], t['block'], t['head'])
+        assert t['distance'] == pytest.approx(r['distance'], rel=1e-4) and t['entropy'] == pytest.approx(r['entropy'], rel=1e-4)
+
+
 def _scores_with_ties(b, nh, n, gen):
     attn = torch.rand(b, nh, n, generator=gen)
     attn[:, :, ::5] = 0.25  # equal scores: the order falls back to the cell index ...
