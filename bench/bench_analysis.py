@@ -56,7 +56,8 @@ def table(summary: dict) -> str:
             cells = [f"{e['per_stage'][s][mean]:.2f} ± {e['per_stage'][s][var] ** 0.5:.2f}" if s in e['per_stage']
                      else '' for s in stages]
             lines.append(f'| {name}: {what} ({unit}) | ' + ' | '.join(cells) + ' |')
-    lines += ['', '| encoder | inter | intra | inter / intra | silhouette | k-NN accuracy |', '|---|---|---|---|---|---|']
+    lines += ['', '| encoder | inter | intra | inter / intra | silhouette | k-NN accuracy |',
+              '|---|---|---|---|---|---|']
     for name, e in encs.items():
         c = e['clustering']
         lines.append(f"| {name} | {c['inter']:.2f} | {c['intra']:.2f} | {c['ratio']:.3f} | {c['silhouette']:.3f} | "

@@ -155,7 +155,8 @@ def test_attention_stats_on_the_fused_path_equal_the_reference():
     assert len(a) == len(b) == 2 * (1 + 2 + 2 + 4) + 2 * 4
     for r, t in zip(a, b):
         assert (r['stage'], r['block'], r['head']) == (t['stage'], t['block'], t['head'])
-        assert t['distance'] == pytest.approx(r['distance'], rel=1e-4) and t['entropy'] == pytest.approx(r['entropy'], rel=1e-4)
+        assert t['distance'] == pytest.approx(r['distance'], rel=1e-4)
+        assert t['entropy'] == pytest.approx(r['entropy'], rel=1e-4)
 
 
 def _scores_with_ties(b, nh, n, gen):
