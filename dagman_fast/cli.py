@@ -819,37 +819,49 @@ def _analysis_names(paths: list, names) -> list[str]:
 
 def _analysis_data(args):
     """(images (n, 1, d, h, w), labels (n,), class names, the volume the attention maps are drawn on) from --data:
-    a MedMNIST .npz (a split of it) or a NIfTI CT with --label-map and --labels (organ crops)."""
+    a MedMNIST .npz (a split of it), or NIfTI CTs with as many --label-map files and --labels (organ crops of all the
+    scans together; the maps are drawn on the first)."""
     import numpy as np
     import torch
-    data = Path(args.data)
-    if not data.exists():
-        raise CLIError(f'--data {data}: no such file', status=1)
-    if data.suffix == '.npz':
-        with np.load(data) as z:
+    paths = [Path(d) for d in args.data]
+    for d in paths:
+        if not d.exists():
+            raise CLIError(f'--data {d}: no such file', status=1)
+    if paths[0].suffix == '.npz':
+        if len(paths) > 1:
+            raise CLIError('--data: one MedMNIST .npz at a time')
+        with np.load(paths[0]) as z:
             key = f'{args.split}_images'
             if key not in z:
-                raise CLIError(f'--data {data}: no {key!r} in it (a MedMNIST file has train_/val_/test_images); '
+                raise CLIError(f'--data {paths[0]}: no {key!r} in it (a MedMNIST file has train_/val_/test_images); '
                                f'keys: {sorted(z.files)}', status=1)
             x = torch.from_numpy(z[key][:args.n].astype(np.float32))
             y = torch.from_numpy(z[f'{args.split}_labels'][:args.n].reshape(-1).astype(np.int64))
         x = x / 255.0 if x.max() > 1 else x
         x = x[:, None] if x.ndim == 4 else x.permute(0, 4, 1, 2, 3)  # (n, d, h, w) or channels last
         return x, y, [str(int(c)) for c in range(int(y.max()) + 1)], x[0]
-    if not str(data).endswith(('.nii', '.nii.gz')):
-        raise CLIError(f'--data {data}: expected a MedMNIST .npz or a NIfTI CT (.nii, .nii.gz)')
+    bad = [str(d) for d in paths if not str(d).endswith(('.nii', '.nii.gz'))]
+    if bad:
+        raise CLIError(f'--data {bad[0]}: expected a MedMNIST .npz or NIfTI CTs (.nii, .nii.gz)')
     if not args.label_map or not args.labels:
-        raise CLIError('--data with a CT scan needs --label-map (its organ labels) and --labels (the organs, '
+        raise CLIError('--data with CT scans needs --label-map (a label map per scan) and --labels (the organs, '
                        'e.g. 5 1 2,3)')
+    if len(args.label_map) != len(paths):
+        raise CLIError(f'--label-map: {len(args.label_map)} label maps for {len(paths)} --data scans')
     if args.label_names and len(args.label_names) != len(args.labels):
         raise CLIError(f'--label-names: {len(args.label_names)} names for {len(args.labels)} --labels')
+    from monai.transforms import CenterSpatialCrop
+
     from dagman_fast.analysis import organ_crops
     from dagman_fast.data import _preprocess
-    x, y, names = organ_crops(data, args.label_map, args.labels, size=args.size, n_per_organ=args.n_per_organ,
-                              names=args.label_names, spacing=args.spacing, hu_range=args.hu_range, seed=args.seed)
-    from monai.transforms import CenterSpatialCrop
-    scan = _preprocess(args.size, args.spacing, args.hu_range, 0.0).transform()({'image': str(data)})['image']
-    return x, y, names, CenterSpatialCrop(args.map_size)(torch.as_tensor(scan))
+    xs, ys = [], []
+    for i, (scan, lab) in enumerate(zip(paths, args.label_map)):
+        x, y, names = organ_crops(scan, lab, args.labels, size=args.size, n_per_organ=args.n_per_organ,
+                                  names=args.label_names, spacing=args.spacing, hu_range=args.hu_range,
+                                  seed=args.seed + 1000 * i)
+        xs.append(x), ys.append(y)
+    first = _preprocess(args.size, args.spacing, args.hu_range, 0.0).transform()({'image': str(paths[0])})['image']
+    return torch.cat(xs), torch.cat(ys), names, CenterSpatialCrop(args.map_size)(torch.as_tensor(first))
 
 
 def _analyze(args) -> int:
@@ -871,7 +883,7 @@ def _analyze(args) -> int:
         st = attention_stats(encoder, x[:args.n_stats], bs=2)
         stats[name] = st
         rep = cluster_report(encoder, x, y, classes, path=out / f'clusters_{name}', title=f'{name}: UMAP of pooled '
-                             f'features ({Path(args.data).name})', seed=args.seed)
+                             f'features ({Path(args.data[0]).name})', seed=args.seed)
         clusters[name] = rep
         summary[name] = dict(file=str(path), per_stage=st.per_stage(), clustering=rep)
         if encoder.config.arch == 'vit' or getattr(encoder.config, 'sa_stage', None) is not None:
@@ -887,7 +899,7 @@ def _analyze(args) -> int:
         plot_attention_maps(volume, maps, out / 'attention_all.png', title='[CLS] attention of each encoder')
     rows = {name: st.rows() for name, st in stats.items()}
     (out / 'attention_stats.json').write_text(json.dumps(_finite(rows), indent=1) + '\n')
-    (out / 'summary.json').write_text(json.dumps(_finite(dict(data=str(args.data), n=len(x), classes=classes,
+    (out / 'summary.json').write_text(json.dumps(_finite(dict(data=args.data, n=len(x), classes=classes,
                                                              encoders=summary)), indent=1) + '\n')
     print(f'written to {out}: head_diversity.png, attention_stats.json, summary.json, clusters_<name>/, '
           'attention_<name>.png')
@@ -1086,12 +1098,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    'its [CLS] attention over a volume (OUT/attention_NAME.png); OUT/summary.json.')
     s.add_argument('--encoder', nargs='+', required=True, help='one or more encoder or classifier files')
     s.add_argument('--names', nargs='+', default=None, help='a name per --encoder (default: its folder or file name)')
-    s.add_argument('--data', required=True,
-                   help='a MedMNIST .npz (its --split, labels as classes) or a NIfTI CT with --label-map and --labels '
+    s.add_argument('--data', nargs='+', required=True,
+                   help='a MedMNIST .npz (its --split, labels as classes) or NIfTI CTs with --label-map and --labels '
                         '(organ crops as classes)')
     s.add_argument('--split', choices=['train', 'val', 'test'], default='test', help='MedMNIST split (default test)')
     s.add_argument('--n', type=_int_min(2), default=256, help='MedMNIST: at most this many images (default 256)')
-    s.add_argument('--label-map', default=None, help='CT: the label map on the scan\'s grid (TotalSegmentator-style)')
+    s.add_argument('--label-map', nargs='+', default=None,
+                   help="CT: a label map per --data scan, on the scan's grid (TotalSegmentator-style)")
     s.add_argument('--labels', nargs='+', default=None, metavar='VALUES',
                    help='CT: the organs, label values, several merged with commas (e.g. 5 1 2,3)')
     s.add_argument('--label-names', nargs='+', default=None, help='CT: a name per --labels organ')

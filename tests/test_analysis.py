@@ -234,6 +234,12 @@ def test_attention_map_is_the_sa_attention_upsampled(tmp_path):
     assert (tmp_path / 'maps.png').stat().st_size > 10_000
     with pytest.raises(ValueError, match='sa_stage'):
         attention_map(SwinEncoder(tiny_config(img_size=32)), vol)
+    # a ViT: the [CLS] attention of its last block
+    vit = ViTEncoder(encoder_config('vit-tiny')).eval()
+    with torch.no_grad():
+        out = vit(vol[None])
+    ref = torch.nn.functional.interpolate(out.attn.view(1, 1, *out.grid), size=(32, 32, 32), mode='trilinear')[0, 0]
+    torch.testing.assert_close(attention_map(vit, vol), ref)
 
 
 # ---------------------------------------------------------------- dagman analyze
@@ -253,14 +259,14 @@ def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):
     b = _export(SwinEncoder(tiny_config(img_size=32)), tmp_path / 'runs' / 'smit' / 'encoder.pth')
     ct, seg = phantom
     out = tmp_path / 'analysis'
-    assert main(['analyze', '--encoder', str(a), str(b), '--data', str(ct), '--label-map', str(seg), '--labels', '5',
-                 '1', '2,3', '--label-names', 'liver', 'spleen', 'kidneys', '--size', '16', '--n-per-organ', '6',
-                 '--map-size', '32', '--n-stats', '2', '--out', str(out)]) == 0
+    assert main(['analyze', '--encoder', str(a), str(b), '--data', str(ct), str(ct), '--label-map', str(seg),
+                 str(seg), '--labels', '5', '1', '2,3', '--label-names', 'liver', 'spleen', 'kidneys', '--size', '16',
+                 '--n-per-organ', '3', '--map-size', '32', '--n-stats', '2', '--out', str(out)]) == 0
     summary = json.loads((out / 'summary.json').read_text())
     assert set(summary['encoders']) == {'dagman', 'smit'} and summary['classes'] == ['liver', 'spleen', 'kidneys']
     dag = summary['encoders']['dagman']
     assert set(dag['per_stage']) == {'stage1', 'stage2', 'stage3', 'stage4', 'sa'}
-    assert dag['clustering']['n'] == 18 and 0 <= dag['clustering']['knn_accuracy'] <= 1
+    assert dag['clustering']['n'] == 18 and 0 <= dag['clustering']['knn_accuracy'] <= 1  # 2 scans x 3 organs x 3
     assert 'sa' not in summary['encoders']['smit']['per_stage'] and 'attention_map' in summary['encoders']['smit']
     rows = json.loads((out / 'attention_stats.json').read_text())
     assert len(rows['smit']) == 2 * (1 + 2 + 2 + 4)  # two blocks a stage, heads (1, 2, 2, 4)
@@ -277,7 +283,9 @@ def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):
     capsys.readouterr()
     # errors: one line naming the option and what was expected
     for argv, msg in ((['--data', str(ct)], '--label-map'), (['--data', str(tmp_path / 'x.csv')], 'no such file'),
-                      (['--data', str(a)], 'expected a MedMNIST .npz or a NIfTI CT'),
+                      (['--data', str(a)], 'expected a MedMNIST .npz or NIfTI CTs'),
+                      (['--data', str(ct), str(ct), '--label-map', str(seg), '--labels', '5'],
+                       '--label-map: 1 label maps for 2 --data scans'),
                       (['--data', str(npz), '--names', 'x', 'y'], '--names: 2 names for 1 --encoder'),
                       (['--data', str(npz), '--split', 'valid'], "invalid choice: 'valid'")):
         with pytest.raises(SystemExit) if 'invalid choice' in msg else _nothing():
