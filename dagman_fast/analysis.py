@@ -37,7 +37,7 @@ def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
     off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
     return (1 - off / (nh * (nh - 1))).mean()
 
-# %% ../nbs/07_analysis.ipynb #8075841f
+# %% ../nbs/07_analysis.ipynb #44c78561
 def window_attention_probs(attn, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention probabilities `(B, nh, wn, wn)` of a `WindowAttention` on `x: (B, wn, c)`, tokens in window
     order, with the additive shift `mask: (nw, wn, wn)` (B a multiple of nw, windows in order) or `(B, wn, wn)`:
@@ -81,7 +81,7 @@ def grid_positions(grid, stride) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
 
 
-# %% ../nbs/07_analysis.ipynb #82bf78ac
+# %% ../nbs/07_analysis.ipynb #a5b327b1
 class AttentionStats:
     """Attention distance and entropy per head of every attention block of an encoder, recorded during its forwards:
     the measures of Xie et al. (CVPR 2023), which the DAGMaN paper plots per Swin stage (its Figure 4a).
@@ -103,10 +103,12 @@ class AttentionStats:
       Outside the `with` block nothing is recorded and training pays nothing (one `None` check per block).
     - Per head, a mean over every query of every sample seen. `per_stage` gives, over the heads of all the blocks of
       a stage, the mean and the (population) variance: the spread over heads is the diversity the paper plots.
+    - Memory: the window probabilities are formed `max_elements` at a time, one sample at a time.
     """
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, max_elements: int = 2 ** 24):
         from dagman_fast.swin import SwinEncoder, ViTEncoder
+        self.max_elements = max_elements  # probabilities held at once (a 96^3 token grid does not fit whole)
         if not isinstance(encoder, (SwinEncoder, ViTEncoder)):
             raise TypeError(f'AttentionStats needs a SwinEncoder or ViTEncoder; got {type(encoder).__name__}')
         self.encoder, self._sums, self._hooks, self._grid = encoder, {}, [], None
@@ -159,9 +161,14 @@ class AttentionStats:
         wn = plan.window[0] * plan.window[1] * plan.window[2]
         pos = grid_positions((dp, hp, wp), stride).to(y.device)[plan.perm].view(-1, wn, 3)  # nw wn 3: true positions
         valid = (pos < torch.tensor(stride, device=y.device) * torch.tensor(grid, device=y.device)).all(-1)
-        for sample in y.reshape(b, dp * hp * wp, c):  # one sample at a time: (nw, nh, wn, wn) probabilities
-            probs = window_attention_probs(blk.attn, sample[plan.perm].view(-1, wn, c), plan.mask)
-            self._add(key, attention_distance(probs, pos, pos), attention_entropy(probs), valid)
+        nw, nh = pos.shape[0], blk.attn.num_heads
+        chunk = max(1, self.max_elements // (nh * wn * wn))  # windows at a time: (chunk, nh, wn, wn) probabilities
+        for sample in y.reshape(b, dp * hp * wp, c):
+            windows = sample[plan.perm].view(nw, wn, c)
+            for rows in torch.arange(nw, device=y.device).split(chunk):
+                mask = None if plan.mask is None else plan.mask[rows]
+                probs = window_attention_probs(blk.attn, windows[rows], mask)
+                self._add(key, attention_distance(probs, pos[rows], pos[rows]), attention_entropy(probs), valid[rows])
 
     @torch.no_grad()
     def _global_probe(self, blk, x: torch.Tensor, key, stride):
@@ -212,7 +219,7 @@ def attention_stats(encoder, images, bs: int = 2) -> AttentionStats:
     return stats
 
 
-# %% ../nbs/07_analysis.ipynb #5c552464
+# %% ../nbs/07_analysis.ipynb #d078bbd6
 STAT_COLUMNS = ('attn_dist', 'attn_dist_var', 'attn_ent', 'attn_ent_var')
 
 
@@ -258,7 +265,7 @@ class AttentionStatsLog(Callback):
         self.learn.log_extras = {**extras, **stage_columns(stats.per_stage())}
 
 
-# %% ../nbs/07_analysis.ipynb #1d691b40
+# %% ../nbs/07_analysis.ipynb #12d31393
 def _finish(fig, path=None):
     "Lay out `fig`; save it as a PNG to `path` (its folder made) and close it, when given. Returns `fig`."
     fig.tight_layout()
@@ -303,7 +310,7 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
     return _finish(fig, path)
 
 
-# %% ../nbs/07_analysis.ipynb #9fc27ec5
+# %% ../nbs/07_analysis.ipynb #3d754d8f
 def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
                 hu_range=(-175.0, 250.0), seed: int = 0):
     """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
@@ -454,7 +461,7 @@ def _scatter(emb, y, names, png: Path, title: str, rep: dict):
     _finish(fig, png)
 
 
-# %% ../nbs/07_analysis.ipynb #06780a48
+# %% ../nbs/07_analysis.ipynb #27ff5fa5
 def _encoder_of(model):
     "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
     from fastai.learner import Learner

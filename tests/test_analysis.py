@@ -72,6 +72,10 @@ def test_uniform_attention_against_hand_computed_windows():
     enc = uniform_attention_(SwinEncoder(tiny_config(img_size=32, sa_stage=3)))
     x = torch.rand(2, 1, 32, 32, 32)
     stats = attention_stats(enc, x)
+    with AttentionStats(enc, max_elements=5000) as small, torch.no_grad():  # 1 window of 64 tokens at a time
+        enc(x)
+    for a, b in zip(stats.rows(), small.rows()):
+        assert a['distance'] == pytest.approx(b['distance'], rel=1e-6) and a['entropy'] == pytest.approx(b['entropy'])
     rows = {(r['stage'], r['block'], r['head']): r for r in stats.rows()}
     assert {k[0] for k in rows} == {'stage1', 'stage2', 'stage3', 'stage4', 'sa'}
     # stage 1: a 16^3 grid of tokens 2 voxels apart, 4^3 windows, the odd block shifted by 2
