@@ -37,7 +37,7 @@ def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
     off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
     return (1 - off / (nh * (nh - 1))).mean()
 
-# %% ../nbs/07_analysis.ipynb #44c78561
+# %% ../nbs/07_analysis.ipynb #ac068e02
 def window_attention_probs(attn, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """The attention probabilities `(B, nh, wn, wn)` of a `WindowAttention` on `x: (B, wn, c)`, tokens in window
     order, with the additive shift `mask: (nw, wn, wn)` (B a multiple of nw, windows in order) or `(B, wn, wn)`:
@@ -81,7 +81,7 @@ def grid_positions(grid, stride) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
 
 
-# %% ../nbs/07_analysis.ipynb #a5b327b1
+# %% ../nbs/07_analysis.ipynb #a855a140
 class AttentionStats:
     """Attention distance and entropy per head of every attention block of an encoder, recorded during its forwards:
     the measures of Xie et al. (CVPR 2023), which the DAGMaN paper plots per Swin stage (its Figure 4a).
@@ -219,7 +219,7 @@ def attention_stats(encoder, images, bs: int = 2) -> AttentionStats:
     return stats
 
 
-# %% ../nbs/07_analysis.ipynb #d078bbd6
+# %% ../nbs/07_analysis.ipynb #9e9c1f77
 STAT_COLUMNS = ('attn_dist', 'attn_dist_var', 'attn_ent', 'attn_ent_var')
 
 
@@ -265,7 +265,7 @@ class AttentionStatsLog(Callback):
         self.learn.log_extras = {**extras, **stage_columns(stats.per_stage())}
 
 
-# %% ../nbs/07_analysis.ipynb #12d31393
+# %% ../nbs/07_analysis.ipynb #304e55fd
 def _finish(fig, path=None):
     "Lay out `fig`; save it as a PNG to `path` (its folder made) and close it, when given. Returns `fig`."
     fig.tight_layout()
@@ -310,7 +310,7 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
     return _finish(fig, path)
 
 
-# %% ../nbs/07_analysis.ipynb #3d754d8f
+# %% ../nbs/07_analysis.ipynb #188cadf8
 def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
                 hu_range=(-175.0, 250.0), seed: int = 0):
     """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
@@ -461,7 +461,7 @@ def _scatter(emb, y, names, png: Path, title: str, rep: dict):
     _finish(fig, png)
 
 
-# %% ../nbs/07_analysis.ipynb #27ff5fa5
+# %% ../nbs/07_analysis.ipynb #0b3dc067
 def _encoder_of(model):
     "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
     from fastai.learner import Learner
