@@ -21,7 +21,7 @@ Variants (seed 0 unless `--seeds`), each differing from the one above it in one 
     old-frozen the same with 5 frozen epochs (only the head trains: a probe without feature standardisation)
     recipe     `fine_tune_recipe(E, 1e-3)`: layer-wise decay 0.75, 10% warm-up then cosine, the best validation epoch
     +weights   and balanced class weights
-    +augment   and MONAI augmentation of the training batches (`cls_augment`)
+    +augment   and augmentation of the training batches (`BatchAugment3D`: flips, affine, intensity)
     +drop-path and drop path 0.1
     full       and the pooled features standardised before the head (`FeatureNorm`): the defaults of `cls_learner`
                (what `dagman finetune` does)

@@ -20,7 +20,7 @@ Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with 
      with the training statistics, and a linear layer trained on them with fastai (`--probe-epochs`, one cycle,
      its own learning rate and weight decay): the protocol of `cls_learner(linear_probe=True)` plus the usual
      feature standardisation, at a small share of its cost;
-   - fine-tune: the recipe, `cls_learner`'s defaults (balanced class weights, MONAI augmentation of the training
+   - fine-tune: the recipe, `cls_learner`'s defaults (balanced class weights, `BatchAugment3D` of the training
      batches, drop path 0.1, AdamW) and `learn.fine_tune_recipe(E, lr)` (layer-wise LR decay 0.75 over the Swin
      stages, 10% warm-up then cosine); the scratch arm uses one rate for every layer (`layer_decay=1`). The epoch
      with the best validation AUC is kept (`SaveModelCallback`) and scored once on the official test split: the

@@ -1068,7 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--class-weights', choices=['balanced', 'none'], default=None,
                    help="classification: 'balanced' (default: each class counts alike in the loss) or 'none'")
     s.add_argument('--no-augment', action='store_true',
-                   help='classification: no MONAI augmentation of the training batches (flips, affine, intensity)')
+                   help='classification: no augmentation of the training batches (flips, affine, intensity)')
     s.add_argument('--drop-path', type=_float_range(0, 0.9, lo_open=False), default=None,
                    help="classification: the encoder's stochastic depth while fine-tuning (default 0.1)")
     s.add_argument('--lr', type=_float_range(0), default=1e-3)
