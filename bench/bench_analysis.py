@@ -32,6 +32,17 @@ SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 ORGANS = {'liver': '5', 'spleen': '1', 'kidneys': '2,3', 'bladder': '21', 'femurs': '75,76', 'lungs': '10,11,12,13,14'}
 
 
+def cpu_model() -> str:
+    "The CPU's model name as lscpu gives it (timings depend on it), else what Python knows."
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def pretrain(method: str, args, out: Path) -> float | None:
     "Pretrain with `method` unless its encoder is there; the seconds it took."
     if (out / method / 'encoder.pth').exists():
@@ -95,7 +106,7 @@ def main(argv=None):
     summary = json.loads((out / 'analyze' / 'summary.json').read_text())
     text = table(summary)
     (out / 'table.md').write_text(text + '\n')
-    (out / 'timing.json').write_text(json.dumps(dict(pretrain_seconds=secs, cpu=platform.processor(),
+    (out / 'timing.json').write_text(json.dumps(dict(pretrain_seconds=secs, cpu=cpu_model(),
                                                      torch=torch.__version__), indent=1) + '\n')
     print(text)
 
