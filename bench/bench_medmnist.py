@@ -3,7 +3,8 @@
     python bench/bench_medmnist.py --out runs/medmnist   # the BENCHMARKS.md table; keeps encoders, logs, results
     python bench/bench_medmnist.py --out runs/medmnist --size 64 --protocols probe   # the 64^3 images, same encoders
     python bench/bench_medmnist.py --out runs/mm --arms dagman --fraction 0.25        # few-shot: a quarter of the labels
-    python bench/bench_medmnist.py --table-from runs/medmnist runs/mm                 # one table from several runs
+    python bench/bench_medmnist.py --table-from runs/medmnist runs/mm --out runs/all   # one table (and a few-shot
+                                                                                      # plot) from several runs
     python bench/bench_medmnist.py --quick               # a smoke run of every step (a minute)
 
 Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with its own `--out` and
@@ -166,6 +167,32 @@ def table(rows: list[dict]) -> str:
     return '\n'.join(lines)
 
 
+def plot_few_shot(rows: list[dict], path: Path, size: int = 28) -> None:
+    "Test AUC against the share of labels (mean and std over seeds), a line per encoder and protocol: the paper's figure."
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    colours = dict(zip(ARMS, ('tab:grey', 'tab:orange', 'tab:blue')))
+    for arm in ARMS:
+        for proto, style in (('fine-tune', '-'), ('linear probe', ':')):
+            pts = {}
+            for r in rows:
+                if r['arm'] == arm and r['protocol'] == proto and r.get('size', 28) == size:
+                    pts.setdefault(r.get('fraction', 1.0), []).append(r['auc'])
+            if pts:
+                fr = sorted(pts)
+                ax.errorbar([100 * f for f in fr], [np.mean(pts[f]) for f in fr], yerr=[np.std(pts[f]) for f in fr],
+                            ls=style, marker='o', capsize=3, color=colours[arm], label=f'{arm}, {proto}')
+    ax.axhline(PUBLISHED['auc'][0], c='grey', lw=1, ls='--', label=f"published best ({PUBLISHED['auc'][1]})")
+    ax.set(xlabel='labelled training images (%)', ylabel='test AUC', title=f'AdrenalMNIST3D {size}^3: few-shot')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     shared = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +220,9 @@ def main(argv=None):
     if args.table_from:
         rows = [r for d in args.table_from for r in json.loads((Path(d) / 'results.json').read_text())['rows']]
         print(table(rows))
+        if args.out and len({r.get('fraction', 1.0) for r in rows}) > 1:
+            plot_few_shot(rows, Path(args.out) / 'few_shot.png')
+            print(f"few-shot plot: {Path(args.out) / 'few_shot.png'}")
         return rows
     if args.threads:
         torch.set_num_threads(args.threads)
