@@ -215,3 +215,6 @@ if __name__ == '__main__':
         draws(args.out, args.bs, args.resume, args.epochs)
     else:
         dict(step=step, metrics=metrics)[args.mode](args.out, args.bs)
+    if torch.distributed.is_initialized():  # end the group before exit: gloo's threads torn down at interpreter exit
+        torch.distributed.barrier()         # can abort a rank ("terminate called without an active exception")
+        torch.distributed.destroy_process_group()
