@@ -832,8 +832,9 @@ def _analysis_data(args):
             raise CLIError('--data: one MedMNIST .npz at a time')
         with np.load(paths[0]) as z:
             key = f'{args.split}_images'
-            if key not in z:
-                raise CLIError(f'--data {paths[0]}: no {key!r} in it (a MedMNIST file has train_/val_/test_images); '
+            if key not in z or f'{args.split}_labels' not in z:
+                raise CLIError(f'--data {paths[0]}: no {key!r} and {args.split}_labels in it (a MedMNIST file has '
+                               f'train_/val_/test_images and _labels); '
                                f'keys: {sorted(z.files)}', status=1)
             x = torch.from_numpy(z[key][:args.n].astype(np.float32))
             y = torch.from_numpy(z[f'{args.split}_labels'][:args.n].reshape(-1).astype(np.int64))

@@ -363,7 +363,8 @@ def cls_augment(flip: float = 0.5, prob: float = 0.5, rotate: float = 15.0, scal
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
-    "Rotation matrices `(b, 3, 3)` about the three array axes in turn, for `angles (b, 3)` in radians."
+    """Rotation matrices `(b, 3, 3)` about the three array axes in turn, for `angles (b, 3)` in radians. By hand:
+    MONAI's `create_rotate` builds one NumPy matrix per call, and here a batch needs one per volume."""
     c, s = angles.cos(), angles.sin()
     one, zero = torch.ones_like(c[:, 0]), torch.zeros_like(c[:, 0])
     r0 = torch.stack([one, zero, zero, zero, c[:, 0], -s[:, 0], zero, s[:, 0], c[:, 0]], -1).view(-1, 3, 3)
