@@ -8,6 +8,7 @@ here = Path(__file__).parent
 cfg = ConfigParser(delimiters=['='])
 cfg.read(here / 'settings.ini', encoding='utf-8')
 cfg = cfg['DEFAULT']
+EXTRAS = ('analysis', 'tensorboard', 'docs')  # the optional `<name>_requirements` of settings.ini
 
 licenses = {'apache2': ('Apache-2.0', 'License :: OSI Approved :: Apache Software License')}
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable']
@@ -40,8 +41,8 @@ setup(
     package_dir={'dagman_fast': 'dagman_fast', 'dagman_fast.kernels': 'kernels'},
     include_package_data=True,
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split() + cfg['analysis_requirements'].split(),
-                    'analysis': cfg['analysis_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split() + [r for e in EXTRAS for r in cfg[f'{e}_requirements'].split()],
+                    **{e: cfg[f'{e}_requirements'].split() for e in EXTRAS}},
     entry_points={'console_scripts': scripts, 'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,
 )

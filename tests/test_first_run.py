@@ -1,0 +1,91 @@
+"""What a new user meets first: a quiet `dagman pretrain`, a progress table and CSV log with only the columns that
+have values, `dagman --version`, TensorBoard logging, and notebooks whose front matter parses."""
+import csv
+import subprocess
+import sys
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+
+from dagman_fast.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ['--synthetic', '2', '--crop', '32', '--bs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32']
+
+
+def test_version_names_the_package_and_its_stack():
+    out = subprocess.run([sys.executable, '-m', 'dagman_fast.cli', '--version'], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    line = out.stdout.strip()
+    assert line.startswith(f"dagman_fast {version('dagman_fast')} (")
+    for name in ('torch', 'fastai', 'monai'):
+        assert f'{name} {version(name)}' in line, line
+
+
+def test_a_first_pretraining_run_is_quiet_and_logs_only_columns_with_values(tmp_path):
+    """The demo's stdout and stderr with every warning shown (`-W default`): no notice a CPU user cannot act on (MONAI's
+    nvImageCodec reader), no `valid_loss` column of `None`s, no empty validation bar; the CSV has no empty column."""
+    out = tmp_path / 'run'
+    res = subprocess.run([sys.executable, '-W', 'default', '-m', 'dagman_fast.cli', 'pretrain', '--out', str(out),
+                          '--epochs', '2', *SMALL, '--cache-dir', str(tmp_path / 'cache')],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout + res.stderr
+    for noise in ('nvImageCodec', 'NvImgCodec', 'None', 'valid_loss', 'generator is empty', 'Warning'):
+        assert noise not in text, (noise, text)
+    header = [ln.split() for ln in text.replace('\r', '\n').splitlines() if ln.strip().startswith('epoch')]
+    assert header and header[0] == ['epoch', 'train_loss', 'time'], header
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    assert len(rows) == 2 and 'valid_loss' not in rows[0]
+    empty = [k for k in rows[0] if all(r[k] == '' for r in rows)]
+    assert not empty, empty
+    assert {'train_loss', 'amip', 'aitd_entropy', 'mask_ratio', 'lr'} <= set(rows[0])
+
+
+def test_validation_loss_is_logged_when_there_is_validation_data(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(['pretrain', '--out', str(out), '--epochs', '1', *SMALL, '--synthetic', '4', '--valid-pct', '0.5',
+                 '--cache-dir', str(tmp_path / 'cache')]) == 0
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    assert float(rows[0]['valid_loss']) > 0
+    assert 'valid_loss' in capsys.readouterr().out
+
+
+def test_tensorboard_gets_every_figure_of_the_csv_log(tmp_path, capsys):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out, tb = tmp_path / 'run', tmp_path / 'tb'
+    assert main(['pretrain', '--out', str(out), '--epochs', '2', *SMALL, '--tensorboard', str(tb),
+                 '--cache-dir', str(tmp_path / 'cache')]) == 0
+    (events,) = tb.glob('events.out.tfevents.*')
+    acc = EventAccumulator(str(events), size_guidance={'scalars': 0})
+    acc.Reload()
+    tags = set(acc.Tags()['scalars'])
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    figures = [k for k in rows[0] if k not in ('epoch', 'train_loss')]
+    assert {f'pretrain/{k}' for k in figures} <= tags, sorted(tags)
+    for k in figures:
+        logged = [s.value for s in acc.Scalars(f'pretrain/{k}')]
+        assert logged == pytest.approx([float(r[k]) for r in rows], rel=1e-5), k
+    steps = [s.step for s in acc.Scalars('train_loss')]
+    assert steps == sorted(steps) and len(steps) == 2 * 2  # every training step (2 volumes, bs 1, 2 epochs)
+    assert 'lr_0' in tags
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'fastai.callback.tensorboard', None)  # as if tensorboard were not installed
+    from tests.test_cli import assert_fails
+    assert_fails(capsys, ['pretrain', '--out', str(tmp_path / 'run'), '--epochs', '1', *SMALL,
+                          '--tensorboard', str(tmp_path / 'tb')], 'dagman_fast[tensorboard]', status=1)
+
+
+@pytest.mark.parametrize('nb', sorted((REPO / 'nbs').rglob('*.ipynb')), ids=lambda p: p.name)
+def test_front_matter_parses(nb):
+    "nbdev reads a notebook's first markdown cell as front matter: a title, a description, no YAML warnings."
+    from fastcore.nbio import nb_frontmatter, read_nb
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fm = nb_frontmatter(read_nb(nb))
+    assert fm.get('title') and fm.get('description'), (nb.name, fm)
