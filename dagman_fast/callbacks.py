@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 # %% auto #0
 __all__ = ['StepTimer', 'unwrap', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher', 'StopOnNaN',
-           'StopOnDivergence', 'DeviceMixedPrecision', 'SkipEmptyValidation', 'PretrainLog', 'tensorboard_callback']
+           'StopOnDivergence', 'DeviceMixedPrecision', 'SkipEmptyValidation', 'NoSkippedRows', 'PretrainLog',
+           'tensorboard_callback']
 
 # %% ../nbs/04b_callbacks.ipynb #2c0e427b
 class StepTimer(Callback):
@@ -303,6 +304,31 @@ class SkipEmptyValidation(Callback):
         self.recorder.valid_metrics = self._was
 
 
+def _typed(row: dict) -> dict:
+    "A CSV row as `PretrainLog` makes it: the epoch an int, figures as floats, empty cells left out."
+    return {k: int(v) if k == 'epoch' else float(v) for k, v in row.items() if v not in ('', None)}
+
+
+class NoSkippedRows(Callback):
+    """Keeps the epochs a resumed fit skips (`fit(..., start_epoch=n)`, fastai's `SkipToEpoch`) out of the progress
+    table, which would otherwise print an empty row with a time of 00:00 for each of them."""
+    order = 65  # after the progress bar (60) has made the table its logger
+
+    def before_fit(self):
+        skip = [cb._skip_to for cb in self.learn.cbs if type(cb).__name__ == 'SkipToEpoch']
+        self._skip_to, self._inner = (skip[0] if skip else 0), self.learn.logger
+        if self._skip_to:
+            self.learn.logger = self._log
+
+    def _log(self, row):
+        if not (len(row) and isinstance(row[0], int) and row[0] < self._skip_to):  # the header passes, skipped rows not
+            self._inner(row)
+
+    def after_fit(self):
+        if self.learn.logger == self._log:
+            self.learn.logger = self._inner
+
+
 class PretrainLog(_DAGMaNCallback):
     """Appends a row per epoch to the CSV `fname` (in `learn.path`): the training means of the loss and each term,
     the validation loss, the achieved mask ratio, per distillation loss the teacher's per-sample entropy, the
@@ -329,7 +355,7 @@ class PretrainLog(_DAGMaNCallback):
         rows = []
         if start and self.path.exists():
             with open(self.path, newline='') as f:
-                rows = [r for r in csv.DictReader(f) if int(r['epoch']) < start]
+                rows = [_typed(r) for r in csv.DictReader(f) if int(r['epoch']) < start]
         self.learn.pretrain_log = rows
         self._warned = False
         if self._writer:
@@ -379,7 +405,7 @@ class PretrainLog(_DAGMaNCallback):
         row.update(getattr(self.learn, 'log_extras', None) or {})  # e.g. AttentionStatsLog's, every few epochs
         self.learn.log_extras = {}
         row.update(ema_momentum=getattr(self.learn, 'ema_momentum', ''), teacher_temp=float(self.dm.teacher_temp()),
-                   lr=self.opt.hypers[-1]['lr'], seconds=round(time.perf_counter() - self._t0, 2))
+                   lr=float(self.opt.hypers[-1]['lr']), seconds=round(time.perf_counter() - self._t0, 2))
         self.learn.pretrain_log.append(row)
         if self._writer:
             self._write()

@@ -238,12 +238,13 @@ def _preprocess(args) -> int:
 
 
 def _indexed_scans(cache_dir: str, crop: int, spacing: float) -> int:
-    """How many scans `dagman preprocess` indexed in `cache_dir` for this crop and spacing: 0 when it holds no index;
-    a `CLIError` when it holds indexes for other settings only (the user meant one of them)."""
+    """How many usable scans `dagman preprocess` indexed in `cache_dir` for this crop and spacing (skipped ones not
+    counted): 0 when it holds no index; a `CLIError` when it holds indexes for other settings only (the user meant one
+    of them)."""
     from dagman_fast.data import read_ct_index
     rows = read_ct_index(cache_dir, crop=crop, spacing=spacing)
     if rows:
-        return len(rows)
+        return sum(r['status'] == 'ok' for r in rows)
     others = []
     for f in sorted(Path(cache_dir).glob('*/settings.json')):
         if (f.parent / 'index.csv').exists():
@@ -415,7 +416,8 @@ def _pretrain(args) -> int:
         if start >= args.epochs:
             _say(f'the checkpoint already finished {start} of {args.epochs} epochs; nothing to train')
     if world > 1:
-        _say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} samples each per step')
+        _say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), '
+             f'{bs} sample{"s" if bs != 1 else ""} each per step')
     if _rank() == 0:
         run = dict(world_size=world, batch_size_per_process=bs, batch_size=bs * world)
         (out / 'config.json').write_text(json.dumps(dict(encoder=learn.model.encoder_config.to_dict(),
@@ -565,7 +567,7 @@ def _fit_distributed(learn, args, world: int, bs: int) -> bool:
     validation metrics over all ranks' predictions), the replica check, then leave the group; True on rank 0, which
     then saves and scores alone, with no group left to time out."""
     if world > 1:
-        _say(f'data parallel: {world} processes, {bs} samples each per step')
+        _say(f'data parallel: {world} processes, {bs} sample{"s" if bs != 1 else ""} each per step')
     _add_tensorboard(learn, args)
     with learn.distrib_ctx():
         _train(learn, args, pretrained=bool(args.encoder))

@@ -24,7 +24,8 @@ from fastcore.foundation import L
 # The names below that this module does not use itself are imported so that `dagman_fast.learner.NAME`, their home
 # before the split into model / callbacks / checkpoint, keeps working.
 from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, FreezeLastLayer,  # noqa: F401
-                        PatchDropout, PretrainLog, SkipEmptyValidation, StepTimer, StopOnDivergence, StopOnNaN, unwrap)
+                        NoSkippedRows, PatchDropout, PretrainLog, SkipEmptyValidation, StepTimer, StopOnDivergence,
+                        StopOnNaN, unwrap)
 from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
                          atomic_save, load_checkpoint, load_encoder, rank_rng_state)
 from .core import check_option
@@ -199,7 +200,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
         callbacks.append(DeviceMixedPrecision(amp))
     if checkpoint:
         callbacks.append(DAGMaNCheckpoint(checkpoint, every=checkpoint_every))
-    callbacks.append(SkipEmptyValidation())
+    callbacks += [SkipEmptyValidation(), NoSkippedRows()]
     if log:
         callbacks.append(PretrainLog(log))
     # PyTorch's AdamW betas and eps (fastai's Adam defaults to sqr_mom 0.99, eps 1e-5), as DINO and SMIT train

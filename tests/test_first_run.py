@@ -44,6 +44,16 @@ def test_a_first_pretraining_run_is_quiet_and_logs_only_columns_with_values(tmp_
     assert {'train_loss', 'amip', 'aitd_entropy', 'mask_ratio', 'lr'} <= set(rows[0])
 
 
+def test_a_resumed_run_prints_only_the_epochs_it_trains(tmp_path, capsys):
+    common = ['pretrain', '--out', str(tmp_path / 'run'), *SMALL, '--cache-dir', str(tmp_path / 'cache')]
+    assert main(common + ['--epochs', '2']) == 0
+    capsys.readouterr()
+    assert main(common + ['--epochs', '3', '--resume']) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.replace('\r', '\n').splitlines()
+            if ln.split() and ln.split()[0].isdigit() and ':' in ln.split()[-1]]
+    assert [r[0] for r in rows] == ['2'] and len(rows[0]) == 3, rows  # epoch, train_loss, time: no empty 0 and 1
+
+
 def test_validation_loss_is_logged_when_there_is_validation_data(tmp_path, capsys):
     out = tmp_path / 'run'
     assert main(['pretrain', '--out', str(out), '--epochs', '1', *SMALL, '--synthetic', '4', '--valid-pct', '0.5',

@@ -297,6 +297,10 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path, schedule):
     assert int(b['step']) == 6
     rows = list(csv.DictReader(open(tmp_path / 'part' / 'pretrain_log.csv')))
     assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+    # the rows read back from the CSV have the types of the new row: an int epoch, float figures
+    assert [r['epoch'] for r in again.pretrain_log] == [0, 1, 2]
+    assert {type(v) for r in again.pretrain_log for k, v in r.items() if k != 'epoch'} == {float}
+    assert again.pretrain_log[0]['amip'] == pytest.approx(float(rows[0]['amip']))
 
 
 def test_checkpoint_is_atomic_and_loads_weights_only(tmp_path):
