@@ -33,6 +33,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'dagman_fast.analysis.AttentionStatsLog.before_fit': ( 'analysis.html#attentionstatslog.before_fit',
                                                                                              'dagman_fast/analysis.py'),
                                       'dagman_fast.analysis._encoder_of': ('analysis.html#_encoder_of', 'dagman_fast/analysis.py'),
+                                      'dagman_fast.analysis._figure': ('analysis.html#_figure', 'dagman_fast/analysis.py'),
                                       'dagman_fast.analysis._finish': ('analysis.html#_finish', 'dagman_fast/analysis.py'),
                                       'dagman_fast.analysis._scatter': ('analysis.html#_scatter', 'dagman_fast/analysis.py'),
                                       'dagman_fast.analysis.attention_distance': ( 'analysis.html#attention_distance',

@@ -7,14 +7,16 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
            'medmnist3d_ssl_dls', 'nodule_crops_dls', 'nodule_labels', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct',
            'preprocess_scans', 'read_ct_index', 'METHODS', 'METHOD_HELP', 'PAPER_LOSS_WEIGHTS', 'StepTimer',
            'warmup_cosine_scheds', 'AttentionGuidedMasking', 'DeviceMixedPrecision', 'DistributedLearner',
-           'replicas_differ', 'setup_distributed', 'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher',
-           'PatchDropout', 'PretrainLog', 'dagman_learner', 'load_checkpoint', 'load_encoder', 'DINOHead',
-           'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator', 'patch_dropout_mask', 'upsample_mask', 'ClsModel',
-           'cls_learner', 'cls_metrics', 'SegModel', 'seg_learner', 'predict_volume', 'few_shot_indices',
-           'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'load_classifier', 'save_classifier',
-           'plot_roc', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay', 'save_segmenter', 'load_segmenter',
-           'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention', 'SwinConfig',
-           'SwinEncoder', 'ViTConfig', 'ViTEncoder', 'build_encoder', 'encoder_config', 'from_monai',
+           'replicas_differ', 'setup_distributed', 'tensorboard_callback', 'AttentionStats', 'AttentionStatsLog',
+           'attention_map', 'attention_stats', 'cluster_report', 'organ_crops', 'plot_attention_maps',
+           'plot_head_diversity', 'plot_pretrain_log', 'pooled_features', 'DAGMaNConfig', 'DAGMaNLearner',
+           'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner', 'load_checkpoint',
+           'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator', 'patch_dropout_mask',
+           'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics', 'SegModel', 'seg_learner', 'predict_volume',
+           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'load_classifier',
+           'save_classifier', 'plot_roc', 'dice_per_class', 'evaluate_segmenter', 'plot_overlay', 'save_segmenter',
+           'load_segmenter', 'ATTN_IMPLS', 'window_attention', 'PRESETS', 'EncoderOutput', 'SemanticAttention',
+           'SwinConfig', 'SwinEncoder', 'ViTConfig', 'ViTEncoder', 'build_encoder', 'encoder_config', 'from_monai',
            'monai_swin_kwargs', 'to_monai']
 
 # %% ../nbs/09_all.ipynb #fabad7a1
@@ -26,7 +28,11 @@ from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_cl
                                   plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
                                   stratified_folds, subset_dls, summarize)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
-from .callbacks import AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, PatchDropout, PretrainLog, StepTimer
+from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, PatchDropout, PretrainLog,
+                                   StepTimer, tensorboard_callback)
+from .analysis import (AttentionStats, AttentionStatsLog, attention_map, attention_stats, cluster_report,
+                                  organ_crops, plot_attention_maps, plot_head_diversity, plot_pretrain_log,
+                                  pooled_features)
 from .distributed import DistributedLearner, replicas_differ, setup_distributed
 from .checkpoint import load_checkpoint, load_encoder
 from .learner import DAGMaNLearner, dagman_learner, warmup_cosine_scheds
@@ -40,7 +46,9 @@ from .swin import (PRESETS, EncoderOutput, SemanticAttention, SwinConfig, SwinEn
 _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'label_groups',
          'medmnist3d_dls', 'medmnist3d_ssl_dls', 'nodule_crops_dls', 'nodule_labels', 'seg_pairs_dls', 'show_batch_3d', 'synthetic_ct', 'preprocess_scans', 'read_ct_index', 'METHODS', 'METHOD_HELP',
          'PAPER_LOSS_WEIGHTS', 'StepTimer', 'warmup_cosine_scheds', 'AttentionGuidedMasking', 'DeviceMixedPrecision',
-         'DistributedLearner', 'replicas_differ', 'setup_distributed',
+         'DistributedLearner', 'replicas_differ', 'setup_distributed', 'tensorboard_callback',
+         'AttentionStats', 'AttentionStatsLog', 'attention_map', 'attention_stats', 'cluster_report', 'organ_crops',
+         'plot_attention_maps', 'plot_head_diversity', 'plot_pretrain_log', 'pooled_features',
          'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner',
          'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
          'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',

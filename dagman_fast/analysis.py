@@ -268,14 +268,20 @@ class AttentionStatsLog(Callback):
 
 
 # %% ../nbs/07_analysis.ipynb #304e55fd
+def _figure(nrows: int, ncols: int, figsize, **kw):
+    """A matplotlib `Figure` and its axes, made without pyplot (as `plot_roc`): no backend is switched, nothing is drawn
+    on screen behind the caller's back, and in a notebook the returned figure shows once, where it is displayed."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
 def _finish(fig, path=None):
-    "Lay out `fig`; save it as a PNG to `path` (its folder made) and close it, when given. Returns `fig`."
+    "Lay out `fig`; save it as a PNG to `path` (its folder made), when given. Returns `fig`."
     fig.tight_layout()
     if path is not None:
-        import matplotlib.pyplot as plt
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=100)
-        plt.close(fig)
     return fig
 
 
@@ -285,16 +291,13 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
     rows()}`, e.g. `{'dagman': attention_stats(enc_a, x), 'smit': attention_stats(enc_b, x)}`. Saves a PNG to `path`
     when given; returns the matplotlib figure."""
     import matplotlib
-    if path is not None:
-        matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     rows = {k: v.rows() if isinstance(v, AttentionStats) else list(v) for k, v in encoders.items()}
     if not rows or not any(rows.values()):
         raise ValueError('plot_head_diversity needs at least one encoder with recorded attention')
     stages = list(stages or dict.fromkeys(r['stage'] for rs in rows.values() for r in rs))
     names, n = list(rows), len(rows)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(stages) * n ** 0.5), 7), sharex=True)
-    colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+    fig, axes = _figure(2, 1, (max(6, 1.6 * len(stages) * n ** 0.5), 7), sharex=True)
+    colours = matplotlib.rcParams['axes.prop_cycle'].by_key()['color']
     width = 0.8 / n
     for ax, key, label in ((axes[0], 'distance', 'attention distance (voxels)'),
                            (axes[1], 'entropy', 'attention entropy (nats)')):
@@ -448,10 +451,7 @@ def cluster_report(encoder, images: torch.Tensor, labels, names=None, path=None,
 
 
 def _scatter(emb, y, names, png: Path, title: str, rep: dict):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = _figure(1, 1, (6, 5))
     for c in range(int(y.max()) + 1):
         sel = (y == c).numpy()
         if sel.any():
@@ -526,25 +526,22 @@ def attention_map(model, volume: torch.Tensor, heads: bool = False) -> torch.Ten
 def plot_attention_maps(volume: torch.Tensor, maps: dict, path=None, title: str | None = None):
     """Overlays of attention maps on a scan: for each map (`{name: (d, h, w)}`, e.g. from `attention_map` for a
     pretrained encoder, a linear probe and a fine-tuned classifier), the axial, coronal and sagittal slices through
-    its peak, the scan in grey and the map (scaled to its own minimum and maximum) in colour. Saves a PNG when `path` is given;
+    its peak (for RAS-oriented volumes, as the library's CT preprocessing makes them), the scan in grey and the map (scaled to its own minimum and maximum) in colour. Saves a PNG when `path` is given;
     returns the figure."""
-    import matplotlib
-    if path is not None:
-        matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     vol = volume[0] if volume.ndim == 4 else volume
     vol = torch.as_tensor(vol).float().cpu()
-    fig, axes = plt.subplots(len(maps), 3, figsize=(9, 3 * len(maps)), squeeze=False)
+    fig, axes = _figure(len(maps), 3, (9, 3 * len(maps)), squeeze=False)
     for row, (name, m) in zip(axes, maps.items()):
         m = m.float().cpu()
         if m.shape != vol.shape:
             raise ValueError(f'map {name!r} {tuple(m.shape)} is not on the scan grid {tuple(vol.shape)}')
         peak = [int(i) for i in torch.unravel_index(m.argmax(), m.shape)]
         m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)  # its own range: a flat map shows flat
-        for ax, axis, plane in zip(row, range(3), ('axial (d)', 'coronal (h)', 'sagittal (w)')):
-            img, att = vol.select(axis, peak[axis]), m.select(axis, peak[axis])
-            ax.imshow(img.numpy(), cmap='gray')
-            ax.imshow(att.numpy(), cmap='jet', alpha=0.45, vmin=0, vmax=1)
+        # RAS volumes (what the library's CT preprocessing makes): the planes and their display as `show_batch_3d`
+        for ax, axis, plane in zip(row, (2, 1, 0), ('axial', 'coronal', 'sagittal')):
+            img, att = vol.select(axis, peak[axis]).T, m.select(axis, peak[axis]).T
+            ax.imshow(img.numpy(), cmap='gray', origin='lower')  # the second axis (anterior, superior) upwards
+            ax.imshow(att.numpy(), cmap='jet', alpha=0.45, vmin=0, vmax=1, origin='lower')
             ax.set(xticks=[], yticks=[], title=f'{name}: {plane} {peak[axis]}')
     if title:
         fig.suptitle(title)
@@ -560,10 +557,6 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
     PNG to `path` when given; returns the matplotlib figure."""
     import math
 
-    import matplotlib
-    if path is not None:
-        matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     if not isinstance(log, list):
         with open(log, newline='') as f:
             log = list(csv.DictReader(f))
@@ -586,7 +579,7 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
 
     stages = [k[len('attn_dist_'):] for k in log[0]
               if k.startswith('attn_dist_') and not k.startswith('attn_dist_var_')]
-    fig, axes = plt.subplots(2, 3 if stages else 2, figsize=(16 if stages else 11, 7))
+    fig, axes = _figure(2, 3 if stages else 2, (16 if stages else 11, 7))
     draw(axes[0, 0], ['aitd', 'ampd', 'gitd'], 'distillation losses', 'cross-entropy (nats)', uniform=True)
     draw(axes[0, 1], ['amip', 'valid_loss'], 'masked reconstruction (L1) and validation loss')
     draw(axes[1, 0], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',

@@ -943,17 +943,15 @@ def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None
     Returns:
         the matplotlib figure.
     """
-    import matplotlib
-    if path is not None:
-        matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switched; shown once where the figure is displayed
     views = list(batch) if isinstance(batch, (tuple, list)) else [batch]
     n = min(max_n, views[0].shape[0])
     cols = [(f'view {v + 1}', views[v]) for v in range(len(views))]
     if mask is not None:
         m = torch.nn.functional.interpolate(mask[:, None].float(), size=views[0].shape[2:], mode='nearest')
         cols.append(('mask', m))
-    fig, axes = plt.subplots(n, 3 * len(cols), figsize=(2.2 * 3 * len(cols), 2.4 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * 3 * len(cols), 2.4 * n))
+    axes = fig.subplots(n, 3 * len(cols), squeeze=False)
     for i in range(n):
         for c, (name, vol) in enumerate(cols):
             v = vol[i, 0].detach().float().cpu()  # RAS: axes x (right-left), y (anterior), z (superior)
