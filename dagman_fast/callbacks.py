@@ -286,22 +286,19 @@ class DeviceMixedPrecision(MixedPrecision):
 class SkipEmptyValidation(Callback):
     """Leaves out validation when there is no validation data (`valid_pct=0`, the pretraining default): no empty
     progress bar every epoch, and no `valid_loss` column of `None`s in the progress table. fastai's `Recorder` has
-    the switch (`valid_metrics`) but always runs the validation loop, so this callback sets the one and cancels the
-    other, then restores the `Recorder` for a later fit that has validation data."""
+    the switch (`valid_metrics`) but always runs the validation loop, so this callback sets the one, from the
+    `Recorder`'s own setting and `dls.valid` at every fit, and cancels the other for an empty loader only
+    (`get_preds(dl=...)` on other data runs as usual)."""
     order = 49  # before the Recorder (50) names its columns, and before the progress bar (60) starts
 
     def before_fit(self):
-        self._skip = len(self.dls.valid) == 0
-        self._was = self.recorder.valid_metrics
-        if self._skip:
-            self.recorder.valid_metrics = False
+        if not hasattr(self, '_wanted'):  # the Recorder's setting before this callback first changed it
+            self._wanted = self.recorder.valid_metrics
+        self.recorder.valid_metrics = self._wanted and len(self.dls.valid) > 0
 
     def before_validate(self):
-        if self._skip:
+        if len(self.dl) == 0:
             raise CancelValidException
-
-    def after_fit(self):
-        self.recorder.valid_metrics = self._was
 
 
 def _typed(row: dict) -> dict:
@@ -455,31 +452,61 @@ def tensorboard_callback(log_dir, **kwargs):
     Needs the `tensorboard` package (`pip install "dagman_fast[tensorboard]"`)."""
     try:
         from fastai.callback.tensorboard import TensorBoardCallback
+        from fastai.torch_core import rank_distrib
     except ImportError as e:
         raise ImportError(f'TensorBoard logging to {log_dir} needs the tensorboard package: '
                           'pip install "dagman_fast[tensorboard]"') from e
 
     class DAGMaNTensorBoard(TensorBoardCallback):
+        """fastai's callback with one global step across fits and resumed runs (fastai's `train_iter` restarts at
+        every fit: `fine_tune`'s two fits, a run resumed at `start_epoch`), one writer for all of them, nothing
+        written where fastai made no writer (ranks > 0, `lr_find`, `get_preds`) or logged for validation-only
+        passes (`validate`), and the pretraining log's row of each trained epoch."""
         order = PretrainLog.order + 1  # after PretrainLog has added the epoch's row
+        _done = 0  # steps trained in earlier fits of this learner
 
-        # fastai's writes even where `before_fit` made no writer (ranks > 0, `lr_find`), and logs the training
-        # loss on validation batches too: both guarded here
+        def before_fit(self):
+            self.run = (not hasattr(self.learn, 'lr_finder') and not hasattr(self, 'gather_preds')
+                        and rank_distrib() == 0)
+            skip = [cb._skip_to for cb in self.learn.cbs if type(cb).__name__ == 'SkipToEpoch']
+            self._skip = skip[0] if skip else 0
+            self._base = self._done + self._skip * len(self.dls.train)  # a resumed run continues its steps
+            self._trained = False
+            if self.run and getattr(self, 'writer', None) is None:
+                self._setup_writer()
+
+        def _step(self):
+            return self._base + self.train_iter
+
         def after_batch(self):
-            if self.run and self.training:
-                super().after_batch()
+            if not (self.run and self.training):
+                return
+            self.writer.add_scalar('train_loss', self.smooth_loss, self._step())
+            for i, h in enumerate(self.opt.hypers):
+                for k, v in h.items():
+                    self.writer.add_scalar(f'{k}_{i}', v, self._step())
+
+        def after_train(self):
+            self._trained = True
 
         def after_epoch(self):
-            if not self.run:
+            if not (self.run and self._trained):  # a skipped epoch of a resumed run, or `validate`
                 return
-            super().after_epoch()
+            self._trained = False
+            for n, v in zip(self.recorder.metric_names[2:-1], self.recorder.log[2:-1]):
+                self.writer.add_scalar(n, v, self._step())
             rows = getattr(self.learn, 'pretrain_log', None)
-            if not rows:
-                return
-            for k, v in rows[-1].items():
-                if k in ('epoch', 'train_loss') or v in ('', None):  # train_loss: the base class logs it every step
-                    continue
-                self.writer.add_scalar(f'pretrain/{k}', float(v), self.train_iter)
+            if rows and rows[-1].get('epoch') == self.epoch:
+                for k, v in rows[-1].items():
+                    if k not in ('epoch', 'train_loss') and v not in ('', None):  # train_loss: logged every step
+                        self.writer.add_scalar(f'pretrain/{k}', float(v), self._step())
             self.writer.flush()
+
+        def after_fit(self):
+            if self.run and self.train_iter:
+                self._done = self._base + self.train_iter
+            if getattr(self, 'writer', None) is not None:
+                self.writer.flush()  # kept open for the learner's next fit
 
     # no graph trace (it runs a batch outside mixed precision) and no image predictions (2-D `show_results`)
     return DAGMaNTensorBoard(log_dir=str(log_dir), **{'trace_model': False, 'log_preds': False, **kwargs})

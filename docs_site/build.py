@@ -90,10 +90,12 @@ def notebook_page(nb_path: Path, page: Path, img_dir: Path) -> tuple[str, str]:
         if cell['cell_type'] != 'code':
             continue
         opts, body = _directives(src)
-        if opts.get('echo') != 'false' and opts.get('include') != 'false' and body.strip():
+        if opts.get('include') == 'false':  # neither the code nor its outputs
+            continue
+        if opts.get('echo') != 'false' and body.strip():
             lang = 'bash' if opts.get('eval') == 'false' and body.lstrip().startswith('!') else 'python'
             parts.append(f'```{lang}\n{body}\n```')
-        for out in cell.get('outputs', []):
+        for out in cell.get('outputs', []) if opts.get('output') != 'false' else []:
             kind = out['output_type']
             if kind == 'error':
                 raise BuildError(f'{nb_path.name}: a saved output is an error ({out.get("ename")}: '
@@ -190,6 +192,8 @@ def repo_page(text: str, pages: dict[str, str]) -> str:
         path, _, frag = target.partition('#')
         if path in pages:
             return f'[{label}]({pages[path]}{"#" + frag if frag else ""})'
+        if not (REPO / path).exists():
+            raise BuildError(f'a link to {target!r}, which is not in the repository')
         if path.startswith('docs/') and path.endswith('.png'):
             return f'[{label}](img/{Path(path).name})'
         return f'[{label}]({_github(path)})'
@@ -197,7 +201,18 @@ def repo_page(text: str, pages: dict[str, str]) -> str:
 
 
 def build(out: Path, tensorboard_png: Path | None = None) -> Path:
+    if out.exists() and any(out.iterdir()) and not (out / 'sitemap.xml').exists():
+        raise BuildError(f'{out} is a folder with files that are not a built site; give an empty or new --out '
+                         '(MkDocs empties it)')
     src = Path(tempfile.mkdtemp(prefix='dagman_site_'))
+    try:
+        return _build(src, out, tensorboard_png)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+        (src.parent / (src.name + '.yml')).unlink(missing_ok=True)
+
+
+def _build(src: Path, out: Path, tensorboard_png: Path | None) -> Path:
     cache = process_notebooks()
     img = src / 'img'
     img.mkdir()
@@ -259,8 +274,6 @@ def build(out: Path, tensorboard_png: Path | None = None) -> Path:
     problems = [ln for ln in log.splitlines() if re.match(r'\s*(WARNING|ERROR)', ln)]
     if res.returncode or problems:
         raise BuildError('mkdocs build --strict failed:\n' + '\n'.join(problems or log.splitlines()[-20:]))
-    shutil.rmtree(src)
-    (src.parent / (src.name + '.yml')).unlink()
     return out
 
 

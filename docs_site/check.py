@@ -5,8 +5,9 @@ page and a tutorial in headless Chromium (Debian's `chromium` and `chromium-driv
 have no console error, its expected headings and every image loaded. Screenshots go to `--shots` (CI artefacts,
 never committed).
 
-`python docs_site/check.py --tensorboard OUT.png` runs a two-epoch `dagman pretrain --tensorboard` demo, serves it with
-`tensorboard --logdir` and saves a screenshot of TensorBoard's page for `docs_site/build.py --tensorboard-png`.
+`python docs_site/check.py --tensorboard OUT.png` runs a three-epoch `dagman pretrain --tensorboard` demo, serves it
+with `tensorboard --logdir` and saves a screenshot of TensorBoard's page for `docs_site/build.py --tensorboard-png`;
+it fails when TensorBoard does not start or does not show the run's `pretrain/` charts.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import functools
 import http.server
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,12 +35,20 @@ PAGES = [
 ]
 
 
+class _Stop(Exception):
+    pass
+
+
+def _on_sigterm(*_):  # `timeout` sends SIGTERM: unwind, so the `finally`s stop Chromium and TensorBoard
+    raise _Stop('stopped by SIGTERM')
+
+
 def browser(width: int = 1280, height: int = 1000):
     """Headless Debian Chromium under Selenium, with the switches a closed network needs (no background
     connections, no component updates), its console log kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    chromium = shutil.which('chromium') or shutil.which('chromium-browser')
+    chromium = shutil.which('chromium') or shutil.which('chromium-browser')  # Debian's, or Ubuntu's name
     driver = shutil.which('chromedriver')
     if not (chromium and driver):
         raise SystemExit('docs: error: the browser check needs Chromium and ChromeDriver (Debian: apt-get install '
@@ -47,10 +57,19 @@ def browser(width: int = 1280, height: int = 1000):
     opts.binary_location = chromium
     for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--no-first-run',
               '--disable-background-networking', '--disable-component-update', '--disable-sync', '--disable-quic',
-              f'--window-size={width},{height}', f'--user-data-dir={tempfile.mkdtemp(prefix="chromium_")}'):
+              f'--window-size={width},{height}'):
         opts.add_argument(a)
+    profile = tempfile.mkdtemp(prefix='chromium_')
+    opts.add_argument(f'--user-data-dir={profile}')
     opts.set_capability('goog:loggingPrefs', {'browser': 'ALL'})
-    return webdriver.Chrome(service=Service(driver), options=opts)
+    drv = webdriver.Chrome(service=Service(driver), options=opts)
+    quit_ = drv.quit
+
+    def quit_and_clean():  # the profile folder goes with the browser
+        quit_()
+        shutil.rmtree(profile, ignore_errors=True)
+    drv.quit = quit_and_clean
+    return drv
 
 
 def _free_port() -> int:
@@ -120,26 +139,38 @@ def tensorboard_shot(png: Path) -> Path:
     "A two-epoch demo logged with --tensorboard, shown by TensorBoard, saved as a screenshot."
     work = Path(tempfile.mkdtemp(prefix='dagman_tb_'))
     tb = work / 'tb'
-    subprocess.run([sys.executable, '-m', 'dagman_fast.cli', 'pretrain', '--out', str(work / 'run'), '--epochs', '3',
-                    '--synthetic', '2', '--crop', '32', '--bs', '1', '--tensorboard', str(tb)],
-                   check=True, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, '-m', 'dagman_fast.cli', 'pretrain', '--out', str(work / 'run'),
+                          '--epochs', '3', '--synthetic', '2', '--crop', '32', '--bs', '1', '--tensorboard', str(tb)],
+                         capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f'docs: error: the TensorBoard demo run failed:\n{run.stderr[-2000:]}')
     port = _free_port()
     proc = subprocess.Popen([sys.executable, '-m', 'tensorboard.main', '--logdir', str(tb), '--host', '127.0.0.1',
-                             '--port', str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             '--port', str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     drv = None
     try:
-        end = time.time() + 60
-        while time.time() < end:
+        end = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f'docs: error: tensorboard exited ({proc.returncode}): {proc.stderr.read()[-2000:]}')
             try:
                 socket.create_connection(('127.0.0.1', port), timeout=1).close()
                 break
             except OSError:
+                if time.time() > end:
+                    raise SystemExit(f'docs: error: tensorboard did not open port {port} within 90 s') from None
                 time.sleep(0.5)
         drv = browser(1400, 1000)
         drv.get(f'http://127.0.0.1:{port}/?pinnedCards=&tagFilter=pretrain%2F(amip|aitd%24|mask_ratio|teacher_temp)'
                 '#timeseries')
         _wait_ready(drv, 30)
-        time.sleep(10)  # TensorBoard loads the runs and draws the charts after the page itself
+        end = time.time() + 60  # TensorBoard loads the runs and draws the charts after the page itself
+        while time.time() < end and not ('pretrain/amip' in drv.page_source and drv.find_elements('css selector',
+                                                                                               'canvas, svg path')):
+            time.sleep(1)
+        if 'pretrain/amip' not in drv.page_source:
+            raise SystemExit("docs: error: TensorBoard's page does not show the run's pretrain/amip chart")
+        time.sleep(3)  # the lines are drawn after their cards
         png.parent.mkdir(parents=True, exist_ok=True)
         drv.save_screenshot(str(png))
     finally:
@@ -157,6 +188,7 @@ def main(argv=None) -> int:
     p.add_argument('--shots', default='_ci/screenshots', help='folder for the screenshots (default _ci/screenshots)')
     p.add_argument('--tensorboard', metavar='PNG', help='only make the TensorBoard screenshot, to PNG')
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if args.tensorboard:
         print('TensorBoard screenshot:', tensorboard_shot(Path(args.tensorboard)))
         return 0

@@ -1,7 +1,9 @@
 """Split notebook cells that mix top-level imports with other code into an import cell and the rest.
 
-nbdev's documentation processor runs every cell that imports something (so `show_doc` can see the names) and warns
-about cells that also do other work, which it would then run too: `python docs_site/split_imports.py nbs/*.ipynb`.
+nbdev's documentation processor runs every cell that imports something, at any depth (so `show_doc` can see the
+names), and warns about cells that also do other work at the top level, which it would then run too: `python
+docs_site/split_imports.py nbs/*.ipynb`. Top-level imports move to a new cell just before; so do one-line imports
+nested in a block (an `if`, a `with`, a function), which then run unconditionally: check such a cell by eye.
 """
 import ast
 import json

@@ -34,12 +34,13 @@ def test_backticked_names_link_to_their_entries_outside_code():
 
 def test_repository_links_become_site_pages_images_or_github():
     pages = {'nbs/tutorials/01_pretraining.ipynb': 'tutorials/01_pretraining.md', 'BENCHMARKS.md': 'benchmarks.md'}
-    md = ('[a](nbs/tutorials/01_pretraining.ipynb) [b](BENCHMARKS.md#issue-14) ![c](docs/x.png) [d](bench/y.py) '
+    md = ('[a](nbs/tutorials/01_pretraining.ipynb) [b](BENCHMARKS.md#issue-14) ![c](docs/medmnist_few_shot.png) '
+          '[d](bench/bench_medmnist.py) '
           '[e](https://docs.fast.ai)')
     out = docs.repo_page(md, pages)
     assert '[a](tutorials/01_pretraining.md)' in out and '[b](benchmarks.md#issue-14)' in out
-    assert '![c](img/x.png)' in out and '[e](https://docs.fast.ai)' in out
-    assert '[d](https://github.com/dagman-fast/dagman_fast/blob/main/bench/y.py)' in out
+    assert '![c](img/medmnist_few_shot.png)' in out and '[e](https://docs.fast.ai)' in out
+    assert '[d](https://github.com/dagman-fast/dagman_fast/blob/main/bench/bench_medmnist.py)' in out
 
 
 def _nb(tmp_path, outputs):
@@ -65,3 +66,21 @@ def test_outputs_render_and_errors_fail_the_build(tmp_path):
     warn = [dict(output_type='stream', name='stderr', text='x.py:1: UserWarning: careful\n')]
     with pytest.raises(docs.BuildError, match='warning'):
         docs.notebook_page(_nb(tmp_path, warn), Path('n.md'), tmp_path / 'img')
+
+
+def test_a_link_to_a_missing_repository_file_fails_the_build():
+    with pytest.raises(docs.BuildError, match='BENCHMARK.md'):
+        docs.repo_page('see [the figures](BENCHMARK.md)', {'BENCHMARKS.md': 'benchmarks.md'})
+
+
+def test_include_and_output_directives(tmp_path):
+    nb = _nb(tmp_path, [dict(output_type='stream', name='stdout', text='shown\n')])
+    data = json.loads(nb.read_text())
+    data['cells'][1]['source'] = '#| output: false\nx = 1'
+    nb.write_text(json.dumps(data))
+    md = docs.notebook_page(nb, Path('n.md'), tmp_path / 'img')[1]
+    assert 'x = 1' in md and 'shown' not in md
+    data['cells'][1]['source'] = '#| include: false\nx = 1'
+    nb.write_text(json.dumps(data))
+    md = docs.notebook_page(nb, Path('n.md'), tmp_path / 'img')[1]
+    assert 'x = 1' not in md and 'shown' not in md

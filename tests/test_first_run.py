@@ -63,29 +63,29 @@ def test_validation_loss_is_logged_when_there_is_validation_data(tmp_path, capsy
     assert 'valid_loss' in capsys.readouterr().out
 
 
-def test_tensorboard_gets_every_figure_of_the_csv_log(tmp_path, capsys):
+def test_tensorboard_gets_every_figure_of_the_csv_log_with_one_step_count_across_a_resume(tmp_path, capsys):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out, tb = tmp_path / 'run', tmp_path / 'tb'
-    assert main(['pretrain', '--out', str(out), '--epochs', '2', *SMALL, '--tensorboard', str(tb),
-                 '--cache-dir', str(tmp_path / 'cache')]) == 0
-    (events,) = tb.glob('events.out.tfevents.*')
-    acc = EventAccumulator(str(events), size_guidance={'scalars': 0})
+    common = ['pretrain', '--out', str(out), *SMALL, '--tensorboard', str(tb), '--cache-dir', str(tmp_path / 'cache')]
+    assert main(common + ['--epochs', '2']) == 0
+    assert main(common + ['--epochs', '3', '--resume']) == 0  # a second events file in the same folder
+    acc = EventAccumulator(str(tb), size_guidance={'scalars': 0})  # the folder: both files, in order
     acc.Reload()
     tags = set(acc.Tags()['scalars'])
     rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
     figures = [k for k in rows[0] if k not in ('epoch', 'train_loss')]
     assert {f'pretrain/{k}' for k in figures} <= tags, sorted(tags)
-    for k in figures:
-        logged = [s.value for s in acc.Scalars(f'pretrain/{k}')]
-        assert logged == pytest.approx([float(r[k]) for r in rows], rel=1e-5), k
-    steps = [s.step for s in acc.Scalars('train_loss')]
-    assert steps == sorted(steps) and len(steps) == 2 * 2  # every training step (2 volumes, bs 1, 2 epochs)
+    for k in figures:  # one point per epoch, at the epoch's last step (2 volumes, bs 1: 2 steps an epoch)
+        points = acc.Scalars(f'pretrain/{k}')
+        assert [p.step for p in points] == [2, 4, 6], (k, [p.step for p in points])
+        assert [p.value for p in points] == pytest.approx([float(r[k]) for r in rows], rel=1e-5), k
+    assert [s.step for s in acc.Scalars('train_loss')] == [1, 2, 3, 4, 5, 6]  # every step once, resumed ones too
     assert 'lr_0' in tags
 
 
 def test_tensorboard_without_the_package_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'fastai.callback.tensorboard', None)  # as if tensorboard were not installed
+    monkeypatch.setitem(sys.modules, 'tensorboard', None)  # as if tensorboard were not installed
     from tests.test_cli import assert_fails
     assert_fails(capsys, ['pretrain', '--out', str(tmp_path / 'run'), '--epochs', '1', *SMALL,
                           '--tensorboard', str(tmp_path / 'tb')], 'dagman_fast[tensorboard]', status=1)
@@ -99,3 +99,39 @@ def test_front_matter_parses(nb):
         warnings.simplefilter('error')
         fm = nb_frontmatter(read_nb(nb))
     assert fm.get('title') and fm.get('description'), (nb.name, fm)
+
+
+def test_skip_empty_validation_only_skips_empty_loaders():
+    "No validation data: no valid_loss column and no validation loop; `get_preds` on other data still predicts."
+    import torch
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dagman_fast.callbacks import SkipEmptyValidation
+    x = torch.randn(16, 3)
+    train = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    empty = DataLoader(TensorDataset(x[:0], x[:0, :1]), batch_size=4)
+    learn = Learner(DataLoaders(train, empty), torch.nn.Linear(3, 1), loss_func=torch.nn.MSELoss(),
+                    cbs=SkipEmptyValidation())
+    with learn.no_bar():
+        learn.fit(1, 1e-2)
+    assert list(learn.recorder.metric_names) == ['epoch', 'train_loss', 'time']
+    preds, targs = learn.get_preds(dl=DataLoader(TensorDataset(x, x[:, :1]), batch_size=4))
+    assert preds.shape == (16, 1)
+    learn.dls = DataLoaders(train, DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4))
+    with learn.no_bar():
+        learn.fit(1, 1e-2)  # validation data now: the column is back, with a number
+    assert 'valid_loss' in learn.recorder.metric_names and learn.recorder.values[-1][1] > 0
+
+
+def test_an_index_of_only_skipped_scans_is_an_error_not_the_demo(tmp_path, capsys):
+    from tests.test_cli import assert_fails
+    (tmp_path / 'scans').mkdir()
+    (tmp_path / 'scans' / 'broken.nii.gz').write_bytes(b'not a scan')
+    cache = tmp_path / 'cache'
+    assert main(['preprocess', str(tmp_path / 'scans'), '--cache-dir', str(cache), '--crop', '32',
+                 '--workers', '1']) == 0
+    assert_fails(capsys, ['pretrain', '--out', str(tmp_path / 'run'), '--cache-dir', str(cache), '--crop', '32',
+                          '--epochs', '1'], 'were skipped', status=1)
+    assert not (tmp_path / 'run' / 'synthetic_data').exists()
