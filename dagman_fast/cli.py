@@ -375,7 +375,7 @@ def _pretrain(args) -> int:
     _say(f'method {args.method}, encoder {encoder}, crop {crop}, {"CUDA" if cuda else "CPU"}')
     indexed = not data and not args.medmnist and args.cache_dir and _indexed_scans(args.cache_dir, crop, args.spacing)
     if indexed:
-        _say(f'no --data: pretraining on the {indexed} scan(s) indexed in {args.cache_dir} (dagman preprocess)')
+        _say(f'no --data: pretraining on the {indexed} usable scan(s) indexed in {args.cache_dir} (dagman preprocess)')
     elif not data and not args.medmnist:  # written once, by rank 0
         data = broadcast_object([str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96,
                                                                seed=args.seed)] if _rank() == 0 else None)

@@ -252,4 +252,4 @@ def test_pretrain_takes_the_scans_of_the_index(tmp_path, capsys):
     assert rc == 1 and 'corrupt.nii.gz' in err.strip().splitlines()[-1]  # --on-error raise: the bad scan stops it
     rc, out, err = run_cli(capsys, 'pretrain', *common, '--crop', 32, '--on-error', 'skip', '--out', tmp_path / 'r2')
     assert rc == 0, err
-    assert 'the 4 scan(s) indexed' in out and '3 volume(s) used, 1 skipped' in out and 'synthetic' not in out
+    assert 'the 3 usable scan(s) indexed' in out and '3 volume(s) used, 1 skipped' in out and 'synthetic' not in out
