@@ -130,9 +130,12 @@ def notebook_page(nb_path: Path, page: Path, img_dir: Path) -> tuple[str, str]:
 
 
 def _anchored(md: str) -> str:
-    "show_doc's `### name` headings with nbdev's anchor, so `page.md#name` links resolve."
-    return re.sub(r'^(#{2,4}) ([A-Za-z_][\w.]*)\s*$', lambda m: f'{m[1]} {m[2]} {{#{anchor(m[2])}}}', md,
-                  flags=re.MULTILINE)
+    """show_doc's `### name` headings with nbdev's anchor, so `page.md#name` links resolve; and its docstring as one
+    paragraph: nbdev italicises the docstring's first line, which in this library's wrapped docstrings is half a
+    sentence."""
+    md = re.sub(r'^(#{2,4}) ([A-Za-z_][\w.]*)\s*$', lambda m: f'{m[1]} {m[2]} {{#{anchor(m[2])}}}', md,
+                flags=re.MULTILINE)
+    return re.sub(r'(```\n\n)\*([^*\n]+)\*\n', r'\1\2\n', md)
 
 
 def public_names() -> dict[str, str]:

@@ -18,6 +18,8 @@ def test_show_doc_headings_get_nbdevs_anchors():
     assert '### dagman_learner {#dagman_learner}' in out
     assert '#### DAGMaNLearner.resume {#dagmanlearner-resume}' in out
     assert '### not a name here\n' in out
+    doc = '```python\ndef f(x)\n```\n\n*First half of a wrapped*\nsentence of the docstring.\n'
+    assert '```\n\nFirst half of a wrapped\nsentence' in docs._anchored(doc)  # one paragraph, not half in italics
 
 
 def test_backticked_names_link_to_their_entries_outside_code():
