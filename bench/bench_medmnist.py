@@ -169,10 +169,9 @@ def table(rows: list[dict]) -> str:
 
 def plot_few_shot(rows: list[dict], path: Path, size: int = 28) -> None:
     "Test AUC against the share of labels (mean and std over seeds), a line per encoder and protocol: the paper's figure."
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    from matplotlib.figure import Figure  # no pyplot, as the library's plots
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.subplots()
     colours = dict(zip(ARMS, ('tab:grey', 'tab:orange', 'tab:blue')))
     for arm in ARMS:
         for proto, style in (('fine-tune', '-'), ('linear probe', ':')):
@@ -190,7 +189,6 @@ def plot_few_shot(rows: list[dict], path: Path, size: int = 28) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):

@@ -170,6 +170,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'dagman_fast.callbacks._DAGMaNCallback.dm': ( 'callbacks.html#_dagmancallback.dm',
                                                                                      'dagman_fast/callbacks.py'),
                                        'dagman_fast.callbacks._in_lr_find': ('callbacks.html#_in_lr_find', 'dagman_fast/callbacks.py'),
+                                       'dagman_fast.callbacks._skip_to': ('callbacks.html#_skip_to', 'dagman_fast/callbacks.py'),
                                        'dagman_fast.callbacks._timer': ('callbacks.html#_timer', 'dagman_fast/callbacks.py'),
                                        'dagman_fast.callbacks._typed': ('callbacks.html#_typed', 'dagman_fast/callbacks.py'),
                                        'dagman_fast.callbacks.tensorboard_callback': ( 'callbacks.html#tensorboard_callback',

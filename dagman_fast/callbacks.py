@@ -306,14 +306,18 @@ def _typed(row: dict) -> dict:
     return {k: int(v) if k == 'epoch' else float(v) for k, v in row.items() if v not in ('', None)}
 
 
+def _skip_to(learn) -> int:
+    "The epoch a resumed fit starts from (`fit(..., start_epoch=n)` adds fastai's `SkipToEpoch`); 0 for a new fit."
+    return next((cb._skip_to for cb in learn.cbs if type(cb).__name__ == 'SkipToEpoch'), 0)
+
+
 class NoSkippedRows(Callback):
     """Keeps the epochs a resumed fit skips (`fit(..., start_epoch=n)`, fastai's `SkipToEpoch`) out of the progress
     table, which would otherwise print an empty row with a time of 00:00 for each of them."""
     order = 65  # after the progress bar (60) has made the table its logger
 
     def before_fit(self):
-        skip = [cb._skip_to for cb in self.learn.cbs if type(cb).__name__ == 'SkipToEpoch']
-        self._skip_to, self._inner = (skip[0] if skip else 0), self.learn.logger
+        self._skip_to, self._inner = _skip_to(self.learn), self.learn.logger
         if self._skip_to:
             self.learn.logger = self._log
 
@@ -452,7 +456,6 @@ def tensorboard_callback(log_dir, **kwargs):
     Needs the `tensorboard` package (`pip install "dagman_fast[tensorboard]"`)."""
     try:
         from fastai.callback.tensorboard import TensorBoardCallback
-        from fastai.torch_core import rank_distrib
     except ImportError as e:
         raise ImportError(f'TensorBoard logging to {log_dir} needs the tensorboard package: '
                           'pip install "dagman_fast[tensorboard]"') from e
@@ -466,11 +469,8 @@ def tensorboard_callback(log_dir, **kwargs):
         _done = 0  # steps trained in earlier fits of this learner
 
         def before_fit(self):
-            self.run = (not hasattr(self.learn, 'lr_finder') and not hasattr(self, 'gather_preds')
-                        and rank_distrib() == 0)
-            skip = [cb._skip_to for cb in self.learn.cbs if type(cb).__name__ == 'SkipToEpoch']
-            self._skip = skip[0] if skip else 0
-            self._base = self._done + self._skip * len(self.dls.train)  # a resumed run continues its steps
+            self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self, 'gather_preds') and rank() == 0
+            self._base = self._done + _skip_to(self.learn) * len(self.dls.train)  # a resumed run continues its steps
             self._trained = False
             if self.run and getattr(self, 'writer', None) is None:
                 self._setup_writer()

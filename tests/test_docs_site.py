@@ -71,8 +71,8 @@ def test_outputs_render_and_errors_fail_the_build(tmp_path):
 
 
 def test_a_link_to_a_missing_repository_file_fails_the_build():
-    with pytest.raises(docs.BuildError, match='BENCHMARK.md'):
-        docs.repo_page('see [the figures](BENCHMARK.md)', {'BENCHMARKS.md': 'benchmarks.md'})
+    with pytest.raises(docs.BuildError, match="README.md: a link to 'BENCHMARK.md'"):
+        docs.repo_page('see [the figures](BENCHMARK.md)', {'BENCHMARKS.md': 'benchmarks.md'}, 'README.md')
 
 
 def test_include_and_output_directives(tmp_path):
