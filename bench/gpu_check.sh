@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check: correctness of the compiled kernels, then their speed against the other paths.
 #
-#     bash bench/gpu_check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#     bash bench/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
+#     bash bench/gpu_check.sh OUT_DIR learns        # only the 'learns' part (about 9 minutes: its own command)
 #
 # Needs only the project's dev install (`pip install -e ".[dev]"` over a CUDA build of torch). In under 8 minutes
 # on one GPU it writes, under OUT_DIR:
@@ -18,6 +19,10 @@
 #                   crops, batch 2 x 2 views, bf16) with eager attention and with the Triton kernels, in parts
 #     augment       bench/bench_augment.py -> augment.json: fine-tuning's batch augmentation, MONAI per volume
 #                   against BatchAugment3D, on the CPU and the GPU
+#     learns        (only when named) bench/bench_collapse.py: swin-smit pretrained at 64^3 with the library's
+#                   defaults for 8 minutes (batch 8 x 2 views; the LIDC crops of ../shared/data when present, else
+#                   synthetic CT) -> learns/<data>/default/seed0/summary.json and the per-step log: do the losses
+#                   fall below log K without a collapse (feature cosine, entropy gap) at a GPU's scale?
 #   summary.md      bench/gpu_summary.py: the tables for BENCHMARKS.md, measured against the kernel targets
 # Each part has its own time limit and a failing part does not stop the next; the exit status is non-zero if any
 # part failed. On a machine without CUDA it says so and exits 0.
@@ -32,8 +37,11 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 0
 fi
 out=${1:-${OUT:-gpu_check_out}}
+shift $(( $# > 0 ? 1 : 0 ))
+parts=${*:-tests kernels flex pretrain augment}
 mkdir -p "$out"
 failed=()
+want() { [[ " $parts " == *" $1 "* ]]; }
 
 log=$out/log.txt
 : >"$log"
@@ -69,14 +77,22 @@ cat "$out/env.txt"
 
 bench=(-m pytest -q -p no:cacheprovider bench/bench_kernels.py --benchmark-min-rounds=5 --benchmark-max-time=0.5
        --benchmark-columns=min,median,rounds)
-part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_window_attention.py
-part kernels 120 "$PY" "${bench[@]}" -k 'not flex' --benchmark-json "$out/kernels.json"
-part flex 90 "$PY" "${bench[@]}" -k flex --benchmark-json "$out/flex.json"
-part pretrain 120 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 --warmup 3 \
-  --methods dagman --attn-impls reference triton --json "$out/pretrain.json"
-part augment 60 "$PY" bench/bench_augment.py --reps 5 --json "$out/augment.json"
-"$PY" bench/gpu_summary.py "$out" >"$out/summary.md" 2>&1 || failed+=("summary")
-cat "$out/summary.md"
+want tests && part tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py tests/test_window_attention.py
+want kernels && part kernels 120 "$PY" "${bench[@]}" -k 'not flex' --benchmark-json "$out/kernels.json"
+want flex && part flex 90 "$PY" "${bench[@]}" -k flex --benchmark-json "$out/flex.json"
+want pretrain && part pretrain 120 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 \
+  --warmup 3 --methods dagman --attn-impls reference triton --json "$out/pretrain.json"
+want augment && part augment 60 "$PY" bench/bench_augment.py --reps 5 --json "$out/augment.json"
+if want learns; then  # the defaults at a GPU's scale: 8 minutes of swin-smit at 64^3, then the monitors' table
+  data=synthetic; [ -d ../shared/data/lidc_idri ] && data=ct
+  part learns 560 "$PY" bench/bench_collapse.py --data "$data" --configs default --encoder swin-smit --crop 64 \
+    --bs 8 --steps 3000 --max-minutes 8 --out "$out/learns"
+  "$PY" bench/bench_collapse.py --table "$out/learns" | tee -a "$out/summary.md"
+fi
+if want kernels || want pretrain; then
+  "$PY" bench/gpu_summary.py "$out" >"$out/summary.md" 2>&1 || failed+=("summary")
+  cat "$out/summary.md"
+fi
 
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu_check: failed: ${failed[*]} (logs in $out)"

@@ -550,9 +550,11 @@ def plot_attention_maps(volume: torch.Tensor, maps: dict, path=None, title: str 
 
 # %% ../nbs/07_analysis.ipynb #e5f88a02
 def plot_pretrain_log(log, path=None, out_dim: int | None = None):
-    """Plot the per-epoch CSV of `PretrainLog` (a path or its rows) in four panels: the distillation losses, the
-    reconstruction loss, the teacher's entropies, the dissimilarity of the SA [CLS] maps with the mask ratio,
-    and, when `AttentionStatsLog` ran, the attention distance and entropy per stage. With `out_dim`, a
+    """Plot the CSV of `PretrainLog` (a path or its rows: per epoch, or per step from `pretrain_log_steps.csv`) in six
+    panels: the distillation losses, the reconstruction loss, the teacher's entropies, their gap (batch-mean minus
+    per-sample: 0 when the teacher gives every sample the same target), the feature cosine between samples of the
+    student's and the teacher's head inputs (1: identical features), the dissimilarity of the SA [CLS] maps with the
+    mask ratio, and, when `AttentionStatsLog` ran, the attention distance and entropy per stage. With `out_dim`, a
     dashed line marks `log(out_dim)`, where a uniform (collapsed) teacher puts both losses and entropies. Saves a
     PNG to `path` when given; returns the matplotlib figure."""
     import math
@@ -562,7 +564,8 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
             log = list(csv.DictReader(f))
     if not log:
         raise ValueError('the log has no rows yet (no epoch finished)')
-    ep = [int(r['epoch']) for r in log]
+    unit = 'step' if 'step' in log[0] else 'epoch'
+    ep = [int(r[unit]) for r in log]
 
     def col(k):
         return [float(r[k]) if r.get(k) not in (None, '') else float('nan') for r in log]
@@ -573,22 +576,27 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
                 ax.plot(ep, col(k), marker='o', ms=2, label=k)
         if uniform and out_dim:
             ax.axhline(math.log(out_dim), ls='--', c='grey', lw=1, label=f'log({out_dim}): uniform')
-        ax.set(xlabel='epoch', ylabel=ylabel, title=title)
+        ax.set(xlabel=unit, ylabel=ylabel, title=title)
         if ax.lines:
             ax.legend(fontsize=7)
 
     stages = [k[len('attn_dist_'):] for k in log[0]
               if k.startswith('attn_dist_') and not k.startswith('attn_dist_var_')]
-    fig, axes = _figure(2, 3 if stages else 2, (16 if stages else 11, 7))
-    draw(axes[0, 0], ['aitd', 'ampd', 'gitd'], 'distillation losses', 'cross-entropy (nats)', uniform=True)
+    fig, axes = _figure(2, 4 if stages else 3, (21 if stages else 16, 7))
+    heads = [n for n in ('aitd', 'ampd', 'gitd') if n in log[0]]
+    draw(axes[0, 0], heads, 'distillation losses', 'cross-entropy (nats)', uniform=True)
     draw(axes[0, 1], ['amip', 'valid_loss'], 'masked reconstruction (L1) and validation loss')
-    draw(axes[1, 0], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',
+    draw(axes[0, 2], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',
          'nats', uniform=True)
+    draw(axes[1, 0], [f'{n}_gap' for n in heads], 'teacher entropy gap (batch mean - per sample; 0: one target for all)',
+         'nats')
+    draw(axes[1, 1], [f'{n}_{w}_cos' for n in heads for w in 'st'],
+         'feature cosine between samples, student (s) / teacher (t); 1: identical', 'cosine')
     # (head_diversity: the name of sa_cls_dissimilarity in older logs)
-    draw(axes[1, 1], ['sa_cls_dissimilarity', 'head_diversity', 'mask_ratio'],
+    draw(axes[1, 2], ['sa_cls_dissimilarity', 'head_diversity', 'mask_ratio'],
          "dissimilarity of the heads' SA [CLS] maps; mask ratio")
     if stages:  # AttentionStatsLog: every few epochs, so the points of the epochs it ran
-        for ax, key, label in ((axes[0, 2], 'dist', 'voxels'), (axes[1, 2], 'ent', 'nats')):
+        for ax, key, label in ((axes[0, 3], 'dist', 'voxels'), (axes[1, 3], 'ent', 'nats')):
             for s in stages:
                 pts = [(e, float(r[f'attn_{key}_{s}']), float(r.get(f'attn_{key}_var_{s}') or 0))
                        for e, r in zip(ep, log) if r.get(f'attn_{key}_{s}') not in (None, '')]
@@ -596,7 +604,7 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
                     e, m, v = zip(*pts)
                     ax.errorbar(e, m, yerr=[x ** 0.5 for x in v], marker='o', ms=3, capsize=2, label=s)
             what = 'distance' if key == 'dist' else 'entropy'
-            ax.set(xlabel='epoch', ylabel=label, title=f"teacher's attention {what} per stage (mean, std over heads)")
+            ax.set(xlabel=unit, ylabel=label, title=f"teacher's attention {what} per stage (mean, std over heads)")
             if ax.lines:
                 ax.legend(fontsize=7)
     return _finish(fig, path)

@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from dagman_fast.model import DAGMaNModel
 
 # %% auto #0
-__all__ = ['StepTimer', 'unwrap', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher', 'StopOnNaN',
-           'StopOnDivergence', 'DeviceMixedPrecision', 'SkipEmptyValidation', 'NoSkippedRows', 'PretrainLog',
-           'tensorboard_callback']
+__all__ = ['COLLAPSE_KINDS', 'StepTimer', 'unwrap', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher',
+           'StopOnNaN', 'StopOnDivergence', 'DeviceMixedPrecision', 'SkipEmptyValidation', 'NoSkippedRows',
+           'collapse_kinds', 'PretrainLog', 'tensorboard_callback']
 
 # %% ../nbs/04b_callbacks.ipynb #2c0e427b
 class StepTimer(Callback):
@@ -153,23 +153,29 @@ class AttentionGuidedMasking(_DAGMaNCallback):
 
 
 class FreezeLastLayer(_DAGMaNCallback):
-    "No update of the DINO heads' last layers during the first `epochs` epochs (DINO's `freeze_last_layer`)."
+    """No update of the DINO heads' last layers at the start of the run (DINO's `freeze_last_layer`), for `span`
+    (default: the config's `freeze_last_layer`): epochs (a number), a share of the planned run ('1%') or steps
+    ('100 steps'), counted on the run's global step, so a resumed run does not freeze them again."""
     order = 5
 
-    def __init__(self, epochs: int | None = None):
-        self.epochs = epochs
+    def __init__(self, span=None):
+        self.span = span
 
     def after_backward(self):
-        n = self.dm.config.freeze_last_layer if self.epochs is None else self.epochs
-        if self.epoch < n:
-            for p in self.dm.student.last_layers():
+        m = self.dm
+        if m.host_step < m.span(m.config.freeze_last_layer if self.span is None else self.span):
+            for p in m.student.last_layers():
                 p.grad = None  # fastai's optimiser skips parameters without a gradient (weight decay included)
 
 
 class EMATeacher(_DAGMaNCallback):
     """teacher <- m * teacher + (1 - m) * student after every training step, with m following a cosine from
-    `momentum` (the config's 0.996) to 1 over the iterations of the fit (a resumed fit continues where it stopped).
-    Also advances the model's global step and keeps the teacher in eval mode."""
+    `momentum` (the config's 0.996) to 1 over the planned run, indexed by the run's global step (checkpointed).
+    Also advances that step and keeps the teacher in eval mode.
+
+    The planned run is set when a fit starts: the steps already done plus this fit's, so a run resumed with
+    `start_epoch` plans the same length and continues the same curves (EMA, teacher temperature, frozen last
+    layer), and a second `fit` extends the run instead of starting its schedules again."""
     order = 40
 
     def __init__(self, momentum: float | None = None):
@@ -178,15 +184,21 @@ class EMATeacher(_DAGMaNCallback):
     def before_fit(self):
         m = self.dm
         self.m0 = m.config.ema_momentum if self.momentum is None else self.momentum
-        m.iters_per_epoch = len(self.dls.train)
-        self.total = max(self.n_epoch * len(self.dls.train), 1)
+        m.iters_per_epoch = n = len(self.dls.train)
+        if not _in_lr_find(self.learn):
+            done = int(m.step)  # one read per fit
+            m.plan(done, done + max(self.n_epoch - _skip_to(self.learn), 0) * n)
         m.teacher.eval()
 
     def before_train(self):
         self.dm.teacher.eval()
 
-    def momentum_at(self, it: int) -> float:
-        return 1 - (1 - self.m0) * (math.cos(math.pi * min(it, self.total) / self.total) + 1) / 2
+    def momentum_at(self, step: int, total: int | None = None) -> float:
+        "The EMA momentum at global step `step` of a planned run of `total` steps (default: the model's plan)."
+        total = self.dm.host_planned if total is None else total
+        if total <= 0:
+            return self.m0
+        return 1 - (1 - self.m0) * (math.cos(math.pi * min(step, total) / total) + 1) / 2
 
     def after_batch(self):
         if not self.training:
@@ -194,11 +206,10 @@ class EMATeacher(_DAGMaNCallback):
         t = _timer(self.learn)
         if t is not None:
             t.mark('other')
-        # indexed by the iteration within this fit (a resumed fit skips to the same epoch), so every fit, a second
-        # one or fine_tune's, runs the whole cosine; the global step (checkpointed) drives the temperature warm-up
-        m = self.momentum_at(self.epoch * self.n_iter + self.iter)
+        m = self.momentum_at(self.dm.host_step)
         self.dm.update_teacher(m)
         self.dm.step.add_(1)
+        self.dm.host_step += 1
         self.learn.ema_momentum = m
         if t is not None:
             t.mark('ema')
@@ -302,8 +313,8 @@ class SkipEmptyValidation(Callback):
 
 
 def _typed(row: dict) -> dict:
-    "A CSV row as `PretrainLog` makes it: the epoch an int, figures as floats, empty cells left out."
-    return {k: int(v) if k == 'epoch' else float(v) for k, v in row.items() if v not in ('', None)}
+    "A CSV row as `PretrainLog` makes it: the epoch and step ints, figures as floats, empty cells left out."
+    return {k: int(v) if k in ('epoch', 'step') else float(v) for k, v in row.items() if v not in ('', None)}
 
 
 def _skip_to(learn) -> int:
@@ -330,22 +341,62 @@ class NoSkippedRows(Callback):
             self.learn.logger = self._inner
 
 
+COLLAPSE_KINDS = ('uniform', 'one prototype', 'identical features')
+
+
+def collapse_kinds(row: dict, heads, out_dim: int, max_cos: float = 0.95) -> dict:
+    """Which collapse each distillation head of a log row shows, as `{head: [kinds]}` (heads without one left out):
+
+    - 'uniform': the teacher's per-sample entropy is above 99.5% of log(out_dim): every target is near uniform;
+    - 'one prototype': the entropy of the teacher's batch-mean target is below log 2: every sample on one or two
+      prototypes;
+    - 'identical features': the inputs of the student's or the teacher's head have a mean cosine between samples
+      above `max_cos`: the encoder maps distinct inputs to nearly one point, whatever the targets look like.
+    """
+    k, found = math.log(out_dim), {}
+    for n in heads:
+        kinds = []
+        if float(row.get(f'{n}_entropy', 0) or 0) > 0.995 * k:
+            kinds.append('uniform')
+        if f'{n}_mean_entropy' in row and float(row[f'{n}_mean_entropy']) < math.log(2):
+            kinds.append('one prototype')
+        if any(float(row.get(f'{n}_{w}_cos', 0) or 0) > max_cos for w in 's t'.split()):
+            kinds.append('identical features')
+        if kinds:
+            found[n] = kinds
+    return found
+
+
 class PretrainLog(_DAGMaNCallback):
     """Appends a row per epoch to the CSV `fname` (in `learn.path`): the training means of the loss and each term,
     the validation loss, the achieved mask ratio, per distillation loss the teacher's per-sample entropy, the
-    entropy of its batch-mean distribution and the centre's norm, the dissimilarity of the heads' SA [CLS] maps
-    (`sa_cls_dissimilarity`), the figures other callbacks put in `learn.log_extras` (`AttentionStatsLog`), the EMA
-    momentum, the teacher temperature, the learning rate and the epoch's seconds. Rows of epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once an
-    epoch; in a data-parallel run they are averaged over the ranks (every rank's batches count) and only rank 0
-    writes. `learn.pretrain_log` holds the rows."""
+    entropy of its batch-mean distribution, their gap and the centre's norm, the collapse monitors of student and
+    teacher (`<head>_<s|t>_cos`, `_std`, `_std_rel`: see `DAGMaNModel.collapse_monitors`), the dissimilarity of the
+    heads' SA [CLS] maps (`sa_cls_dissimilarity`), the figures other callbacks put in `learn.log_extras`
+    (`AttentionStatsLog`), the EMA momentum, the teacher temperature, the learning rate and the epoch's seconds.
+
+    Every `step_every` training steps it also appends the means of those figures over these steps to
+    `<fname stem>_steps.csv` (column `step`: the run's global step), so collapse shows within an epoch; `None`: no
+    such file. After a quarter of the planned run, the first row whose monitors show a collapse (`collapse_kinds`:
+    uniform targets, one prototype, identical features) makes a warning naming the heads and the kind, once per fit.
+
+    Rows of epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once
+    an epoch (and once per `step_every` steps); in a data-parallel run they are averaged over the ranks (every
+    rank's batches count) and only rank 0 writes. `learn.pretrain_log` and `learn.pretrain_steps` hold the rows."""
     order = 55
 
-    def __init__(self, fname: str = 'pretrain_log.csv'):
-        self.fname = fname
+    def __init__(self, fname: str = 'pretrain_log.csv', step_every: int | None = 10):
+        if step_every is not None and step_every < 1:
+            raise ValueError(f'step_every must be a number of steps >= 1 or None; got {step_every}')
+        self.fname, self.step_every = fname, step_every
 
     @property
     def path(self) -> Path:
         return Path(self.learn.path) / self.fname
+
+    @property
+    def steps_path(self) -> Path:
+        return self.path.with_name(self.path.stem + '_steps' + self.path.suffix)
 
     def before_fit(self):
         self._off = _in_lr_find(self.learn)
@@ -358,9 +409,16 @@ class PretrainLog(_DAGMaNCallback):
             with open(self.path, newline='') as f:
                 rows = [_typed(r) for r in csv.DictReader(f) if int(r['epoch']) < start]
         self.learn.pretrain_log = rows
-        self._warned = False
+        done = self.dm.host_step  # EMATeacher (order 40) has set it: steps before this fit
+        srows = [r for r in getattr(self.learn, 'pretrain_steps', None) or [] if r['step'] <= done]
+        if not srows and done and self.steps_path.exists():  # a resumed run: the rows up to its checkpoint
+            with open(self.steps_path, newline='') as f:
+                srows = [r for r in (_typed(r) for r in csv.DictReader(f)) if r['step'] <= done]
+        self.learn.pretrain_steps = srows
+        self._warned, self._ssums, self._sn = False, {}, 0
         if self._writer:
             self._write()
+            _write_csv(self.steps_path, srows)
 
     def before_epoch(self):
         self._n = 0
@@ -369,7 +427,9 @@ class PretrainLog(_DAGMaNCallback):
         self._sums, self._n, self._vsum, self._vn, self._t0 = {}, 0, 0.0, 0, time.perf_counter()
 
     def _add(self, k, v):
-        self._sums[k] = self._sums.get(k, 0) + v.detach().float()
+        v = v.detach().float()
+        self._sums[k] = self._sums.get(k, 0) + v
+        self._ssums[k] = self._ssums.get(k, 0) + v
 
     def after_batch(self):
         if self._off:
@@ -380,6 +440,7 @@ class PretrainLog(_DAGMaNCallback):
             return
         m = self.dm
         self._n += 1
+        self._sn += 1
         self._add('train_loss', self.loss)
         for k, v in m.terms.items():
             self._add(k, v)
@@ -388,20 +449,41 @@ class PretrainLog(_DAGMaNCallback):
         for name, d in m.distill.items():
             for k, v in d.stats.items():
                 self._add(f'{name}_{k}', v)
+        for k, v in m.monitors.items():
+            self._add(k, v)
         if 'attn_heads' in guide:
             self._add('sa_cls_dissimilarity', cls_attention_dissimilarity(guide['attn_heads']))
+        if self.step_every and self._sn >= self.step_every:
+            self._step_row()
+
+    def _means(self, sums: dict, n: int, extra: list | None = None) -> tuple[dict, list]:
+        "Means of `sums` over `n` steps (and of the ranks), with one all-reduce and one read."
+        keys = sorted(sums)  # the same keys on every rank: one all-reduce of one vector
+        if not keys:
+            return {}, []
+        dev = sums[keys[0]].device
+        vec = all_mean(torch.stack([sums[k] for k in keys] + [torch.as_tensor(e).float().to(dev) for e in extra or []]))
+        vals = vec.tolist()
+        return {k: vals[i] / n for i, k in enumerate(keys)}, vals[len(keys):]
+
+    def _step_row(self):
+        vals, _ = self._means(self._ssums, self._sn)
+        self._ssums, self._sn = {}, 0
+        row = dict(step=self.dm.host_step, epoch=self.epoch, **vals)  # EMATeacher (order 40) has counted this step
+        self.learn.pretrain_steps.append(row)
+        self.learn.pretrain_step_row = row  # for TensorBoard
+        if self._writer:
+            _write_csv(self.steps_path, self.learn.pretrain_steps)
+            self._check_collapse(row)
 
     def after_epoch(self):
         if self._n == 0:  # a skipped epoch of a resumed run
             return
         row = dict(epoch=self.epoch)
-        keys = sorted(self._sums)  # the same keys on every rank: one all-reduce of one vector
-        sums = all_mean(torch.stack([self._sums[k] for k in keys] + [torch.as_tensor(self._vsum).float().to(
-            self._sums[keys[0]].device)]))
-        vals = {k: (sums[i] / self._n).item() for i, k in enumerate(keys)}
+        vals, (vsum,) = self._means(self._sums, self._n, [self._vsum])
         row['train_loss'] = vals.pop('train_loss')
         if self._vn:
-            row['valid_loss'] = float(sums[-1] / self._vn)
+            row['valid_loss'] = vsum / self._vn
         row.update(vals)
         row.update(getattr(self.learn, 'log_extras', None) or {})  # e.g. AttentionStatsLog's, every few epochs
         self.learn.log_extras = {}
@@ -413,39 +495,49 @@ class PretrainLog(_DAGMaNCallback):
             self._check_collapse(row)
 
     def _check_collapse(self, row):
-        """Warn once per fit when a teacher has collapsed after the warm-up, in either of DINO's two ways: outputs near
-        uniform (per-sample entropy > 99.5% of log(out_dim)), or the whole batch on one or two prototypes (entropy of
-        the batch-mean output < log 2). Either way that distillation teaches nothing."""
-        if self._warned or self.epoch < 5:
+        """Warn once per fit, after a quarter of the planned run, when a distillation head shows a collapse
+        (`collapse_kinds`): its loss then teaches nothing, or the encoder has lost what tells samples apart."""
+        m = self.dm
+        if self._warned or m.host_step < max(0.25 * m.host_planned, 10):
             return
-        k = math.log(self.dm.config.out_dim)
-        flat = [n for n in self.dm.distill if float(row.get(f'{n}_entropy', 0) or 0) > 0.995 * k]
-        peaked = [n for n in self.dm.distill if f'{n}_mean_entropy' in row and float(row[f'{n}_mean_entropy']) < math.log(2)]
-        if flat:
-            self._warned = True
-            warnings.warn(f'epoch {self.epoch}: the teacher outputs of {flat} are near uniform (entropy > 99.5% of '
-                          f'log({self.dm.config.out_dim})), so their losses sit at log(out_dim) and teach nothing. '
-                          'Known for DINO-style losses on small data or short runs; try cross_view=False, '
-                          'ema_momentum=0.99, a smaller out_dim or more scans (see the README).')
-        elif peaked:
-            self._warned = True
-            warnings.warn(f'epoch {self.epoch}: the teacher puts every sample of a batch on the same one or two '
-                          f'prototypes for {peaked} (entropy of the batch-mean output < log 2): a collapse, and their '
-                          'losses teach nothing. Centre faster (center_momentum 0.9 or lower) or raise the teacher '
-                          'temperature.')
+        found = collapse_kinds(row, m.distill, m.config.out_dim)
+        if not found:
+            return
+        self._warned = True
+        where = f"step {row['step']}" if 'step' in row else f'epoch {row["epoch"]}'
+        said = '; '.join(f'{n}: {", ".join(k)}' for n, k in found.items())
+        kinds = {k for ks in found.values() for k in ks}
+        advice = []
+        if 'uniform' in kinds:
+            advice.append('the teacher outputs of ' + str([n for n, k in found.items() if 'uniform' in k]) +
+                          f' are near uniform (entropy > 99.5% of log({m.config.out_dim})), so their losses sit at '
+                          'log(out_dim) and teach nothing')
+        if 'one prototype' in kinds:
+            advice.append('the teacher puts every sample of a batch on the same one or two prototypes (entropy of '
+                          'the batch-mean output < log 2)')
+        if 'identical features' in kinds:
+            advice.append('the encoder maps distinct inputs to nearly the same features (mean cosine between samples '
+                          '> 0.95)')
+        warnings.warn(f'{where}: collapse ({said}): ' + '; '.join(advice) + '. Known for DINO-style losses on small '
+                      'data or short runs; see the README, "When the distillation collapses", for the options '
+                      '(head_bn, koleo_weight, centering=\'sinkhorn\', input_norm) and the measured defaults.')
 
     def _write(self):
-        rows = self.learn.pretrain_log
-        if not rows:
-            return
-        keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(r.get(k) not in ('', None) for r in rows)]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + '.tmp')
-        with open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, keys, extrasaction='ignore')  # columns only with values
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path)
+        _write_csv(self.path, self.learn.pretrain_log)
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    "Write `rows` (dicts) to the CSV `path` atomically, with the columns that have a value in some row."
+    if not rows:
+        return
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(r.get(k) not in ('', None) for r in rows)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w', newline='') as f:
+        w = csv.DictWriter(f, keys, extrasaction='ignore')  # columns only with values
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 def tensorboard_callback(log_dir, **kwargs):
@@ -485,6 +577,12 @@ def tensorboard_callback(log_dir, **kwargs):
             for i, h in enumerate(self.opt.hypers):
                 for k, v in h.items():
                     self.writer.add_scalar(f'{k}_{i}', v, self._step())
+            row = getattr(self.learn, 'pretrain_step_row', None)  # PretrainLog's means of the last steps
+            if row:
+                self.learn.pretrain_step_row = None
+                for k, v in row.items():
+                    if k not in ('step', 'epoch'):
+                        self.writer.add_scalar(f'steps/{k}', float(v), self._step())
 
         def after_train(self):
             self._trained = True

@@ -29,7 +29,7 @@ from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher
 from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
                          atomic_save, load_checkpoint, load_encoder, rank_rng_state)
 from .core import check_option
-from .distributed import DistributedLearner, rank
+from .distributed import DistributedLearner, rank, world_size
 from .model import (DISTILL_LOSSES, LOSSES, METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel,  # noqa: F401
                                encoder_config_from_dict)
 from .swin import ViTConfig, encoder_config
@@ -38,9 +38,11 @@ from .swin import ViTConfig, encoder_config
 __all__ = ['warmup_cosine_scheds', 'DAGMaNLearner', 'dagman_learner']
 
 # %% ../nbs/05_learner.ipynb #ca88a110
-def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999)) -> dict:
+def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999), wd=None,
+                         wd_final=None) -> dict:
     """fastai schedules for the paper's optimisation: the learning rate rises linearly from 0 to `lr` over the first
     `pct_warmup` of training, then follows a cosine down to `lr_min`; Adam's betas stay constant (`mom`, `sqr_mom`).
+    With `wd_final`, the weight decay follows a cosine from `wd` to `wd_final` over the whole run (DINO: 0.04 to 0.4).
 
     `lr` may be an array (one rate per parameter group, fastai's discriminative rates). For `ParamScheduler`.
     """
@@ -51,7 +53,12 @@ def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9
     warm = SchedLin(0.0, lr) if pct_warmup > 0 else None
     cos = SchedCos(lr, np.minimum(lr_min, lr))
     sched = combine_scheds([pct_warmup, 1 - pct_warmup], [warm, cos]) if warm is not None else cos
-    return {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}
+    scheds = {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}
+    if wd_final is not None:
+        if wd is None:
+            raise ValueError('a weight-decay schedule needs its start: wd_final without wd')
+        scheds['wd'] = SchedCos(wd, wd_final)
+    return scheds
 
 
 class DAGMaNLearner(DistributedLearner):
@@ -61,7 +68,7 @@ class DAGMaNLearner(DistributedLearner):
 
     def fit_warmup_cosine(self, n_epoch: int, lr: float | None = None, warmup: float | None = None,
                           lr_min: float = 1e-6, betas: tuple = (0.9, 0.999), wd: float | None = None, cbs=None,
-                          reset_opt: bool = False, start_epoch: int = 0) -> None:
+                          reset_opt: bool = False, start_epoch: int = 0, wd_final: float | None = None) -> None:
         """Train `n_epoch` epochs with the paper's schedule (Appendix A: AdamW, a linear warm-up over 80 of 800 epochs,
         then a cosine; constant betas), built from fastai's schedulers.
 
@@ -73,6 +80,8 @@ class DAGMaNLearner(DistributedLearner):
             lr_min: the learning rate the cosine ends at (1e-6, DINO's `min_lr`; the paper is silent).
             betas: Adam's (beta1, beta2), held constant (PyTorch's AdamW defaults, as DINO and SMIT).
             wd, cbs, reset_opt, start_epoch: as in `Learner.fit`; `start_epoch=learn.resume(path)` continues a run.
+            wd_final: the weight decay at the end of a cosine from `wd` (default: the learner's `wd_final`, None: a
+                constant `wd`). DINO goes from 0.04 to 0.4.
 
         Example: `learn.fit_warmup_cosine(800, 5e-4, warmup=80)`.
         """
@@ -83,7 +92,8 @@ class DAGMaNLearner(DistributedLearner):
             self.create_opt()
         self.opt.set_hyper('lr', self.lr if lr is None else lr)
         lr = np.array([h['lr'] for h in self.opt.hypers])
-        scheds = warmup_cosine_scheds(lr, warmup / n_epoch, lr_min, betas)
+        wd_final = getattr(self, 'wd_final', None) if wd_final is None else wd_final
+        scheds = warmup_cosine_scheds(lr, warmup / n_epoch, lr_min, betas, self.wd if wd is None else wd, wd_final)
         self.fit(n_epoch, cbs=ParamScheduler(scheds) + L(cbs), reset_opt=reset_opt, wd=wd, start_epoch=start_epoch)
 
     def export_encoder(self, path) -> Path:
@@ -133,7 +143,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
                    losses: Sequence[str] | None = None, method: str = 'dagman', encoder=None, *, lr: float = 5e-4,
                    wd: float = 0.05, amp: str | bool | None = None, checkpoint: str | None = 'checkpoint.pth',
                    checkpoint_every: int = 1, log: str | None = 'pretrain_log.csv', path=None, cbs=None,
-                   **cfg) -> DAGMaNLearner:
+                   scale_lr: bool = False, wd_final: float | None = None, **cfg) -> DAGMaNLearner:
     """A fastai `Learner` that pretrains an encoder with DAGMaN (or one of the baselines in `METHODS`) on `dls`.
 
     Args:
@@ -145,6 +155,8 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
         encoder: a preset name in `PRESETS` or a `SwinConfig`/`ViTConfig`; its `img_size` becomes the crop of `dls`.
         lr, wd: AdamW (fastai's Adam with decoupled weight decay; no decay on norms and biases) with PyTorch's AdamW
             betas (0.9, 0.999) and eps 1e-8; `fit_warmup_cosine` keeps the betas constant.
+        scale_lr: DINO's rule, `lr * batch / 256` with `batch` the scans of one step over all processes.
+        wd_final: the weight decay `fit_warmup_cosine` ends at, on a cosine from `wd` (DINO: 0.04 to 0.4).
         amp: 'bf16', 'fp16', False or None (bf16 autocast where CUDA supports it, fp16 on other GPUs, fp32 on the CPU);
             'bf16' also runs on the CPU (PyTorch's CPU autocast).
         checkpoint: file name of the per-epoch checkpoint in `path/models` (None: no checkpoints).
@@ -205,6 +217,9 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
         callbacks.append(PretrainLog(log))
     # PyTorch's AdamW betas and eps (fastai's Adam defaults to sqr_mom 0.99, eps 1e-5), as DINO and SMIT train
     adamw = partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8)
+    if scale_lr:  # DINO: lr = base_lr * batch_size_per_gpu * world_size / 256
+        lr = lr * dls.train.bs * world_size() / 256
     learn = DAGMaNLearner(dls, model, loss_func=DAGMaNLoss(model), opt_func=adamw, lr=lr, wd=wd,
                           path=path if path is not None else getattr(dls, 'path', '.'), cbs=callbacks + list(cbs or []))
+    learn.wd_final = wd_final
     return learn

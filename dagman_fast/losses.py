@@ -15,23 +15,48 @@ from torch.nn.init import trunc_normal_
 from torch.nn.utils import parametrizations
 
 from .core import as_triple
-from .distributed import all_mean
+from .distributed import all_max, all_mean, all_sum
 
 # %% auto #0
-__all__ = ['DINOHead', 'entropy', 'DistillLoss', 'pixel_shuffle_3d', 'ReconHead', 'amip_loss']
+__all__ = ['CENTERINGS', 'TokenBatchNorm', 'DINOHead', 'LinearHead', 'entropy', 'feature_stats', 'koleo_loss', 'sinkhorn_knopp',
+           'DistillLoss', 'pixel_shuffle_3d', 'ReconHead', 'amip_loss']
 
 # %% ../nbs/04_losses.ipynb #a1fe9d91
+class TokenBatchNorm(nn.Module):
+    """BatchNorm over the last dimension of `(..., C)` features (a batch of vectors or of token sequences): every
+    leading position is a sample. The `nn.BatchNorm1d` sits inside (`self.bn`, fed `(N, C)`), so that fastai's and
+    PyTorch's conversion to `SyncBatchNorm` in a data-parallel run (as DINO does) replaces it and still sees channels
+    where it expects them.
+
+    It always normalises with the batch's statistics and keeps no running ones (`track_running_stats=False`): DINO's
+    teacher uses the batch's statistics too, the heads are never exported, and a non-finite batch, which `StopOnNaN`
+    stops before any update, leaves no NaN behind in a running mean. One sample alone passes unchanged."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, track_running_stats=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] < 2:  # no batch statistics from one sample
+            return x
+        return self.bn(flat).view_as(x)
+
+
 class DINOHead(nn.Module):
     """DINO's projection head: `nlayers` Linear+GELU MLP to a `bottleneck_dim` code, L2 normalisation, then a
     weight-normalised `Linear(bottleneck_dim, out_dim, bias=False)`.
 
     The last layer is weight-normalised through `torch.nn.utils.parametrizations.weight_norm`; with
     `norm_last_layer` its magnitude (`parametrizations.weight.original0`) stays fixed at 1, as DINO does, so only
-    the direction of each prototype is learned. `last_layer` is what `dagman_learner` freezes in the first epoch.
+    the direction of each prototype is learned. `last_layer` is what `dagman_learner` freezes at the start of a run.
+
+    `use_bn` puts a BatchNorm after each hidden Linear (DINO's `use_bn`, off in DINO's ViT runs): it standardises
+    every hidden unit over the batch, so inputs that differ little still give codes that differ.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 8192, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True):
+                 nlayers: int = 3, norm_last_layer: bool = True, use_bn: bool = False):
         super().__init__()
         if nlayers < 1:
             raise ValueError(f'nlayers must be at least 1; got {nlayers}')
@@ -40,6 +65,8 @@ class DINOHead(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < nlayers - 1:
+                if use_bn:
+                    layers.append(TokenBatchNorm(b))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -56,6 +83,23 @@ class DINOHead(nn.Module):
         "`(..., in_dim)` -> `(..., out_dim)` logits."
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
+
+class LinearHead(nn.Module):
+    """The paper's head (DAGMaN, Section 3.2: "linear projection layers" after the SA blocks): one
+    `Linear(in_dim, out_dim)` from the features to the prototypes' logits, with a BatchNorm on its input when
+    `use_bn`. `last_layer` is that Linear (the layer a run freezes at its start)."""
+
+    def __init__(self, in_dim: int, out_dim: int = 8192, use_bn: bool = False):
+        super().__init__()
+        self.norm = TokenBatchNorm(in_dim) if use_bn else nn.Identity()
+        self.last_layer = nn.Linear(in_dim, out_dim)
+        trunc_normal_(self.last_layer.weight, std=0.02)
+        nn.init.zeros_(self.last_layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "`(..., in_dim)` -> `(..., out_dim)` logits."
+        return self.last_layer(self.norm(x))
+
 # %% ../nbs/04_losses.ipynb #5ca0669e
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     "`x` in at least single precision: half precision (autocast) is raised to float32, float64 stays float64."
@@ -67,20 +111,89 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * p.clamp_min(1e-12).log()).sum(dim)
 
 
+@torch.no_grad()
+def feature_stats(x: torch.Tensor) -> dict:
+    """Collapse monitors of a batch of features `x: (n, d)` (tensors, not read back from the device):
+
+    - `cos`: the mean cosine between distinct samples (1: every sample maps to the same direction);
+    - `std`: the standard deviation over the batch of the L2-normalised features, averaged over the `d` channels
+      (SimSiam's indicator: about `1/sqrt(d)` for features spread over the sphere, 0 for identical ones);
+    - `std_rel`: `std * sqrt(d)`, the same on a scale where about 1 is healthy and 0 collapsed.
+    """
+    x = F.normalize(_fp32(x.detach()).reshape(-1, x.shape[-1]), dim=-1)
+    n, d = x.shape
+    if n < 2:
+        nan = x.new_tensor(float('nan'))
+        return dict(cos=nan, std=nan, std_rel=nan)
+    s = x.sum(0)
+    cos = ((s @ s) - n) / (n * (n - 1))  # mean of x_i . x_j over i != j, without the n x n matrix
+    std = x.std(0).mean()
+    return dict(cos=cos, std=std, std_rel=std * math.sqrt(d))
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Kozachenko-Leonenko entropy regulariser of DINOv2 (Sablayrolles et al., 2019): `-mean(log d_i)`, `d_i` the
+    distance from each L2-normalised feature in `x: (n, d)` to its nearest neighbour in the batch. It is smallest
+    when the samples spread evenly over the sphere, so it pushes apart features that the encoder maps together."""
+    x = F.normalize(_fp32(x).reshape(-1, x.shape[-1]), dim=-1, eps=eps)
+    if x.shape[0] < 2:
+        return x.sum() * 0
+    with torch.no_grad():
+        dots = x @ x.t()
+        dots.fill_diagonal_(-2)  # not its own neighbour
+        nn_idx = dots.argmax(1)
+    dist = (x - x[nn_idx]).norm(dim=-1)
+    return -(dist + eps).log().mean()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp, n_iters: int = 3, queue: torch.Tensor | None = None) -> torch.Tensor:
+    """Teacher targets by Sinkhorn-Knopp (SwAV; DINOv2's `sinkhorn_knopp_teacher`): `exp(logits / temp)` scaled
+    alternately so that every prototype gets the same share of the batch and every sample sums to 1.
+
+    `logits: (..., K)`, all leading dimensions samples (`(n, K)` below); in a data-parallel run the sums run over every process's batch. `queue: (q, K)`: earlier
+    teacher logits that join the columns (SwAV's queue), so that the equipartition holds over `q + n` samples and
+    small batches (2-8) still get sharp, distinct targets; only the `n` rows of `logits` are returned.
+    """
+    x = _fp32(logits).reshape(-1, logits.shape[-1])
+    if queue is not None and queue.numel():
+        x = torch.cat([_fp32(queue).to(x.device), x])
+    x = x / temp
+    x = x - all_max(x.max())  # exp without overflow; a common shift cancels in the normalisation
+    q = x.exp().t()  # (K, B)
+    k = q.shape[0]
+    b = all_sum(torch.tensor(float(q.shape[1]), device=q.device))
+    q = q / all_sum(q.sum())
+    for _ in range(n_iters):
+        q = q / all_sum(q.sum(1, keepdim=True)) / k  # each prototype: 1/K of the mass
+        q = q / q.sum(0, keepdim=True) / b  # each sample: 1/B of the mass
+    q = (q * b).t()
+    return q[q.shape[0] - logits.reshape(-1, logits.shape[-1]).shape[0]:].reshape(logits.shape)
+
+
+CENTERINGS = ('center', 'sinkhorn')
+
+
 class DistillLoss(nn.Module):
-    """Cross-entropy from the centred, sharpened teacher distribution to the student's, with its own centre.
+    """Cross-entropy from the teacher's centred, sharpened distribution to the student's, with its own centre.
 
     Args:
         out_dim: the head's output size.
         student_temp: the student's temperature (0.1).
         center_momentum: the centre's EMA momentum (0.9).
+        centering: 'center' (DINO: subtract an EMA of the teacher's batch means, then sharpen) or 'sinkhorn'
+            (DINOv2, SwAV: Sinkhorn-Knopp equipartition of the sharpened outputs over the batch and the queue).
+        sinkhorn_iters: Sinkhorn-Knopp iterations (3, DINOv2).
+        queue: rows of earlier teacher logits kept for Sinkhorn-Knopp (0: the batch alone).
 
     `forward(student, teacher, teacher_temp, weight=None)` takes logits `(..., out_dim)`; `weight: (b, n)` makes
     the loss a weighted mean over the tokens of each image (AMPD: the masked cells), then a mean over images (an
     image whose weights are all 0 adds 0 to that mean). In
     training mode it also moves the centre towards the teacher's batch mean (under no_grad; in a data-parallel run the
     mean over all processes' batches, as DINO does, so the centre stays the same on every rank) and leaves figures for
-    the log in `self.stats` (tensors, not yet read back from the device).
+    the log in `self.stats` (tensors, not yet read back from the device): the targets' mean per-sample `entropy`,
+    the entropy of their batch mean `mean_entropy`, the `gap` between the two (0 when every sample gets the same
+    target, up to log(batch) when each has its own prototype) and the centre's norm.
 
     The centre starts from the first training batch's mean rather than from zero (DINO's start). A zero start is an
     EMA bias: for the first ~1/(1-momentum) steps the targets then keep the random head's input-independent
@@ -88,17 +201,37 @@ class DistillLoss(nn.Module):
     rise as the centre catches up, which looks like learning going backwards.
     """
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 centering: str = 'center', sinkhorn_iters: int = 3, queue: int = 0):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f'centering must be one of {CENTERINGS}; got {centering!r}')
+        if queue < 0:
+            raise ValueError(f'queue must be >= 0 rows; got {queue}')
         self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.centering, self.sinkhorn_iters = centering, sinkhorn_iters
         self.register_buffer('center', torch.zeros(out_dim))
         self.register_buffer('center_ready', torch.zeros((), dtype=torch.bool))
+        self.queue_size = queue
+        # the queue is run state, kept out of the state dict (and the checkpoint): a resumed run refills it
+        self.register_buffer('queue', torch.zeros(0, out_dim), persistent=False)
         self.stats: dict = {}
 
     def targets(self, teacher: torch.Tensor, teacher_temp, center: torch.Tensor | None = None) -> torch.Tensor:
-        "The teacher's centred and sharpened distribution."
+        "The teacher's centred and sharpened distribution (or Sinkhorn-Knopp's, with the queue, in training)."
+        if self.centering == 'sinkhorn':
+            return sinkhorn_knopp(teacher, teacher_temp, self.sinkhorn_iters, self.queue if self.training else None)
         c = self.center if center is None else center
         return F.softmax((_fp32(teacher) - c) / teacher_temp, dim=-1)
+
+    def _push(self, rows: torch.Tensor) -> None:
+        "Keep the newest `queue_size` teacher rows (a random subset of a batch of many tokens)."
+        if not self.queue_size:
+            return
+        rows = _fp32(rows.detach()).reshape(-1, rows.shape[-1])
+        if rows.shape[0] > self.queue_size:
+            rows = rows[torch.randperm(rows.shape[0], device=rows.device)[:self.queue_size]]
+        self.queue = torch.cat([self.queue.to(rows), rows])[-self.queue_size:]
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, teacher_temp, weight: torch.Tensor | None = None):
         if student.shape != teacher.shape:
@@ -122,9 +255,13 @@ class DistillLoss(nn.Module):
                 m = self.center_momentum
                 self.center.copy_(torch.where(self.center_ready, m * self.center + (1 - m) * batch_mean, batch_mean))
                 self.center_ready.fill_(True)
+                self._push(teacher)
                 tf = t.reshape(-1, t.shape[-1])
-                self.stats = dict(entropy=entropy(tf).mean(), mean_entropy=entropy(tf.mean(0)),
-                                  center_norm=self.center.norm())
+                if weight is not None:  # AMPD: the tokens the loss uses (masked cells)
+                    keep = weight.reshape(-1) > 0
+                    tf = tf[keep] if bool(keep.any()) else tf
+                ent, mean_ent = entropy(tf).mean(), entropy(tf.mean(0))
+                self.stats = dict(entropy=ent, mean_entropy=mean_ent, gap=mean_ent - ent, center_norm=self.center.norm())
         return loss
 
 # %% ../nbs/04_losses.ipynb #d890bb62

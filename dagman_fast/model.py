@@ -15,17 +15,55 @@ import torch.nn as nn
 from einops import rearrange
 
 from .core import as_triple, check_option
-from .losses import DINOHead, DistillLoss, ReconHead, amip_loss
+from .losses import (CENTERINGS, DINOHead, DistillLoss, LinearHead, ReconHead, amip_loss, feature_stats,
+                     koleo_loss)
 from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
 from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
 
 # %% auto #0
-__all__ = ['LOSSES', 'DISTILL_LOSSES', 'PAPER_LOSS_WEIGHTS', 'METHODS', 'METHOD_HELP', 'DAGMaNConfig', 'encoder_config_from_dict',
-           'DAGMaNModel', 'DAGMaNLoss']
+__all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
+           'parse_span', 'span_steps', 'DAGMaNConfig', 'encoder_config_from_dict', 'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
 DISTILL_LOSSES = ('aitd', 'ampd', 'gitd')
+
+
+HEADS = ('mlp', 'linear')
+INPUT_NORMS = (None, 'volume')
+
+
+def parse_span(value, name: str = 'span') -> tuple[str, float]:
+    """A length of a schedule phase as `(unit, amount)`: a number is epochs (fractions allowed), `'10%'` a share of
+    the planned run, `'300 steps'` (or `'300steps'`) optimiser steps. Raises a `ValueError` naming `name` otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
+                         f'got {value!r}')
+    if isinstance(value, (int, float)):
+        unit, amount = 'epochs', float(value)
+    elif isinstance(value, str) and value.strip().endswith('%'):
+        unit, amount = 'share', _number(value.strip()[:-1], value, name) / 100
+    elif isinstance(value, str) and value.strip().endswith('steps'):
+        unit, amount = 'steps', _number(value.strip()[:-len('steps')], value, name)
+    else:
+        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
+                         f'got {value!r}')
+    if not amount >= 0 or (unit == 'share' and amount > 1):
+        raise ValueError(f'{name} must be >= 0 (a share at most 100%); got {value!r}')
+    return unit, amount
+
+
+def _number(text: str, value, name: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f'{name}: {value!r} is not a number of epochs, a share (\'10%\') or steps (\'300 steps\')') from None
+
+
+def span_steps(value, iters_per_epoch: int, planned_steps: int) -> float:
+    "The optimiser steps of a schedule phase `value` (see `parse_span`) in a run of `planned_steps` steps."
+    unit, amount = parse_span(value)
+    return {'epochs': amount * iters_per_epoch, 'share': amount * planned_steps, 'steps': amount}[unit]
 
 
 # The total loss of the paper (Appendix A: three distillation weights of 0.1 from a grid search; reconstruction 1).
@@ -49,7 +87,7 @@ class DAGMaNConfig(_JSONConfig):
         value: small enough that the teacher's attention still ranks the cells, see `BENCHMARKS.md`).
         patch_drop_fill: 'zero' (the paper: dropped patch tokens are set to 0) or 'token' (the learned mask token,
         the token the student sees at its masked patches). ema_momentum: the start of the cosine schedule to 1
-        (0.996, DINO and SMIT).
+        (0.99, measured: DINO's and SMIT's 0.996 leaves the teacher near its start for a run of a few thousand steps).
         valid_noise: also use patch dropout and freshly drawn masks on validation batches (False: validation batches
         see a clean teacher and masks drawn from a generator seeded by the batch index, the same every epoch, so the
         validation loss measures the model, not the draw).
@@ -57,15 +95,37 @@ class DAGMaNConfig(_JSONConfig):
         losses: the enabled terms of `LOSSES`. loss_weights: the weight of each term in the total,
         `sum(loss_weights[t] * t)` over the enabled terms; a partial dict keeps the paper's weights for the other
         terms (`PAPER_LOSS_WEIGHTS`: AITD, AMPD, GITD 0.1, AMIP 1, the paper's Appendix A). cross_view: AITD and GITD
-        compare the student's view i with the teacher's view j != i (DINO, iBOT; the paper is silent), else the same
-        view. `distill_weight=w` (the one distillation weight of earlier versions) still works with a
+        compare the student's view i with the teacher's view j != i (True: DINO, iBOT) or with the same view (False,
+        the default; the paper is silent): measured, independent random crops of a scan share too little for the
+        cross-view targets, which stayed uniform (`BENCHMARKS.md`, "Self-distillation that learns"). `distill_weight=w` (the one distillation weight of earlier versions) still works with a
         `FutureWarning`: it sets `loss_weights` to w for AITD, AMPD and GITD.
-    Heads and temperatures (DINO, iBOT; the paper is silent on their sizes):
-        out_dim 8192, head_hidden 2048, head_bottleneck 256, head_layers 3; student_temp 0.1; teacher_temp 0.04 rising
-        linearly to teacher_temp_final 0.07 over teacher_temp_warmup epochs (30); center_momentum 0.9.
+    Heads and temperatures (the paper is silent on them; sizes from DINO and iBOT, the rest measured against collapse
+    in `BENCHMARKS.md`, "Self-distillation that learns"; `method='dagman-dino'` gives DINO's values back):
+        out_dim 8192, head_hidden 2048, head_bottleneck 256, head_layers 3; student_temp 0.1. teacher_temp 0.02
+        (DINO: 0.04 rising to 0.07): the one setting that kept the teachers' targets apart on small batches of CT
+        crops; teacher_temp_final and teacher_temp_warmup (a span, see below) give a linear warm-up when they differ.
+        center_momentum 0.9.
+        head: 'mlp' (DINO's head, `DINOHead`) or 'linear' (the paper's "linear projection layers", `LinearHead`).
+        head_bn: BatchNorm in the heads (True; DINO's `use_bn`; the teacher's use the batch's statistics, as DINO's
+        teacher). norm_last_layer: the MLP head's prototypes keep norm 1 (True, DINO's ViT-B) or learn it, and so the
+        logits' scale (False, the default, DINO's ViT-S: "better performance but can make the training unstable").
+    Against collapse (see `BENCHMARKS.md`, "Self-distillation that learns"):
+        centering: 'center' (DINO, the default) or 'sinkhorn' (Sinkhorn-Knopp targets, DINOv2 / SwAV);
+        sinkhorn_iters (3); sinkhorn_queue: earlier teacher outputs (rows) joined to each batch's Sinkhorn-Knopp.
+        koleo_weight: DINOv2's KoLeo regulariser on the student's global-head inputs, per view (0.1, DINOv2's); with
+        mask_prob < 1 on the views the student sees whole (at least 2 of them in a view's batch).
+        input_norm: None (views as they come, in [0, 1]) or 'volume' (each view standardised to zero mean, unit
+        variance before the encoders; the reconstruction target stays the view).
+        mask_ratio_jitter: the masked share is drawn per batch from `mask_ratio +- jitter` (iBOT: 0.3 +- 0.2).
+        mask_prob: the share of views that are masked at all (iBOT: 0.5); the others reach the student whole.
+        distill_warmup: the distillation weights (and KoLeo's) rise linearly from 0 over this span, so that the
+        reconstruction first gives the encoder features that tell samples apart (0: from the first step).
     Optimisation:
-        freeze_last_layer: epochs without updates of the heads' last layers (1, DINO). clip_grad: max gradient norm
-        (3.0, DINO).
+        freeze_last_layer: how long the heads' last layers are not updated ('10%' of the run; DINO: 1 epoch of 100+).
+        clip_grad: max gradient norm (3.0, DINO).
+    The lengths `teacher_temp_warmup`, `distill_warmup` and `freeze_last_layer` are epochs (a number), a share of the planned run
+    ('3%') or steps ('300 steps'): the planned run is the `fit` it starts in, and a resumed or continued run goes on
+    along the same curves (the global step is checkpointed). The EMA momentum follows its cosine over the planned run.
     """
     arch: ClassVar[str] = 'dagman'
     masking: str = 'attention'
@@ -78,26 +138,54 @@ class DAGMaNConfig(_JSONConfig):
     patch_drop: float = 0.1
     patch_drop_fill: str = 'zero'
     valid_noise: bool = False
-    ema_momentum: float = 0.996
+    ema_momentum: float = 0.99
     losses: tuple = LOSSES
     loss_weights: dict = field(default_factory=lambda: dict(PAPER_LOSS_WEIGHTS))
-    cross_view: bool = True
+    cross_view: bool = False
     out_dim: int = 8192
     head_hidden: int = 2048
     head_bottleneck: int = 256
     head_layers: int = 3
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    teacher_temp_final: float = 0.07
-    teacher_temp_warmup: float = 30.0
+    teacher_temp: float = 0.02
+    teacher_temp_final: float = 0.02
+    teacher_temp_warmup: float | str = '10%'
     center_momentum: float = 0.9
-    freeze_last_layer: int = 1
+    head: str = 'mlp'
+    head_bn: bool = True
+    norm_last_layer: bool = False
+    centering: str = 'center'
+    sinkhorn_iters: int = 3
+    sinkhorn_queue: int = 0
+    koleo_weight: float = 0.1
+    input_norm: str | None = None
+    mask_ratio_jitter: float = 0.0
+    mask_prob: float = 1.0
+    distill_warmup: float | str = 0
+    freeze_last_layer: float | str = '10%'
     clip_grad: float | None = 3.0
     distill_weight: InitVar[float | None] = None  # deprecated: see loss_weights
 
     def __post_init__(self, distill_weight=None):
         check_option(self.masking, MASKINGS, 'masking')
         check_option(self.patch_drop_fill, ('zero', 'token'), 'patch_drop_fill')
+        check_option(self.head, HEADS, 'head')
+        check_option(self.centering, CENTERINGS, 'centering')
+        check_option(self.input_norm, INPUT_NORMS, 'input_norm')
+        parse_span(self.teacher_temp_warmup, 'teacher_temp_warmup')
+        parse_span(self.freeze_last_layer, 'freeze_last_layer')
+        parse_span(self.distill_warmup, 'distill_warmup')
+        if not 0 <= self.mask_ratio_jitter <= min(self.mask_ratio, 1 - self.mask_ratio):
+            raise ValueError(f'mask_ratio_jitter must keep mask_ratio +- jitter in [0, 1]: at most '
+                             f'{min(self.mask_ratio, 1 - self.mask_ratio):g} for mask_ratio {self.mask_ratio}; got '
+                             f'{self.mask_ratio_jitter}')
+        if not 0 < self.mask_prob <= 1:
+            raise ValueError(f'mask_prob must be in (0, 1]; got {self.mask_prob}')
+        if self.sinkhorn_queue < 0 or self.sinkhorn_iters < 1:
+            raise ValueError(f'sinkhorn_queue must be >= 0 and sinkhorn_iters >= 1; got {self.sinkhorn_queue}, '
+                             f'{self.sinkhorn_iters}')
+        if not self.koleo_weight >= 0:
+            raise ValueError(f'koleo_weight must be >= 0; got {self.koleo_weight}')
         losses = (self.losses,) if isinstance(self.losses, str) else tuple(self.losses)
         for name in losses:
             check_option(name, LOSSES, 'losses')
@@ -132,8 +220,14 @@ class DAGMaNConfig(_JSONConfig):
 # The paper's method, its baselines and its ablations on the same engine, by name: `DAGMaNConfig` fields, with
 # encoder changes under 'encoder' and the backbone under 'arch'. The tables in nbs/04a_model.ipynb say where each comes
 # from and what differs from its paper. `METHOD_HELP` has a line per name (`dagman pretrain --help` lists them).
+# DINO's distillation settings, counted in epochs, as every method used them before the measured anti-collapse
+# defaults: `method='dagman-dino'` (or these options on top of another method) reruns that comparison.
+DINO_DISTILL = dict(teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_warmup=30.0, freeze_last_layer=1,
+                    ema_momentum=0.996, head_bn=False, norm_last_layer=True, koleo_weight=0.0, cross_view=True)
+
 METHODS = {
     'dagman': dict(),
+    'dagman-dino': dict(DINO_DISTILL),
     # Baselines: each the method it is named after (see the table for what differs from its paper, and why).
     # SMIT: random masking, no SA module, plain EMA teacher; MIP (L1) + masked patch + global token distillation.
     'smit': dict(masking='random', noisy_teacher=False, losses=('ampd', 'gitd', 'amip'), encoder=dict(sa_stage=None)),
@@ -153,6 +247,8 @@ METHODS = {
 
 METHOD_HELP = {
     'dagman': "the paper's method: attention-guided masking with hints, noisy teacher, SA after stage 3, four losses",
+    'dagman-dino': "the paper's method with DINO's distillation settings (teacher 0.04 -> 0.07 over 30 epochs, EMA "
+                   '0.996, no BatchNorm or KoLeo, last layer frozen 1 epoch): the defaults before the collapse study',
     'smit': 'baseline SMIT: random masking, no SA module, no noisy teacher; AMPD + GITD + AMIP',
     'ibot3d': 'baseline iBOT-3D: block masking, no SA module, no noisy teacher; AMPD + GITD (global on pooled tokens)',
     'mst': 'baseline MST: low-attention masking, no noisy teacher; AITD ([CLS]) + AMIP',
@@ -226,18 +322,29 @@ class DAGMaNModel(nn.Module):
             if not self.is_vit and ec.sa_stage != self.cell_stage:
                 raise ValueError(f'attention masking needs the mask on the SA grid: mask_stage {cfg.mask_stage} != '
                                  f'sa_stage {ec.sa_stage}')
-        heads = nn.ModuleDict({name: DINOHead(dims[name], cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck,
-                                              cfg.head_layers) for name in DISTILL_LOSSES if name in cfg.losses})
+        def head(dim):
+            if cfg.head == 'linear':
+                return LinearHead(dim, cfg.out_dim, use_bn=cfg.head_bn)
+            return DINOHead(dim, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.head_layers,
+                            norm_last_layer=cfg.norm_last_layer, use_bn=cfg.head_bn)
+        heads = nn.ModuleDict({name: head(dims[name]) for name in DISTILL_LOSSES if name in cfg.losses})
         self.student = _Branch(enc, heads)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.recon = ReconHead(dims['gitd'], self.final_stride, ec.in_channels) if 'amip' in cfg.losses else None
-        self.distill = nn.ModuleDict({name: DistillLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
+        self.distill = nn.ModuleDict({name: DistillLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum,
+                                                        cfg.centering, cfg.sinkhorn_iters, cfg.sinkhorn_queue)
                                       for name in heads})
         self.register_buffer('step', torch.zeros((), dtype=torch.long))
-        self.iters_per_epoch = 1  # set by `EMATeacher` at the start of a fit; the teacher-temperature warm-up needs it
+        # the run's length in optimiser steps, set by `EMATeacher` when a fit starts (checkpointed with the step)
+        self.register_buffer('planned_steps', torch.zeros((), dtype=torch.long))
+        self.iters_per_epoch = 1  # set by `EMATeacher` at the start of a fit; schedules counted in epochs need it
+        self.host_step = 0  # `step` on the host, kept by `EMATeacher` (no device read per step)
+        self.monitors: dict = {}
         self.masker = MaskGenerator(cfg.masking, cfg.mask_ratio, cfg.hint_ratio, cfg.hint_pool, cfg.block_min_cells)
         cells = self.cell_grid(as_triple(ec.img_size, 'img_size'))
+        self.masker.ratio = cfg.mask_ratio - cfg.mask_ratio_jitter  # the smallest share a batch can draw
         k, n_hint, _ = self.masker.counts(cells[0] * cells[1] * cells[2])
+        self.masker.ratio = cfg.mask_ratio
         if cfg.mask_ratio > 0 and k - n_hint < 1:  # AMIP and AMPD would see no masked cell and learn nothing
             raise ValueError(f'a {tuple(as_triple(ec.img_size, "img_size"))} crop leaves a {cells} grid of cells at stage '
                              f'{self.cell_stage}, where mask_ratio={cfg.mask_ratio} masks no cell: use a larger crop or '
@@ -247,7 +354,7 @@ class DAGMaNModel(nn.Module):
     def train(self, mode: bool = True):
         "As `nn.Module.train`, but the teacher stays in eval mode (no drop path)."
         super().train(mode)
-        self.teacher.eval()
+        self.teacher.eval()  # its heads' BatchNorm still uses the batch's statistics (`TokenBatchNorm`), as DINO's
         return self
 
     # -- grids
@@ -263,20 +370,32 @@ class DAGMaNModel(nn.Module):
         return 2 ** self.cell_stage
 
     # -- passes
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        "The encoders' input: each view standardised with `input_norm='volume'`, else as it is."
+        if self.config.input_norm != 'volume':
+            return x
+        dims = tuple(range(1, x.ndim))
+        return (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True).clamp_min(1e-6)
+
     def _encode(self, branch: _Branch, x, mask=None, mask_fill='token'):
-        out = branch.encoder(x, mask, mask_fill)
-        res = {}
+        "The heads' logits of `branch` on `x`, its encoder output, and the heads' inputs (for the monitors)."
+        out = branch.encoder(self._standardise(x), mask, mask_fill)
+        feats = {}
         if 'aitd' in branch.heads:
-            res['aitd'] = branch.heads['aitd'](out.cls)
+            feats['aitd'] = out.cls
         if 'ampd' in branch.heads:
             if out.tokens is not None and tuple(out.grid) == tuple(out.features[self.cell_stage].shape[2:]):
-                cells = out.patch_tokens
+                feats['ampd'] = out.patch_tokens
             else:
-                cells = rearrange(out.features[self.cell_stage], 'b c d h w -> b (d h w) c')
-            res['ampd'] = branch.heads['ampd'](cells)
+                feats['ampd'] = rearrange(out.features[self.cell_stage], 'b c d h w -> b (d h w) c')
         if 'gitd' in branch.heads:
-            res['gitd'] = branch.heads['gitd'](out.features[-1].mean((2, 3, 4)))
-        return res, out
+            feats['gitd'] = out.features[-1].mean((2, 3, 4))
+        # the heads in fp32, outside autocast: BatchNorm standardises differences between samples that can be as small
+        # as bf16's rounding, and the teacher's logits are divided by a temperature of 0.02 (BENCHMARKS.md)
+        with torch.autocast(x.device.type, enabled=False):
+            res = {name: branch.heads[name](f.float() if f.dtype in (torch.float16, torch.bfloat16) else f)
+                   for name, f in feats.items()}
+        return res, out, feats
 
     @torch.no_grad()
     def guide(self, views: Sequence[torch.Tensor], drop_mask: torch.Tensor | None = None, timer=None,
@@ -286,26 +405,33 @@ class DAGMaNModel(nn.Module):
         `drop_mask` (b, d, h, w) on the patch grid: the noisy teacher's dropped patches. `generator`: draws the mask's
         random part (random cells, blocks, hints) from it instead of the masker's own generator.
 
-        Returns a dict of tensors (fastai's `yb`): `cell_mask (V*b, N)`, the teacher's logits `t_<loss>`, and, with an
-        SA module, its `attn (V*b, N)` and `attn_heads (V*b, nh, N)`.
+        Returns a dict of tensors (fastai's `yb`): `cell_mask (V*b, N)`, the teacher's logits `t_<loss>` and the
+        inputs of its heads `tf_<loss>`, and, with an SA module, its `attn (V*b, N)` and `attn_heads (V*b, nh, N)`.
         """
         x = torch.cat(list(views))
-        res, out = self._encode(self.teacher, x, drop_mask, self.config.patch_drop_fill)
+        res, out, feats = self._encode(self.teacher, x, drop_mask, self.config.patch_drop_fill)
         if timer is not None:
             timer.mark('teacher')
         attn = out.attn.float() if out.attn is not None else None
         # per head: the masker averages them itself (in one fused kernel on CUDA)
         heads = out.attn_heads if self.masker.needs_attention else None
-        masker, own = self.masker, self.masker.generator
+        masker, own, c = self.masker, self.masker.generator, self.config
         if generator is not None:
             masker.generator = generator
         try:
+            if c.mask_ratio_jitter:  # iBOT: one share per batch, uniform in mask_ratio +- jitter
+                u = float(torch.rand((), generator=masker.generator))
+                masker.ratio = c.mask_ratio + (2 * u - 1) * c.mask_ratio_jitter
             cell_mask = masker(x.shape[0], self.cell_grid(x.shape[2:]), heads, device=x.device)
+            if c.mask_prob < 1:  # iBOT: a share of the views reach the student whole
+                keep = torch.rand(x.shape[0], generator=masker.generator) < c.mask_prob
+                cell_mask = cell_mask & keep.to(cell_mask.device)[:, None]
         finally:
-            masker.generator = own
+            masker.generator, masker.ratio = own, c.mask_ratio
         if timer is not None:
             timer.mark('masking')
-        guide = {'cell_mask': cell_mask, **{f't_{k}': v for k, v in res.items()}}
+        guide = {'cell_mask': cell_mask, **{f't_{k}': v for k, v in res.items()},
+                 **{f'tf_{k}': v.detach() for k, v in feats.items()}}
         if attn is not None:
             guide.update(attn=attn, attn_heads=out.attn_heads.float())
         return guide
@@ -313,8 +439,8 @@ class DAGMaNModel(nn.Module):
     def forward(self, *views: torch.Tensor, cell_mask: torch.Tensor | None = None) -> dict:
         """The student's pass on all views at once; `cell_mask` may also come last in `views` (fastai's `xb`).
 
-        Returns a dict of tensors: the student's logits `s_<loss>`, `recon` (the AMIP reconstruction), `images`
-        (the views, concatenated) and `cell_mask`.
+        Returns a dict of tensors: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon`
+        (the AMIP reconstruction), `images` (the views, concatenated) and `cell_mask`.
         """
         if cell_mask is None and views and views[-1].dtype == torch.bool:
             views, cell_mask = views[:-1], views[-1]
@@ -323,8 +449,9 @@ class DAGMaNModel(nn.Module):
         patch_mask = None
         if cell_mask is not None:
             patch_mask = upsample_mask(cell_mask, self.cell_grid(x.shape[2:]), self.cell_factor)
-        res, out = self._encode(self.student, x, patch_mask)
+        res, out, feats = self._encode(self.student, x, patch_mask)
         pred = {f's_{k}': v for k, v in res.items()}
+        pred.update({f'sf_{k}': v for k, v in feats.items()})
         if self.recon is not None:
             pred['recon'] = self.recon(out.features[-1])
         pred['images'] = x
@@ -333,10 +460,23 @@ class DAGMaNModel(nn.Module):
         return pred
 
     # -- losses
+    def span(self, value) -> float:
+        "Optimiser steps of a schedule phase (`parse_span`: epochs, '10%' of the planned run, '300 steps')."
+        return span_steps(value, self.iters_per_epoch, self.host_planned)
+
+    @property
+    def host_planned(self) -> int:
+        return getattr(self, '_host_planned', 0)
+
+    def plan(self, steps_done: int, planned: int) -> None:
+        "Set the global step and the run's planned length (`EMATeacher` does, when a fit starts)."
+        self.host_step, self._host_planned = int(steps_done), int(planned)
+        self.planned_steps.fill_(int(planned))
+
     def teacher_temp(self) -> torch.Tensor:
         "The teacher temperature at the current step (a tensor: no host sync)."
         c = self.config
-        warm = c.teacher_temp_warmup * self.iters_per_epoch
+        warm = self.span(c.teacher_temp_warmup)
         frac = (self.step.float() / warm).clamp(max=1) if warm > 0 else torch.ones((), device=self.step.device)
         return c.teacher_temp + (c.teacher_temp_final - c.teacher_temp) * frac
 
@@ -350,7 +490,8 @@ class DAGMaNModel(nn.Module):
         return self.distill[name](s, t, tt)
 
     def loss(self, pred: dict, guide: dict) -> torch.Tensor:
-        "`sum(loss_weights[t] * t)` over the enabled terms; the detached (unweighted) terms are left in `self.terms`."
+        """`sum(loss_weights[t] * t)` over the enabled terms, plus `koleo_weight * koleo`; the detached (unweighted)
+        terms are left in `self.terms` and the collapse monitors of student and teacher in `self.monitors`."""
         c, terms = self.config, {}
         tt = self.teacher_temp()
         for name in ('aitd', 'gitd'):
@@ -363,9 +504,40 @@ class DAGMaNModel(nn.Module):
             vox = upsample_mask(guide['cell_mask'], self.cell_grid(x.shape[2:]),
                                 tuple(p * self.cell_factor for p in self.patch))
             terms['amip'] = amip_loss(pred['recon'], x, vox)
-        total = sum(c.loss_weights[n] * v for n, v in terms.items())
+        ramp = self.distill_ramp()
+        total = sum(c.loss_weights[n] * v * (ramp if n in DISTILL_LOSSES else 1) for n, v in terms.items())
+        if c.koleo_weight:  # per view, on the inputs of the global heads (DINOv2: per global crop, on [CLS])
+            # with mask_prob < 1, only the views the student sees whole: a masked view's features also depend on
+            # the random mask, a spread that the teacher, which sees every view whole, never gets
+            whole = (~guide['cell_mask'].any(-1)).chunk(self.n_views) if c.mask_prob < 1 else None
+            koleo = sum(koleo_loss(f if whole is None else f[w]) for name in ('aitd', 'gitd') if f'sf_{name}' in pred
+                        for f, w in zip(pred[f'sf_{name}'].chunk(self.n_views), whole or [None] * self.n_views)
+                        if whole is None or int(w.sum()) >= 2)
+            if torch.is_tensor(koleo):
+                terms['koleo'] = koleo
+                total = total + c.koleo_weight * ramp * koleo
         self.terms = {k: v.detach() for k, v in terms.items()}
+        if self.training:
+            self.monitors = self.collapse_monitors(pred, guide)
         return total
+
+    def distill_ramp(self) -> float:
+        "The factor on the distillation weights at the current step: `distill_warmup`'s linear ramp from 0 to 1."
+        warm = self.span(self.config.distill_warmup)
+        return 1.0 if warm <= 0 else min(self.host_step / warm, 1.0)
+
+    @torch.no_grad()
+    def collapse_monitors(self, pred: dict, guide: dict) -> dict:
+        """Per distillation head, for the student (`s`) and the teacher (`t`): the mean cosine between the head inputs
+        of distinct samples (`<head>_<s|t>_cos`; the AMPD head's tokens all count as samples) and the standard
+        deviation of the L2-normalised inputs (`<head>_<s|t>_std`, SimSiam's: about 1/sqrt(d) healthy, 0 collapsed;
+        `_std_rel` is it times sqrt(d)). Tensors on the device; the entropies are in `self.distill[head].stats`."""
+        out = {}
+        for name in self.distill:
+            for who, f in (('s', pred.get(f'sf_{name}')), ('t', guide.get(f'tf_{name}'))):
+                if f is not None:
+                    out.update({f'{name}_{who}_{k}': v for k, v in feature_stats(f).items()})
+        return out
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -57,7 +57,7 @@ def test_set_values_parse_by_the_fields_type(key, text, kind, expected):
     ('mask_ratio=abc', ['mask_ratio', 'a number']),
     ('mask_ratio=True', ['mask_ratio', 'a number']),
     ('ema_momentum=(1,)', ['ema_momentum', 'a number']),
-    ('freeze_last_layer=1.5', ['freeze_last_layer', 'an integer']),
+    ('sinkhorn_iters=1.5', ['sinkhorn_iters', 'an integer']),
     ('encoder.depths=1', ['encoder.depths', 'a tuple']),
     ('loss_weights=0.1', ['loss_weights', 'a dict']),
     ('mask_ratios=0.5', ['mask_ratios', 'not a DAGMaNConfig field']),

@@ -18,6 +18,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransform
 from dagman_fast.learner import (CHECKPOINT_FORMAT, METHODS, AttentionGuidedMasking, DAGMaNCheckpoint, DAGMaNConfig,
                                  DAGMaNModel, EMATeacher, PatchDropout, StepTimer, dagman_learner, load_checkpoint,
                                  load_encoder)
+from dagman_fast.losses import TokenBatchNorm
 from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
 
 CROP = 32
@@ -120,18 +121,23 @@ def test_update_teacher_is_the_ema_formula(tmp_path):
         torch.testing.assert_close(t, 0.9 * a + 0.1 * s)
 
 
-def test_ema_momentum_is_a_cosine_over_all_iterations():
+def test_ema_momentum_is_a_cosine_over_the_planned_run():
     cb = EMATeacher()
-    cb.m0, cb.total = 0.996, 100
-    assert cb.momentum_at(0) == pytest.approx(0.996)
-    assert cb.momentum_at(50) == pytest.approx(0.998)
-    assert cb.momentum_at(100) == pytest.approx(1.0)
-    assert cb.momentum_at(25) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    cb.m0 = 0.996
+    assert cb.momentum_at(0, 100) == pytest.approx(0.996)
+    assert cb.momentum_at(50, 100) == pytest.approx(0.998)
+    assert cb.momentum_at(100, 100) == pytest.approx(1.0)
+    assert cb.momentum_at(150, 100) == pytest.approx(1.0)
+    assert cb.momentum_at(25, 100) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 4) + 1) / 2)
+    assert cb.momentum_at(7, 0) == pytest.approx(0.996)  # no plan yet (lr_find): the start value
 
 
-def test_teacher_temperature_warms_up_with_the_global_step(tmp_path):
-    m = make_learner(tmp_path, teacher_temp_warmup=2).model
+@pytest.mark.parametrize('warmup, plan', [(2, (0, 0)), ('50%', (0, 20)), ('10 steps', (0, 0))])
+def test_teacher_temperature_warms_up_with_the_global_step(tmp_path, warmup, plan):
+    "2 epochs of 5 steps, half of a 20-step run, or 10 steps: the same warm-up over 10 steps of the global step."
+    m = make_learner(tmp_path, teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_warmup=warmup).model
     m.iters_per_epoch = 5
+    m.plan(*plan)
     assert float(m.teacher_temp()) == pytest.approx(0.04)
     m.step.fill_(5)
     assert float(m.teacher_temp()) == pytest.approx(0.055)
@@ -178,8 +184,8 @@ def test_total_loss_is_the_weighted_sum_of_the_terms(tmp_path, kw, weights):
     guide = m.guide(views)
     total = m.loss(m(*views, guide['cell_mask']), guide)
     t = m.terms
-    assert set(t) == {'aitd', 'ampd', 'gitd', 'amip'}
-    torch.testing.assert_close(total.detach(), sum(weights[k] * t[k] for k in t))
+    assert set(t) == {'aitd', 'ampd', 'gitd', 'amip', 'koleo'}  # KoLeo: koleo_weight, 0.1 by default
+    torch.testing.assert_close(total.detach(), sum(weights[k] * t[k] for k in t if k != 'koleo') + 0.1 * t['koleo'])
 
 
 def test_distill_weight_still_works_with_a_future_warning(tmp_path):
@@ -201,8 +207,9 @@ def test_defaults_are_the_papers(tmp_path):
     assert (h['mom'], h['sqr_mom'], h['eps'], learn.wd) == (0.9, 0.999, 1e-8, 0.05)  # AdamW (fit sets wd)
 
 
-def test_global_loss_is_cross_view(tmp_path):
-    m = make_learner(tmp_path, losses=('gitd',)).model.eval()  # eval: centres stay at zero
+@pytest.mark.parametrize('cross_view', [True, False])
+def test_global_loss_pairs_the_views(tmp_path, cross_view):
+    m = make_learner(tmp_path, losses=('gitd',), cross_view=cross_view).model.eval()  # eval: centres stay at zero
     views = [torch.rand(2, 1, CROP, CROP, CROP) for _ in range(2)]
     guide = m.guide(views)
     pred = m(*views, guide['cell_mask'])
@@ -213,7 +220,10 @@ def test_global_loss_is_cross_view(tmp_path):
     def ce(si, ti):
         return -(F.softmax(ti / tt, -1) * F.log_softmax(si / 0.1, -1)).sum(-1).mean()
 
-    torch.testing.assert_close(m.terms['gitd'], (ce(s[0], t[1]) + ce(s[1], t[0])) / 2)
+    if cross_view:  # student view i against teacher view j != i
+        torch.testing.assert_close(m.terms['gitd'], (ce(s[0], t[1]) + ce(s[1], t[0])) / 2)
+    else:  # each view against the teacher's same view
+        torch.testing.assert_close(m.terms['gitd'], (ce(s[0], t[0]) + ce(s[1], t[1])) / 2)
 
 
 def test_loss_switches_and_ampd_on_masked_cells_only(tmp_path):
@@ -444,10 +454,10 @@ def test_log_and_step_timer(tmp_path):
     assert 0 <= float(rows[1]['sa_cls_dissimilarity']) <= 1
 
 
-def test_every_fit_runs_the_whole_ema_cosine(tmp_path):
-    "A second fit (or fine_tune's) starts again at the configured momentum instead of a frozen teacher."
+def test_a_second_fit_continues_the_runs_ema_cosine(tmp_path):
+    "A second fit extends the planned run: the momentum goes on along the longer run's cosine, not back to its start."
     learn = make_learner(tmp_path)
-    seen = []
+    seen, planned = [], []
 
     class Momenta(Callback):
         order = 50  # after EMATeacher
@@ -455,11 +465,14 @@ def test_every_fit_runs_the_whole_ema_cosine(tmp_path):
         def after_batch(self):
             if self.training:
                 seen.append(self.learn.ema_momentum)
+                planned.append(self.learn.model.host_planned)
 
     for _ in range(2):
         quiet_fit(learn, 1, cbs=[Momenta()])
-    assert seen[0] == seen[2] == pytest.approx(0.996)
-    assert all(m < 1 for m in seen) and int(learn.model.step) == 4
+    cb = next(c for c in learn.cbs if isinstance(c, EMATeacher))
+    assert planned == [2, 2, 4, 4] and int(learn.model.step) == 4 and int(learn.model.planned_steps) == 4
+    assert seen == pytest.approx([cb.momentum_at(0, 2), cb.momentum_at(1, 2), cb.momentum_at(2, 4), cb.momentum_at(3, 4)])
+    assert seen[0] == pytest.approx(learn.model.config.ema_momentum) and seen[2] > seen[0] and all(m < 1 for m in seen)
 
 
 def test_checkpoint_refuses_non_finite_weights(tmp_path):
@@ -606,24 +619,30 @@ def test_fit_warmup_cosine_is_the_papers_schedule(tmp_path):
 
 
 
-def test_collapse_warnings_catch_uniform_and_one_prototype_teachers(tmp_path):
-    from dagman_fast.callbacks import PretrainLog
+def test_collapse_warnings_name_the_kind_of_collapse(tmp_path):
+    from dagman_fast.callbacks import PretrainLog, collapse_kinds
     learn = make_learner(tmp_path)
     log = next(c for c in learn.cbs if isinstance(c, PretrainLog))
     k = math.log(HEADS['out_dim'])
 
-    def check(epoch=6, **row):
-        learn.epoch, log._warned = epoch, False
+    def check(step=30, **row):
+        learn.model.plan(step, 100)
+        log._warned = False
         base = {f'{n}_{s}': 0.6 * k for n in ('aitd', 'ampd', 'gitd') for s in ('entropy', 'mean_entropy')}
+        base.update({f'{n}_{w}_cos': 0.5 for n in ('aitd', 'ampd', 'gitd') for w in 'st'})
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            log._check_collapse({**base, **row})
+            log._check_collapse({'step': step, **base, **row})
         return [str(w.message) for w in caught]
 
-    assert check() == []  # a healthy teacher
-    assert 'near uniform' in check(gitd_entropy=0.999 * k)[0]
-    assert 'one or two' in check(aitd_entropy=0.2, aitd_mean_entropy=0.3)[0]
-    assert check(epoch=2, gitd_entropy=0.999 * k) == []  # during the warm-up epochs: no verdict yet
+    assert check() == []  # a healthy run
+    assert 'gitd: uniform' in check(gitd_entropy=0.999 * k)[0] and 'near uniform' in check(gitd_entropy=0.999 * k)[0]
+    assert 'aitd: one prototype' in check(aitd_entropy=0.2, aitd_mean_entropy=0.3)[0]
+    msg = check(ampd_t_cos=0.99)[0]
+    assert 'ampd: identical features' in msg and 'step 30' in msg
+    assert check(step=20, gitd_entropy=0.999 * k) == []  # before a quarter of the planned run: no verdict yet
+    assert collapse_kinds({'aitd_entropy': 0.999 * k, 'aitd_mean_entropy': 0.1, 'aitd_s_cos': 0.97}, ['aitd'],
+                          HEADS['out_dim']) == {'aitd': ['uniform', 'one prototype', 'identical features']}
 
 
 def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
@@ -645,6 +664,181 @@ def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
     for k, v in ref.items():
         assert float(rows[-1][k]) == pytest.approx(v, rel=1e-4), k
     fig = plot_pretrain_log(tmp_path / 'pretrain_log.csv', tmp_path / 'log.png')
-    assert len(fig.axes) == 6 and (tmp_path / 'log.png').exists()  # the attention panels beside the usual four
+    assert len(fig.axes) == 8 and (tmp_path / 'log.png').exists()  # the attention panels beside the usual six
     with pytest.raises(ValueError, match='every >= 1'):
         AttentionStatsLog(every=0)
+
+
+# ---------------------------------------------------------------- against collapse: options, monitors, schedules
+
+
+def test_span_parses_epochs_shares_and_steps():
+    from dagman_fast.model import parse_span, span_steps
+    assert parse_span(2) == ('epochs', 2.0) and parse_span('10%') == ('share', 0.1)
+    assert parse_span('300 steps') == ('steps', 300.0) and parse_span('40steps') == ('steps', 40.0)
+    assert span_steps(2, 5, 100) == 10 and span_steps('10%', 5, 100) == 10 and span_steps('7 steps', 5, 100) == 7
+    for bad in ('ten', '150%', -1, True, '3 epochs'):
+        with pytest.raises(ValueError, match='freeze_last_layer'):
+            parse_span(bad, 'freeze_last_layer')
+    with pytest.raises(ValueError, match='teacher_temp_warmup'):
+        DAGMaNConfig(teacher_temp_warmup='abc')
+
+
+def test_the_last_layer_stays_frozen_for_its_share_of_the_run_also_across_a_resume(tmp_path):
+    learn = make_learner(tmp_path, freeze_last_layer='50%')
+    last = learn.model.student.last_layers()
+    seen = []
+
+    class Moved(Callback):
+        order = 50
+
+        def before_batch(self):
+            if self.training:
+                self._w = [p.detach().clone() for p in last]
+
+        def after_batch(self):
+            if self.training:
+                seen.append(any(not torch.equal(a, p) for a, p in zip(self._w, last)))
+
+    quiet_fit(learn, 2, cbs=[Moved()])  # 4 steps: frozen for the first 2
+    assert seen == [False, False, True, True]
+    again = make_learner(tmp_path / 'again', freeze_last_layer='50%')
+    start = again.resume(tmp_path / 'models' / 'checkpoint.pth')  # epoch 1 done: 4 of a 4-step run
+    seen.clear()
+    last = again.model.student.last_layers()
+    quiet_fit(again, 3, cbs=[Moved()], start_epoch=start)  # a 6-step run resumed at step 4: not frozen again
+    assert seen == [True, True]
+
+
+def test_input_norm_standardises_each_view_for_both_encoders(tmp_path):
+    m = make_learner(tmp_path, input_norm='volume').model.eval()
+    x = torch.rand(2, 1, CROP, CROP, CROP) * 0.3 + 0.2
+    z = (x - x.mean((1, 2, 3, 4), keepdim=True)) / x.std((1, 2, 3, 4), keepdim=True)
+    pred = m(x)
+    ref = m.student.encoder(z)
+    torch.testing.assert_close(pred['s_gitd'], m.student.heads['gitd'](ref.features[-1].mean((2, 3, 4))))
+    torch.testing.assert_close(pred['images'], x)  # the reconstruction target stays the view
+    guide = m.guide([x])
+    torch.testing.assert_close(guide['tf_gitd'], m.teacher.encoder(z).features[-1].mean((2, 3, 4)))
+
+
+def test_ibot_style_masking_leaves_a_share_of_views_whole_and_jitters_the_ratio(tmp_path):
+    m = make_learner(tmp_path, masking='random', mask_ratio=0.5, mask_ratio_jitter=0.25, mask_prob=0.5).model.eval()
+    x = torch.rand(64, 1, CROP, CROP, CROP)
+    counts, whole = set(), 0
+    for seed in range(6):
+        cm = m.guide([x], generator=torch.Generator().manual_seed(seed))['cell_mask']
+        per = cm.sum(1)
+        whole += int((per == 0).sum())
+        counts |= set(per[per > 0].tolist())
+    assert 0.3 < whole / (6 * 64) < 0.7  # about half the views unmasked
+    assert len(counts) > 1 and min(counts) >= 2 and max(counts) <= 6  # 8 cells, ratio in [0.25, 0.75]
+    assert m.masker.ratio == 0.5  # restored after each batch
+    with pytest.raises(ValueError, match='mask_ratio_jitter'):
+        DAGMaNConfig(mask_ratio=0.7, mask_ratio_jitter=0.4)
+
+
+def test_koleo_joins_the_total_loss_with_its_weight(tmp_path):
+    from dagman_fast.losses import koleo_loss
+    m = make_learner(tmp_path, koleo_weight=0.5, noisy_teacher=False).model.train()
+    x = torch.rand(4, 1, CROP, CROP, CROP)
+    guide = m.guide([x, x.flip(2)])
+    pred = m(x, x.flip(2), cell_mask=guide['cell_mask'])
+    total = m.loss(pred, guide)
+    ref = sum(koleo_loss(f) for n in ('aitd', 'gitd') for f in pred[f'sf_{n}'].chunk(2))
+    assert float(m.terms['koleo']) == pytest.approx(float(ref.detach()), rel=1e-5)
+    others = sum(m.config.loss_weights[n] * v for n, v in m.terms.items() if n != 'koleo')
+    assert float(total.detach()) == pytest.approx(float(others + 0.5 * m.terms['koleo']), rel=1e-5)
+    assert {'aitd_s_cos', 'aitd_t_cos', 'gitd_s_std', 'ampd_t_std_rel'} <= set(m.monitors)
+
+
+def test_teacher_heads_batchnorm_uses_the_batch_statistics(tmp_path):
+    m = make_learner(tmp_path, head_bn=True).model.eval()
+    bns = [b for b in m.teacher.heads.modules() if isinstance(b, TokenBatchNorm)]
+    assert bns and not m.teacher.training
+    f = torch.randn(6, m.teacher.heads['gitd'].mlp[0].in_features) * 1e-3 + 5
+    h = m.teacher.heads['gitd'].mlp[:2](f)  # Linear, then BatchNorm on this batch's statistics, in eval mode too
+    torch.testing.assert_close(h.mean(0), torch.zeros_like(h[0]), atol=1e-4, rtol=0)
+    assert not any('running' in k for k in m.state_dict())  # nothing a NaN batch could poison
+    one = torch.randn(1, bns[0].bn.num_features)
+    torch.testing.assert_close(bns[0](one), one)  # one sample: no batch statistics, passed unchanged
+
+
+def test_the_log_carries_the_collapse_monitors_per_epoch_and_per_step(tmp_path):
+    learn = make_learner(tmp_path)
+    log = next(c for c in learn.cbs if type(c).__name__ == 'PretrainLog')
+    log.step_every = 1
+    quiet_fit(learn, 2)
+    rows = list(csv.DictReader(open(tmp_path / 'pretrain_log.csv')))
+    steps = list(csv.DictReader(open(tmp_path / 'pretrain_log_steps.csv')))
+    for n in ('aitd', 'ampd', 'gitd'):
+        for k in ('entropy', 'mean_entropy', 'gap', 's_cos', 't_cos', 's_std', 't_std', 's_std_rel'):
+            assert f'{n}_{k}' in rows[0] and f'{n}_{k}' in steps[0], f'{n}_{k}'
+    assert [int(r['step']) for r in steps] == [1, 2, 3, 4]
+    # the epoch's figures are the means of its steps
+    for k in ('gitd_s_cos', 'aitd_gap', 'amip'):
+        assert float(rows[1][k]) == pytest.approx((float(steps[2][k]) + float(steps[3][k])) / 2, rel=1e-5)
+    r = rows[0]
+    assert float(r['gitd_gap']) == pytest.approx(float(r['gitd_mean_entropy']) - float(r['gitd_entropy']), abs=1e-5)
+    assert -1 <= float(r['gitd_t_cos']) <= 1 and float(r['gitd_s_std']) > 0
+
+
+def test_dino_lr_rule_and_weight_decay_schedule(tmp_path):
+    learn = dagman_learner(make_dls(), encoder=enc_cfg(), path=tmp_path, lr=1e-3, checkpoint=None, log=None,
+                           scale_lr=True, wd=0.04, wd_final=0.4, **HEADS)
+    assert learn.lr == pytest.approx(1e-3 * 2 / 256)  # batch of 2 on one process
+    wds = []
+
+    class WD(Callback):
+        def after_batch(self):
+            if self.training:
+                wds.append(self.opt.hypers[0]['wd'])
+
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_warmup_cosine(2, cbs=[WD()])
+    assert wds[0] == pytest.approx(0.04) and wds[-1] > 0.3 and wds == sorted(wds)
+
+
+def test_distillation_weights_ramp_up_over_their_warmup(tmp_path):
+    m = make_learner(tmp_path, distill_warmup='50%', noisy_teacher=False).model.train()
+    x = torch.rand(2, 1, CROP, CROP, CROP)
+    for step, ramp in ((0, 0.0), (5, 0.5), (10, 1.0), (15, 1.0)):
+        m.plan(step, 20)
+        assert m.distill_ramp() == pytest.approx(ramp)
+        guide = m.guide([x, x.flip(3)])
+        total = m.loss(m(x, x.flip(3), cell_mask=guide['cell_mask']), guide)
+        w = dict(m.config.loss_weights, koleo=m.config.koleo_weight)
+        ref = sum(w[n] * v * (ramp if n != 'amip' else 1) for n, v in m.terms.items())
+        assert float(total.detach()) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_tensorboard_gets_the_per_step_monitors(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from dagman_fast.callbacks import tensorboard_callback
+    learn = make_learner(tmp_path)
+    log = next(c for c in learn.cbs if type(c).__name__ == 'PretrainLog')
+    log.step_every = 2
+    learn.add_cb(tensorboard_callback(tmp_path / 'tb'))
+    quiet_fit(learn, 2)
+    acc = EventAccumulator(str(tmp_path / 'tb'), size_guidance={'scalars': 0})
+    acc.Reload()
+    steps = list(csv.DictReader(open(tmp_path / 'pretrain_log_steps.csv')))
+    for k in ('gitd_s_cos', 'aitd_gap', 'ampd_t_std'):
+        points = acc.Scalars(f'steps/{k}')
+        assert [p.step for p in points] == [2, 4], k
+        assert [p.value for p in points] == pytest.approx([float(r[k]) for r in steps], rel=1e-5), k
+
+
+def test_koleo_uses_the_views_the_student_sees_whole_when_some_are(tmp_path):
+    from dagman_fast.losses import koleo_loss
+    m = make_learner(tmp_path, koleo_weight=0.5, noisy_teacher=False, masking='random', mask_prob=0.5).model.train()
+    x = torch.rand(8, 1, CROP, CROP, CROP)
+    guide = m.guide([x, x.flip(2)], generator=torch.Generator().manual_seed(0))
+    whole = ~guide['cell_mask'].any(-1)
+    assert 0 < int(whole.sum()) < 16
+    pred = m(x, x.flip(2), cell_mask=guide['cell_mask'])
+    m.loss(pred, guide)
+    ref = sum(koleo_loss(f[w]) for n in ('aitd', 'gitd') for f, w in zip(pred[f'sf_{n}'].chunk(2), whole.chunk(2))
+              if int(w.sum()) >= 2)
+    assert float(m.terms['koleo']) == pytest.approx(float(ref.detach()), rel=1e-5)

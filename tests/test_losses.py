@@ -467,3 +467,122 @@ def test_distill_loss_first_batch_centres_on_its_own_mean():
     fresh = DistillLoss(K).eval()  # eval before any training: the zero centre, no update
     fresh(s, t, 0.04)
     assert not bool(fresh.center_ready) and torch.equal(fresh.center, torch.zeros(K))
+
+
+# ---------------------------------------------------------------------------------------------------- against collapse
+
+
+def test_feature_stats_match_the_pairwise_cosines_and_simsiams_std():
+    from dagman_fast.losses import feature_stats
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 12, generator=g)
+    z = F.normalize(x.double(), dim=-1)
+    cos = z @ z.t()
+    ref_cos = (cos.sum() - cos.diagonal().sum()) / (7 * 6)
+    st = feature_stats(x)
+    assert float(st['cos']) == pytest.approx(float(ref_cos), abs=1e-6)
+    assert float(st['std']) == pytest.approx(float(z.std(0).mean()), abs=1e-6)
+    assert float(st['std_rel']) == pytest.approx(float(z.std(0).mean()) * math.sqrt(12), abs=1e-5)
+    same = feature_stats(torch.ones(5, 12) + 1e-4 * torch.randn(5, 12, generator=g))  # identical features: collapsed
+    assert float(same['cos']) > 0.999 and float(same['std']) < 1e-3
+    tokens = feature_stats(x.view(1, 7, 12))  # leading dimensions are samples
+    assert float(tokens['cos']) == pytest.approx(float(st['cos']), abs=1e-6)
+    assert math.isnan(float(feature_stats(x[:1])['cos']))  # one sample: no pair
+
+
+def test_koleo_is_minus_the_mean_log_nearest_neighbour_distance():
+    from dagman_fast.losses import koleo_loss
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 5, generator=g, requires_grad=True)
+    z = F.normalize(x.double(), dim=-1)
+    d = torch.cdist(z, z) + torch.eye(9, dtype=torch.float64) * 10  # not its own neighbour
+    ref = -(d.min(1).values + 1e-8).log().mean()
+    loss = koleo_loss(x)
+    assert float(loss.detach()) == pytest.approx(float(ref), abs=1e-5)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    spread, clumped = torch.eye(4), torch.eye(4) * 0.01 + 1  # spread samples cost less than clumped ones
+    assert float(koleo_loss(spread)) < float(koleo_loss(clumped))
+
+
+def ref_sinkhorn(logits, temp, iters):
+    "SwAV / DINOv2's Sinkhorn-Knopp, written plainly in float64."
+    q = torch.exp(logits.double() / temp).t()
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        q /= q.sum(1, keepdim=True)
+        q /= k
+        q /= q.sum(0, keepdim=True)
+        q /= b
+    return (q * b).t()
+
+
+def test_sinkhorn_knopp_matches_the_reference_and_equipartitions():
+    from dagman_fast.losses import sinkhorn_knopp
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 10, generator=g)
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3).double(), ref_sinkhorn(logits, 0.1, 3), atol=1e-5, rtol=1e-4)
+    big = torch.randn(64, 8, generator=g)
+    q = sinkhorn_knopp(big, 0.5, 50)
+    torch.testing.assert_close(q.sum(1), torch.ones(64), atol=1e-5, rtol=0)  # each sample a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 64 / 8), atol=1e-3, rtol=0)  # each prototype 1/K of the batch
+    # with a queue: the batch's rows of the Sinkhorn-Knopp over queue + batch
+    queue = torch.randn(20, 10, generator=g)
+    withq = sinkhorn_knopp(logits, 0.1, 3, queue=queue)
+    torch.testing.assert_close(withq.double(), ref_sinkhorn(torch.cat([queue, logits]), 0.1, 3)[20:], atol=1e-5, rtol=1e-4)
+    assert sinkhorn_knopp(logits.view(2, 3, 10), 0.1, 3).shape == (2, 3, 10)
+
+
+def test_distill_loss_with_sinkhorn_targets_and_a_queue():
+    from dagman_fast.losses import sinkhorn_knopp
+    loss = DistillLoss(10, centering='sinkhorn', queue=6).train()
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    ref = -(sinkhorn_knopp(t, 0.04, 3) * torch.log_softmax(s / 0.1, -1)).sum(-1).mean()  # empty queue: the batch alone
+    assert float(loss(s, t, 0.04)) == pytest.approx(float(ref), rel=1e-5)
+    assert loss.queue.shape == (4, 10)
+    t2 = torch.randn(4, 10, generator=g)
+    ref2 = -(sinkhorn_knopp(t2, 0.04, 3, queue=t) * torch.log_softmax(s / 0.1, -1)).sum(-1).mean()
+    assert float(loss(s, t2, 0.04)) == pytest.approx(float(ref2), rel=1e-5)
+    assert loss.queue.shape == (6, 10)  # the newest 6 rows
+    torch.testing.assert_close(loss.queue, torch.cat([t, t2])[-6:])
+    assert 'queue' not in loss.state_dict()  # run state, not in checkpoints
+    with pytest.raises(ValueError, match='centering'):
+        DistillLoss(10, centering='median')
+
+
+def test_distill_stats_give_the_entropy_gap_over_the_tokens_the_loss_uses():
+    loss = DistillLoss(8).train()
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    w = torch.tensor([[1., 0, 0], [0, 1, 1]])
+    loss(s, t, 0.04, weight=w)
+    p = loss.targets(t, 0.04, t.reshape(-1, 8).mean(0))[w.bool()]  # the first batch centres on its own mean
+    st = loss.stats
+    assert float(st['entropy']) == pytest.approx(float(entropy(p).mean()), rel=1e-5)
+    assert float(st['mean_entropy']) == pytest.approx(float(entropy(p.mean(0))), rel=1e-5)
+    assert float(st['gap']) == pytest.approx(float(st['mean_entropy'] - st['entropy']), abs=1e-6)
+
+
+def test_heads_with_batchnorm_and_the_linear_head():
+    from dagman_fast.losses import LinearHead, TokenBatchNorm
+    h = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8, nlayers=3, use_bn=True)
+    assert sum(isinstance(m, TokenBatchNorm) for m in h.mlp) == 2  # after each hidden Linear, as DINO's use_bn
+    x = torch.randn(4, 5, 16)
+    assert h(x).shape == (4, 5, 32)
+    bn = TokenBatchNorm(16).train()  # normalises each channel over every token of the batch
+    y = bn(x)
+    torch.testing.assert_close(y.reshape(-1, 16).mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    lin = LinearHead(16, 32, use_bn=False)
+    torch.testing.assert_close(lin(x), x @ lin.last_layer.weight.t() + lin.last_layer.bias)
+    assert isinstance(LinearHead(16, 32, use_bn=True).norm, TokenBatchNorm)
+
+
+def test_token_batchnorm_survives_the_conversion_to_syncbatchnorm():
+    "fastai's data-parallel training converts BatchNorm layers to SyncBatchNorm; the channels must stay last."
+    from dagman_fast.losses import TokenBatchNorm
+    h = DINOHead(16, out_dim=32, hidden_dim=24, bottleneck_dim=8, use_bn=True)
+    conv = nn.SyncBatchNorm.convert_sync_batchnorm(h)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in conv.modules()) == 2
+    assert all(isinstance(m.bn, nn.SyncBatchNorm) for m in conv.modules() if isinstance(m, TokenBatchNorm))
