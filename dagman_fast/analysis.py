@@ -588,10 +588,9 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
     draw(axes[0, 1], ['amip', 'valid_loss'], 'masked reconstruction (L1) and validation loss')
     draw(axes[0, 2], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',
          'nats', uniform=True)
-    draw(axes[1, 0], [f'{n}_gap' for n in heads], 'teacher entropy gap (batch mean - per sample; 0: one target for all)',
-         'nats')
-    draw(axes[1, 1], [f'{n}_{w}_cos' for n in heads for w in 'st'],
-         'feature cosine between samples, student (s) / teacher (t); 1: identical', 'cosine')
+    draw(axes[1, 0], [f'{n}_gap' for n in heads], 'teacher entropy gap (0: one target for all)', 'nats')
+    draw(axes[1, 1], [f'{n}_{w}_cos' for n in heads for w in 'st'], 'feature cosine between samples (1: identical)',
+         'cosine')
     # (head_diversity: the name of sa_cls_dissimilarity in older logs)
     draw(axes[1, 2], ['sa_cls_dissimilarity', 'head_diversity', 'mask_ratio'],
          "dissimilarity of the heads' SA [CLS] maps; mask ratio")
