@@ -33,7 +33,8 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from fastai.torch_core import set_seed
 
-from dagman_fast.all import dagman_learner, ct_ssl_dls, medmnist3d_ssl_dls, organ_crops, synthetic_ct
+from dagman_fast.all import (ct_ssl_dls, dagman_learner, medmnist3d_ssl_dls, organ_crops, pooled_features,
+                             synthetic_ct)
 from dagman_fast.callbacks import collapse_kinds
 from dagman_fast.data import _views_dls  # the loader's own two-view DataLoaders over repeated scans
 from dagman_fast.model import DINO_DISTILL
@@ -143,17 +144,12 @@ def ssl_dls(data: str, bs: int, seed: int, crop: int = 32):
     return medmnist3d_ssl_dls('adrenalmnist3d', SHARED / 'medmnist', size=28, crop=32, bs=bs, seed=seed)
 
 
-@torch.no_grad()
 def pooled(encoder, x: torch.Tensor, standardise: bool) -> np.ndarray:
-    "Mean-pooled final features of `encoder` (eval mode) for `x (n, 1, d, h, w)`, 32 at a time."
-    encoder.eval()
-    out = []
-    for chunk in x.split(32):
-        if standardise:
-            dims = tuple(range(1, chunk.ndim))
-            chunk = (chunk - chunk.mean(dims, keepdim=True)) / chunk.std(dims, keepdim=True).clamp_min(1e-6)
-        out.append(encoder(chunk).features[-1].mean((2, 3, 4)).float())
-    return torch.cat(out).numpy()
+    "The library's `pooled_features` of `x (n, 1, d, h, w)`, each view standardised first when the run did so."
+    if standardise:
+        dims = tuple(range(1, x.ndim))
+        x = (x - x.mean(dims, keepdim=True)) / x.std(dims, keepdim=True).clamp_min(1e-6)
+    return pooled_features(encoder, x).numpy()
 
 
 def probes(encoder, standardise: bool, seed: int) -> dict:
@@ -196,10 +192,9 @@ def summarise(rows: list[dict], heads, out_dim: int) -> dict:
         ys = [r[f'{h}_s_cos'] for r in tail if f'{h}_s_cos' in r]
         out[h]['s_cos_slope_per_100'] = float(np.polyfit(np.arange(len(ys)), ys, 1)[0] * 100 / max(
             rows[1]['step'] - rows[0]['step'], 1)) if len(ys) > 2 else None
-    out['collapse'] = collapse_kinds({k: v for r in [dict(zip(
-        [f'{h}_{k}' for h in heads for k in ('entropy', 'mean_entropy', 's_cos', 't_cos')],
-        [out[h][k] for h in heads for k in ('entropy', 'mean_entropy', 's_cos', 't_cos')]))] for k, v in r.items()},
-        heads, out_dim)
+    last = {f'{h}_{k}': out[h][k] for h in heads for k in ('entropy', 'mean_entropy')}
+    last.update({f'{h}_{w}_cos': out[h][f'{w}_cos'] for h in heads for w in 'st'})
+    out['collapse'] = collapse_kinds(last, heads, out_dim)
     return out
 
 
@@ -302,6 +297,8 @@ def main(argv=None):
     if args.table:
         print(table(Path(args.table)))
         return
+    if args.steps < 20:
+        p.error(f'--steps must be at least 20: the monitors are means over every 10 steps; got {args.steps}')
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data != 'synthetic' and not SHARED.exists():

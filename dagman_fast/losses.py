@@ -257,10 +257,10 @@ class DistillLoss(nn.Module):
                 self.center_ready.fill_(True)
                 self._push(teacher)
                 tf = t.reshape(-1, t.shape[-1])
-                if weight is not None:  # AMPD: the tokens the loss uses (masked cells)
-                    keep = weight.reshape(-1) > 0
-                    tf = tf[keep] if bool(keep.any()) else tf
-                ent, mean_ent = entropy(tf).mean(), entropy(tf.mean(0))
+                # AMPD: over the tokens the loss uses (masked cells), as weighted means: no host sync, no indexing
+                w = torch.ones(tf.shape[0], device=tf.device) if weight is None else weight.reshape(-1).to(tf.dtype)
+                w = w / w.sum().clamp_min(1e-12)
+                ent, mean_ent = (entropy(tf) * w).sum(), entropy((tf * w[:, None]).sum(0))
                 self.stats = dict(entropy=ent, mean_entropy=mean_ent, gap=mean_ent - ent, center_norm=self.center.norm())
         return loss
 
