@@ -40,6 +40,7 @@ setup(
     packages=['dagman_fast', 'dagman_fast.kernels'],
     package_dir={'dagman_fast': 'dagman_fast', 'dagman_fast.kernels': 'kernels'},
     include_package_data=True,
+    package_data={'dagman_fast': ['demo_data/*.nii.gz', 'demo_data/README.md']},  # the demo's two real CTs
     install_requires=cfg['requirements'].split(),
     extras_require={'dev': cfg['dev_requirements'].split() + [r for e in EXTRAS for r in cfg[f'{e}_requirements'].split()],
                     **{e: cfg[f'{e}_requirements'].split() for e in EXTRAS}},

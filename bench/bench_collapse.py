@@ -128,20 +128,21 @@ def cpu_model() -> str:
     return 'unknown'
 
 
-def ssl_dls(data: str, bs: int, seed: int, crop: int = 32):
+def ssl_dls(data: str, bs: int, seed: int, crop: int = 32, intensity: float = 0.1):
     if data == 'synthetic':  # no ../shared (a GPU machine): the package's synthetic CT volumes
         folder = Path('runs') / 'collapse_synthetic'
         scans = synthetic_ct(folder, n=16, size=max(96, 2 * crop), seed=0)
         return ct_ssl_dls([str(p) for p in scans], crop=crop, spacing=2.0, bs=bs, seed=seed, progress=False,
-                          cache_dir=str(folder / 'cache'))
+                          cache_dir=str(folder / 'cache'), intensity=intensity)
     if data == 'ct':
         scans = [SHARED / 'lidc_idri' / 'LIDC-IDRI-0001.nii.gz', SHARED / 'lidc_idri' / 'LIDC-IDRI-0002_ds2.nii.gz']
         one = ct_ssl_dls([str(p) for p in scans], crop=crop, spacing=2.0, bs=2, seed=seed, progress=False,
                          cache_dir=str(Path('runs') / f'collapse_cache{crop}'))
         # each scan 16 times per epoch (the loader lists a scan once): random crops, `bs` per batch
         return _views_dls(one.volumes, (list(range(len(scans))) * 16, []), bs, 0, crop=(crop,) * 3, views=2,
-                          flip_prob=0.5, intensity=0.1)
-    return medmnist3d_ssl_dls('adrenalmnist3d', SHARED / 'medmnist', size=28, crop=32, bs=bs, seed=seed)
+                          flip_prob=0.5, intensity=intensity)
+    return medmnist3d_ssl_dls('adrenalmnist3d', SHARED / 'medmnist', size=28, crop=32, bs=bs, seed=seed,
+                              intensity=intensity)
 
 
 def pooled(encoder, x: torch.Tensor, standardise: bool) -> np.ndarray:
@@ -204,7 +205,7 @@ def run(data: str, config: str, seed: int, args) -> dict:
         print(f'{out}: done before')
         return json.loads((out / 'summary.json').read_text())
     set_seed(seed)
-    dls = ssl_dls(data, args.bs, seed, args.crop)
+    dls = ssl_dls(data, args.bs, seed, args.crop, args.intensity)
     epochs = max(1, round(args.steps / len(dls.train)))
     method = METHOD_CONFIGS.get(config, 'dagman')
     small = SMALL if args.crop <= 32 else {}  # larger views: SA and mask after stage 3, the method's heads
@@ -221,8 +222,9 @@ def run(data: str, config: str, seed: int, args) -> dict:
         learn.fit_warmup_cosine(epochs, args.lr, cbs=cbs)
     secs = time.time() - t0
     m = learn.model
+    learn.export_encoder(out / 'encoder.pth')  # to probe again without pretraining again
     summary = dict(data=data, config=config, method=method, seed=seed, options={k: str(v) for k, v in opts.items()},
-                   encoder=args.encoder, crop=args.crop, device=str(dls.device), gpu=gpu_name(),
+                   encoder=args.encoder, crop=args.crop, intensity=args.intensity, device=str(dls.device), gpu=gpu_name(),
                    epochs=epochs, steps_per_epoch=len(dls.train), seconds=round(secs, 1), cpu=cpu_model(),
                    threads=torch.get_num_threads(),
                    monitors=summarise(learn.pretrain_steps, list(m.distill), m.config.out_dim))
@@ -288,6 +290,8 @@ def main(argv=None):
     p.add_argument('--seeds', nargs='+', type=int, default=[0])
     p.add_argument('--steps', type=int, default=1500)
     p.add_argument('--bs', type=int, default=8)
+    p.add_argument('--intensity', type=float, default=0.1,
+                   help="the views' intensity scale and shift jitter (ct_ssl_dls's `intensity`; 0: none, the paper's)")
     p.add_argument('--lr', type=float, default=5e-4)
     p.add_argument('--threads', type=int, default=None, help='torch threads (1 to run two studies side by side)')
     p.add_argument('--no-probe', action='store_true')

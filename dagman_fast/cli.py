@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['TINY_HEADS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY', 'CLIError',
-           'build_parser', 'main']
+__all__ = ['TINY_HEADS', 'DEMO_CROPS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY',
+           'CLIError', 'build_parser', 'main']
 
 # %% ../nbs/08_cli.ipynb #8f42d093
 def _show_batch(args) -> int:
@@ -39,11 +39,9 @@ def _show_batch(args) -> int:
 
 
 TINY_HEADS = dict(out_dim=1024, head_hidden=512)
-# A demo of a few dozen steps: no drop path (the method's other defaults are the measured ones for short runs too,
-# BENCHMARKS.md, "Self-distillation that learns").
-_DEMO_NOTE = ('as expected in a demo this short on synthetic volumes, the distillation has not taken hold ({kinds}); '
-              'the reconstruction loss trained the encoder. On real scans, pretraining warns if this persists (README: '
-              '"When the distillation collapses").')
+# The demo (no --data): 10 epochs of 80 random 32^3 crops of the two shipped CTs, batch 8, no drop path; the method's
+# other settings are its defaults (BENCHMARKS.md, "Self-distillation that learns").
+DEMO_CROPS = 80
 SHORT_RUN = {'encoder.drop_path_rate': 0.0}
 # MedMNIST pretraining (bench/bench_medmnist.py): no drop path on the small volumes.
 MEDMNIST_RUN = {'encoder.drop_path_rate': 0.0}
@@ -337,13 +335,26 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
+def _say_losses(log: Path, terms) -> None:
+    "Each loss term of the run, its mean over the first epoch and over the last: `aitd 6.91 -> 6.20, ...`."
+    import csv
+    if not log.exists():
+        return
+    with open(log, newline='') as f:
+        rows = list(csv.DictReader(f))
+    pairs = [(t, rows[0].get(t), rows[-1].get(t)) for t in terms] if len(rows) > 1 else []
+    text = ', '.join(f'{t} {float(a):.3g} -> {float(b):.3g}' for t, a, b in pairs if a and b)
+    if text:
+        _say(f'losses, first epoch -> last: {text}')
+
+
 def _pretrain(args) -> int:
     _require_tensorboard(args)
     import torch
     from fastai.torch_core import set_seed
 
     from dagman_fast.analysis import plot_pretrain_log
-    from dagman_fast.data import ct_ssl_dls, medmnist3d_ssl_dls, synthetic_ct
+    from dagman_fast.data import ct_ssl_dls, demo_ct_scans, medmnist3d_ssl_dls, synthetic_ct
     from dagman_fast.distributed import broadcast_object, setup_distributed
     from dagman_fast.learner import dagman_learner
     overrides = _parse_set(args.set)  # bad options fail before anything is written
@@ -363,31 +374,35 @@ def _pretrain(args) -> int:
     set_seed(args.seed)  # Python (fastai's shuffling), NumPy and PyTorch
     cuda = torch.cuda.is_available()
     data = args.data
+    indexed = not data and not args.medmnist and args.cache_dir and _indexed_scans(args.cache_dir, args.crop or
+                                                                                   (128 if cuda else 64), args.spacing)
+    demo = not data and not args.medmnist and not indexed
     crop = args.crop if args.crop is not None else (max(32, args.size or 28) if args.medmnist  # as dagman preprocess:
-                                                     else 128 if cuda and (args.data or args.cache_dir) else 64)
-    bs = args.bs if args.bs is not None else 32 if args.medmnist else 2
+                                                     else 32 if demo else 128 if cuda else 64)
+    bs = args.bs if args.bs is not None else 32 if args.medmnist else 8 if demo else 2
     arch = 'vit' if args.method == 'attmask' else 'swin'  # AttMask runs on a ViT
     default = {('swin', True): 'swin-smit', ('swin', False): 'swin-tiny', ('vit', True): 'vit-base',
                ('vit', False): 'vit-tiny'}[arch, cuda]
     encoder = args.encoder or default
     _check_run_config(encoder, crop, overrides)
     _say(f'method {args.method}, encoder {encoder}, crop {crop}, {"CUDA" if cuda else "CPU"}')
-    indexed = not data and not args.medmnist and args.cache_dir and _indexed_scans(args.cache_dir, crop, args.spacing)
     if indexed:
         _say(f'no --data: pretraining on the {indexed} usable scan(s) indexed in {args.cache_dir} (dagman preprocess)')
-    elif not data and not args.medmnist:  # written once, by rank 0
+    elif demo and args.synthetic:  # written once, by rank 0
         data = broadcast_object([str(p) for p in synthetic_ct(out / 'synthetic_data', n=args.synthetic, size=96,
                                                                seed=args.seed)] if _rank() == 0 else None)
         _say(f'no --data: pretraining on {len(data)} synthetic volumes written to {out / "synthetic_data"}')
+    shipped = demo and not args.synthetic
+    if shipped:
+        data = [str(p) for p in demo_ct_scans()]
+        _say('no --data: pretraining on the two small chest CTs the package ships (LIDC-IDRI of TCIA, CC BY 3.0; '
+             'see dagman_fast/demo_data/README.md)')
     if args.medmnist:  # the unlabelled images of a MedMNIST 3-D training split
         dls = medmnist3d_ssl_dls(args.medmnist, args.root, size=args.size or 28, crop=crop, bs=bs,
                                  valid_pct=args.valid_pct, seed=args.seed, num_workers=args.workers)
-        # Small views: the SA position embedding at their size, the SA module and the mask one stage earlier
-        # when a 32^3 view would leave a 2^3 grid after stage 3, and the short-run DINO settings of the benchmark.
-        small = {'encoder.sa_stage': 2, 'mask_stage': 2} if crop < 64 else {}
-        run = {**MEDMNIST_RUN, **small}
-        _say(f'MedMNIST settings: {run}')
-        overrides = {'encoder.img_size': crop, **run, **overrides}
+        # The SA position embedding at the views' size and no drop path (bench/bench_medmnist.py).
+        _say(f'MedMNIST settings: {MEDMNIST_RUN}')
+        overrides = {'encoder.img_size': crop, **MEDMNIST_RUN, **overrides}
     else:
         if args.cache_dir is None and args.data:
             _say('preprocessed scans are cached in a temporary folder, removed when the run ends; --cache-dir DIR '
@@ -397,14 +412,18 @@ def _pretrain(args) -> int:
         if world > 1 and not indexed:  # the ranks share the preprocessing; an index needs none
             _preprocess_shares(source, crop, args.spacing, cache_dir)
         dls = ct_ssl_dls(source, crop=crop, spacing=args.spacing, bs=bs, cache_dir=cache_dir, on_error=args.on_error,
-                         valid_pct=args.valid_pct, num_workers=args.workers, seed=args.seed, progress=_rank() == 0)
+                         valid_pct=args.valid_pct, num_workers=args.workers, seed=args.seed, progress=_rank() == 0,
+                         crops_per_scan=args.crops_per_scan or (DEMO_CROPS // len(data) if shipped else 1))
     for path, reason in dls.skipped:
         _say(f'skipped {path}: {reason}', file=sys.stderr)
     if encoder.endswith('-tiny'):  # CPU demos: heads sized to the tiny encoder (DINO's 8192 x 2048 would dominate)
         overrides = {**TINY_HEADS, **overrides}
-    if not args.data and not args.medmnist and not indexed:  # the demo is a few dozen steps: settings that learn fast
+    if crop < 64 and (arch == 'swin' or args.medmnist):  # small views: the SA module and the mask one stage
+        # earlier, where a 32^3 view still has a 4^3 grid (after stage 3 it would have 2^3)
+        overrides = {'encoder.sa_stage': 2, 'mask_stage': 2, **overrides}
+    if demo:  # a hundred steps: no drop path
         overrides = {**SHORT_RUN, **overrides}
-        _say(f'demo settings for a short run: {SHORT_RUN}')
+        _say(f'demo settings: {len(dls.train)} steps of {bs} x 2 views per epoch, {SHORT_RUN}')
     enc_over = {k[len('encoder.'):]: overrides.pop(k) for k in list(overrides) if k.startswith('encoder.')}
     from dagman_fast.swin import encoder_config
     cbs = []
@@ -428,27 +447,14 @@ def _pretrain(args) -> int:
         (out / 'config.json').write_text(json.dumps(dict(encoder=learn.model.encoder_config.to_dict(),
                                                          dagman=learn.model.config.to_dict(), run=run),
                                                     indent=1) + '\n')
-    demo, held = not args.data and not args.medmnist and not indexed, []
     try:
-        with learn.distrib_ctx(), warnings.catch_warnings(record=demo) as caught:
-            # DistributedDataParallel when launched by torchrun / accelerate launch. The demo's few dozen steps on
-            # synthetic volumes are too few for the distillation losses, and its settings are already those the
-            # collapse warning suggests: that warning becomes one plain note after the run, the others stay.
-            held = caught if demo else []
+        with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch
             if start < args.epochs:
                 learn.fit_warmup_cosine(args.epochs, args.lr, warmup=args.warmup, start_epoch=start)
     except FloatingPointError as e:  # a non-finite loss or weights, or a diverging loss (StopOnDivergence)
         if _rank() == 0:  # every rank stops at the same step (the checks are collective)
             print(f'dagman: error: training diverged: {_one_line(e)}', file=sys.stderr)
         return 3
-    finally:  # what the demo held back, said even when the run failed (a warning may explain why)
-        for w in held:
-            text = str(w.message)
-            if ': collapse (' in text:  # PretrainLog's collapse warning: '... collapse (aitd: uniform; ...): ...'
-                _say(f'note: {_DEMO_NOTE.format(kinds=text.split(": collapse (", 1)[1].split("):", 1)[0])}')
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                       module=w.filename.rsplit('/', 1)[-1].removesuffix('.py'))
     checked = _check_replicas(learn)
     _end_distributed()  # every rank; what follows is rank 0's alone, with no group left to time out
     if _rank() != 0:
@@ -462,6 +468,7 @@ def _pretrain(args) -> int:
     for csv_path in (log, steps):  # per epoch, and the collapse monitors per step
         if csv_path.exists():
             plot_pretrain_log(csv_path, csv_path.with_suffix('.png'), out_dim=learn.model.config.out_dim)
+    _say_losses(log, [*learn.model.config.losses, 'koleo'])
     _say(f'{len(dls.volumes)} volume(s) used, {len(dls.skipped)} skipped; encoder saved to {enc} (+ {enc.with_suffix(".json").name}); '
           f'log {log} (per step: {steps.name}), plot {out / "pretrain_log.png"}, checkpoint '
           f'{out / "models" / "checkpoint.pth"}')
@@ -1050,14 +1057,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description='Pretrain an encoder on CT scans; with no --data, on synthetic volumes. Writes '
+                       description='Pretrain an encoder on CT scans; with no --data, a demo on the two small chest '
+                                   'CTs the package ships (or --synthetic volumes). Writes '
                                    'OUT/models/checkpoint.pth every epoch, OUT/pretrain_log.csv (+ .png),\n'
                                    'OUT/config.json and, at the end, OUT/encoder.pth (+ .json). The schedule is the '
                                    "paper's: a linear warm-up, then a cosine.",
                        epilog='methods (--method):\n' + '\n'.join(f'  {k:<{width}}  {METHOD_HELP[k]}' for k in METHODS))
     s.add_argument('--data', nargs='*', default=None,
                    help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV with a path column; '
-                        'omitted: the scans of the --cache-dir index (dagman preprocess), else synthetic volumes')
+                        'omitted: the scans of the --cache-dir index (dagman preprocess), else the demo: the two '
+                        'chest CTs the package ships')
     s.add_argument('--medmnist', default=None,
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
@@ -1070,9 +1079,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'attmask; tiny encoders get heads '
                         'with out_dim=1024, head_hidden=512 unless --set says otherwise)')
     s.add_argument('--epochs', type=_int_min(1), default=10, help='epochs (default 10)')
-    s.add_argument('--crop', type=_int_min(1), default=None, help='crop size (default 128 on CUDA with data, 32 for MedMNIST 28^3, else 64)')
+    s.add_argument('--crop', type=_int_min(1), default=None, help='crop size (default 128 on CUDA with data, 32 for the demo and MedMNIST 28^3, else 64)')
     s.add_argument('--bs', type=_int_min(1), default=None,
-                   help='batch size in volumes, two views each (default 2; 32 with --medmnist)')
+                   help='batch size in volumes, two views each (default 2; 8 for the demo, 32 with --medmnist)')
     s.add_argument('--lr', type=_float_range(0), default=5e-4, help='peak learning rate (default 5e-4)')
     s.add_argument('--warmup', type=_float_range(0, lo_open=False), default=None,
                    help="epochs of linear learning-rate warm-up before the cosine decay (default: 10%% of --epochs, the "
@@ -1087,7 +1096,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.0,
                    help='share of scans held out for a validation loss')
     s.add_argument('--workers', type=_int_min(0), default=0, help='DataLoader worker processes (default 0)')
-    s.add_argument('--synthetic', type=_int_min(1), default=8, help='synthetic volumes when no --data (default 8)')
+    s.add_argument('--crops-per-scan', type=_int_min(1), default=None, metavar='N',
+                   help='random crops of each scan per epoch (default 1; 40 in the demo on its two scans)')
+    s.add_argument('--synthetic', type=_int_min(1), default=None, metavar='N',
+                   help='the demo on N synthetic volumes instead of the two shipped CTs (when no --data)')
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='a DAGMaNConfig field, e.g. --set mask_ratio=0.6 --set patch_drop=0.2, or an encoder field '

@@ -28,8 +28,8 @@ from .core import as_triple, check_option
 
 # %% auto #0
 __all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'NODULE_LABEL_RULES',
-           'find_ct_scans', 'synthetic_ct', 'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews', 'ct_ssl_dls',
-           'read_ct_index', 'preprocess_scans', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
+           'find_ct_scans', 'synthetic_ct', 'demo_ct_scans', 'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews',
+           'ct_ssl_dls', 'read_ct_index', 'preprocess_scans', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
            'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
@@ -155,6 +155,17 @@ def synthetic_ct(folder, n: int = 8, size=96, spacing: float = 2.0, seed: int = 
         p = folder / f'synthetic_{i:03d}.nii.gz'
         nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([spacing, spacing, spacing, 1.0])), p)
         paths.append(p)
+    return paths
+
+def demo_ct_scans() -> list[Path]:
+    """The two small real chest CTs the package ships for its demo and tests (3.3 MB): LIDC-IDRI-0001 and -0002 of
+    TCIA at 2 mm, cropped to the body's central 224 mm and kept in the HU window (-175, 250). CC BY 3.0: cite them as
+    `dagman_fast/demo_data/README.md` says. Returns the two NIfTI paths."""
+    from importlib.resources import files  # package data, wherever the package is installed
+    folder = Path(str(files('dagman_fast') / 'demo_data'))
+    paths = sorted(folder.glob('LIDC-IDRI-*_2mm.nii.gz'))
+    if len(paths) != 2:
+        raise FileNotFoundError(f'{folder}: the two demo scans are missing; reinstall dagman_fast')
     return paths
 
 # %% ../nbs/01_data.ipynb #2ef88fed
@@ -604,7 +615,8 @@ def _split(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
 
 def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2, views: int = 2, cache_dir=None,
                on_error: str = 'raise', valid_pct: float = 0.0, num_workers: int = 0, seed: int | None = None,
-               flip_prob: float = 0.5, intensity: float = 0.1, view_region=None, progress: bool = True):
+               flip_prob: float = 0.5, intensity: float = 0.1, view_region=None, crops_per_scan: int = 1,
+               progress: bool = True):
     """fastai `DataLoaders` of `views` random views per CT volume, for self-supervised pretraining.
 
     Each batch is a tuple of `views` tensors `(bs, 1, *crop)`, float in [0, 1].
@@ -622,8 +634,12 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
         valid_pct: share of the scans held out for validation (0: an empty validation set).
         seed: seed for the train/valid split.
         view_region: None (independent crops) or a size: views are sub-crops of one random region (SMIT).
+        crops_per_scan: how often each training scan is drawn per epoch, each time with new random crops (a few
+            large scans give many batches, as MONAI's `num_samples`); validation scans are drawn once.
     """
     crop = as_triple(crop, 'crop')
+    if isinstance(crops_per_scan, bool) or not isinstance(crops_per_scan, int) or crops_per_scan < 1:
+        raise ValueError(f'crops_per_scan must be an integer >= 1; got {crops_per_scan!r}')
     pad_to = None if view_region is None else tuple(max(c, r) for c, r in zip(crop, as_triple(view_region, 'view_region')))
     prep = _preprocess(crop, spacing, hu_range, valid_pct, pad_to)
     found_skipped: list = []
@@ -632,7 +648,8 @@ def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
     scans = find_ct_scans(source, on_error, found_skipped)
     vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
     vols.skipped[:0] = found_skipped  # entries the search left out come first
-    dls = _views_dls(vols, _split(len(vols), valid_pct, seed), bs, num_workers, crop=crop, views=views,
+    train, valid = _split(len(vols), valid_pct, seed)
+    dls = _views_dls(vols, (train * crops_per_scan, valid), bs, num_workers, crop=crop, views=views,
                      flip_prob=flip_prob, intensity=intensity, region=view_region)
     dls.skipped, dls.prep = vols.skipped, prep
     return dls

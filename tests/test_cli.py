@@ -258,14 +258,21 @@ def test_pretrain_runs_baselines_and_ablations(tmp_path, method):
     assert (out / 'encoder.pth').exists()
 
 
-def test_the_demo_says_a_collapse_in_one_note_instead_of_a_warning(tmp_path, capsys, monkeypatch, recwarn):
-    "On synthetic volumes a short demo's teachers have not taken hold yet: one plain note names the kind, no warning."
-    import dagman_fast.callbacks as cbs
-    monkeypatch.setattr(cbs, 'collapse_kinds', lambda row, heads, out_dim: {'aitd': ['identical features']})
+def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path, capsys):
+    """No --data: the two shipped chest CTs, 32^3 views in batches of 8, the SA module and the mask after stage 2, and
+    the first and last epoch's mean of every loss term in one line; --crops-per-scan sets the epoch's length."""
+    import csv
+    import json
     out = tmp_path / 'run'
-    assert main(['pretrain', '--out', str(out), '--synthetic', '2', '--crop', '32', '--bs', '1', '--epochs', '5',
-                 '--set', 'out_dim=64', '--set', 'head_hidden=32', '--cache-dir', str(tmp_path / 'cache')]) == 0
+    assert main(['pretrain', '--out', str(out), '--epochs', '2', '--crops-per-scan', '4', '--set', 'out_dim=64',
+                 '--set', 'head_hidden=32', '--cache-dir', str(tmp_path / 'cache')]) == 0
     text = capsys.readouterr().out
-    assert text.count('note: as expected in a demo this short') == 1 and '(aitd: identical features)' in text, text
-    assert not [w for w in recwarn if 'collapse' in str(w.message)]
-    assert (out / 'pretrain_log_steps.csv').exists() and (out / 'pretrain_log_steps.png').exists()
+    assert 'the two small chest CTs the package ships' in text and '2 volume(s) used, 0 skipped' in text, text
+    assert 'demo settings: 1 steps of 8 x 2 views per epoch' in text, text
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['encoder']['sa_stage'] == 2 and cfg['dagman']['mask_stage'] == 2 and cfg['encoder']['drop_path_rate'] == 0
+    rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
+    line = next(ln for ln in text.splitlines() if ln.startswith('losses, first epoch -> last: '))
+    for term in ('aitd', 'ampd', 'gitd', 'amip', 'koleo'):
+        assert f'{term} {float(rows[0][term]):.3g} -> {float(rows[-1][term]):.3g}' in line, (term, line)
+    assert not (out / 'synthetic_data').exists() and (out / 'pretrain_log.png').exists()

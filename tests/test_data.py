@@ -381,3 +381,33 @@ def test_nodule_files_without_medians_or_with_bad_ratings(tmp_path):
     bad = _nodule_file(tmp_path / 'bad.npz', [1, 0, 5], labels=False)
     with pytest.raises(ValueError, match='1..5'):
         nodule_crops_dls(bad, size=8)
+
+
+def test_crops_per_scan_lists_each_training_scan_that_often(tmp_path):
+    "Each training scan k times per epoch (new crops each time), validation scans once; a bad count names the argument."
+    paths = [_nifti(tmp_path / f'{i}.nii.gz', _phantom()) for i in range(4)]
+    dls = _dls(paths, tmp_path, bs=2, crops_per_scan=3, valid_pct=0.25, seed=0)
+    assert len(dls.train.dataset) == 3 * 3 and len(dls.valid.dataset) == 1
+    v1, v2 = dls.train.one_batch()
+    assert v1.shape == (2, 1, 16, 16, 16)
+    assert len(_dls(paths, tmp_path, crops_per_scan=1).train.dataset) == 4
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match='crops_per_scan must be an integer >= 1'):
+            _dls(paths, tmp_path, crops_per_scan=bad)
+
+
+def test_demo_scans_are_real_chest_ct_at_2mm(tmp_path):
+    "The two shipped CTs: 2 mm voxels, HU kept in the library's window with air at -1000, licence beside them."
+    from dagman_fast.data import demo_ct_scans
+    paths = demo_ct_scans()
+    assert [p.name for p in paths] == ['LIDC-IDRI-0001_2mm.nii.gz', 'LIDC-IDRI-0002_2mm.nii.gz']
+    assert 'CC BY 3.0' in (paths[0].parent / 'README.md').read_text()
+    for p in paths:
+        img = nib.load(p)
+        hu = np.asarray(img.dataobj)
+        assert np.allclose(img.header.get_zooms(), 2.0) and hu.dtype == np.int16 and hu.shape[2] == 112
+        assert hu.min() == -1000 and hu.max() == 250 and not ((hu > -1000) & (hu < -175)).any()
+        assert 0.2 < float((hu > -175).mean()) < 0.8  # a body, not a blank
+        assert sum(p.stat().st_size for p in paths) < 4e6
+    dls = _dls(paths, tmp_path, crop=32, bs=2)
+    assert len(dls.volumes) == 2 and all(v.shape[-1] == 112 and min(v.shape[1:3]) > 128 for v in dls.volumes)  # 2 mm
