@@ -3,6 +3,7 @@
     python bench/bench_collapse.py --data ct --configs paper bn bn-koleo --steps 1500 --out runs/collapse
     python bench/bench_collapse.py --data adrenal --configs bn-koleo --steps 1500 --seeds 0 1 2 --out runs/collapse
     python bench/bench_collapse.py --table runs/collapse                  # the Markdown table of every finished run
+    python bench/bench_collapse.py --payoff runs/collapse                 # the probes over seeds against random
 
 Each run pretrains `swin-tiny` (SA module and mask after stage 2, heads 1024 / 512) with `dagman_learner` for about
 `--steps` steps of batch 8 x 2 views at 32^3, then writes `OUT/<data>/<config>/seed<k>/` with the per-epoch and
@@ -278,6 +279,67 @@ def table(root: Path) -> str:
     return '\n'.join(lines)
 
 
+def payoff(root: Path) -> str:
+    """A Markdown row per (data, config) of the finished runs under `root`: each probe's mean over seeds of the
+    pretrained encoder and of the random one, the mean of their per-seed differences, and the seed spread (the
+    range, max - min, of the pretrained scores): the payoff is shown where the difference exceeds the spread."""
+    runs: dict = {}
+    for p in sorted(root.glob('*/*/seed*/summary.json')):
+        s = json.loads(p.read_text())
+        if 'probe' in s:
+            runs.setdefault((s['data'], s['config']), []).append(s)
+    lines = ['| data | config | seeds | probe | pretrained (mean) | random (mean) | difference (mean) | seed spread | '
+             'shown |', '|' + '---|' * 9]
+    for (data, config), ss in runs.items():
+        for k in ('organ_knn', 'organ_linear', 'adrenal_auc'):
+            pre = np.array([s['probe'][k] for s in ss])
+            ran = np.array([s['probe_random'][k] for s in ss])
+            diff, spread = float((pre - ran).mean()), float(pre.max() - pre.min())
+            lines.append(f"| {data} | {config} | {','.join(str(s['seed']) for s in ss)} | {k} | {pre.mean():.3f} | "
+                         f"{ran.mean():.3f} | {diff:+.3f} | {spread:.3f} | "
+                         f"{'yes' if diff > spread and len(ss) > 1 else 'no'} |")
+    return '\n'.join(lines)
+
+
+def stages(root: Path) -> str:
+    """The organ probe (k-NN / linear accuracy) on the mean tokens of each stage of every saved `encoder.pth` under
+    `root`, and of a random encoder of the same class built after `set_seed(seed)`: which features carry what."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from dagman_fast.all import load_encoder
+    from dagman_fast.finetune import pad_to_encoder
+    ts = SHARED / 'totalsegmentator'
+    imgs, labels, _ = organ_crops(ts / 'example_ct.nii.gz', ts / 'example_seg_fast_force_split.nii.gz', ORGANS, size=32,
+                                  n_per_organ=16, seed=0)
+
+    def row(name, enc, seed):
+        enc.eval()
+        with torch.no_grad():
+            maps = enc.forward_features(pad_to_encoder(imgs.float(), enc))
+        cv = StratifiedKFold(5, shuffle=True, random_state=seed)
+        cells = []
+        for m in maps:
+            f = m.mean((2, 3, 4)).numpy()
+            knn = make_pipeline(StandardScaler(), KNeighborsClassifier(5))
+            lin = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+            cells.append(f'{cross_val_score(knn, f, labels.numpy(), cv=cv).mean():.2f} / '
+                         f'{cross_val_score(lin, f, labels.numpy(), cv=cv).mean():.2f}')
+        return f"| {name} | {' | '.join(cells)} |"
+
+    lines = []
+    for path in sorted(root.glob('*/*/seed*/encoder.pth')):
+        seed = int(path.parent.name[4:])
+        enc = load_encoder(path)
+        set_seed(seed)
+        lines += [row(f'{path.parent.parent.name}, seed {seed}', enc, seed),
+                  row(f'random, seed {seed}', type(enc)(enc.config), seed)]
+    return '\n'.join(['| encoder | ' + ' | '.join(f'stage {i}' for i in range(5)) + ' |', '|' + '---|' * 6, *lines])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--data', choices=('ct', 'adrenal', 'synthetic'), default='ct')
@@ -297,9 +359,17 @@ def main(argv=None):
     p.add_argument('--no-probe', action='store_true')
     p.add_argument('--out', default='runs/collapse')
     p.add_argument('--table', default=None, help='print the table of the runs under this folder and stop')
+    p.add_argument('--stages', default=None, help="print the organ probe on each stage's features of the saved encoders")
+    p.add_argument('--payoff', default=None, help='print the payoff over seeds of the runs under this folder and stop')
     args = p.parse_args(argv)
     if args.table:
         print(table(Path(args.table)))
+        return
+    if args.payoff:
+        print(payoff(Path(args.payoff)))
+        return
+    if args.stages:
+        print(stages(Path(args.stages)))
         return
     if args.steps < 20:
         p.error(f'--steps must be at least 20: the monitors are means over every 10 steps; got {args.steps}')
