@@ -37,7 +37,6 @@ from fastai.torch_core import set_seed
 from dagman_fast.all import (ct_ssl_dls, dagman_learner, medmnist3d_ssl_dls, organ_crops, pooled_features,
                              synthetic_ct)
 from dagman_fast.callbacks import collapse_kinds
-from dagman_fast.data import _views_dls  # the loader's own two-view DataLoaders over repeated scans
 from dagman_fast.model import DINO_DISTILL
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -135,13 +134,10 @@ def ssl_dls(data: str, bs: int, seed: int, crop: int = 32, intensity: float = 0.
         scans = synthetic_ct(folder, n=16, size=max(96, 2 * crop), seed=0)
         return ct_ssl_dls([str(p) for p in scans], crop=crop, spacing=2.0, bs=bs, seed=seed, progress=False,
                           cache_dir=str(folder / 'cache'), intensity=intensity)
-    if data == 'ct':
+    if data == 'ct':  # each scan 16 times per epoch: random crops, `bs` per batch
         scans = [SHARED / 'lidc_idri' / 'LIDC-IDRI-0001.nii.gz', SHARED / 'lidc_idri' / 'LIDC-IDRI-0002_ds2.nii.gz']
-        one = ct_ssl_dls([str(p) for p in scans], crop=crop, spacing=2.0, bs=2, seed=seed, progress=False,
-                         cache_dir=str(Path('runs') / f'collapse_cache{crop}'))
-        # each scan 16 times per epoch (the loader lists a scan once): random crops, `bs` per batch
-        return _views_dls(one.volumes, (list(range(len(scans))) * 16, []), bs, 0, crop=(crop,) * 3, views=2,
-                          flip_prob=0.5, intensity=intensity)
+        return ct_ssl_dls([str(p) for p in scans], crop=crop, spacing=2.0, bs=bs, seed=seed, progress=False,
+                          cache_dir=str(Path('runs') / f'collapse_cache{crop}'), intensity=intensity, crops_per_scan=16)
     return medmnist3d_ssl_dls('adrenalmnist3d', SHARED / 'medmnist', size=28, crop=32, bs=bs, seed=seed,
                               intensity=intensity)
 
