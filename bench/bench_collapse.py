@@ -99,6 +99,11 @@ CONFIGS = {
                        teacher_temp_warmup='10%', freeze_last_layer='10%', norm_last_layer=False, ema_momentum=0.99),
     'bn-koleo-sk-rel-k256': _dino(head_bn=True, koleo_weight=0.1, centering='sinkhorn', sinkhorn_queue=256,
                                  teacher_temp_warmup='10%', freeze_last_layer='10%', out_dim=256),
+    # the library's defaults plus one measure the issue names, for the organ linear probe (issue 25, the payoff)
+    'default-linear': dict(head='linear'),  # the paper's "linear projection layers" after the SA blocks
+    'default-ibot': dict(mask_prob=0.5, mask_ratio_jitter=0.2),  # iBOT: half the views whole, the share +- 0.2
+    'default-norm': dict(input_norm='volume'),  # each view standardised
+    'default-dino-sched': dict(scale_lr=True, wd=0.04, wd_final=0.4),  # DINO's lr rule and weight-decay cosine
 }
 METHOD_CONFIGS = {'smit': 'smit', 'nt-only': 'nt-only'}  # --methods: the baselines beside a config
 

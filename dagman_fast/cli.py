@@ -370,6 +370,9 @@ def _pretrain(args) -> int:
         raise CLIError('give --data or --medmnist, not both')
     if args.medmnist and not args.root:
         raise CLIError('--medmnist needs --root, the folder of the official .npz files')
+    if args.medmnist and args.crops_per_scan:  # a MedMNIST volume is the view's size: each once per epoch
+        raise CLIError('--crops-per-scan is for CT scans (random crops of each scan per epoch); a --medmnist split '
+                       'gives each volume once per epoch')
     _check_out(out)
     set_seed(args.seed)  # Python (fastai's shuffling), NumPy and PyTorch
     cuda = torch.cuda.is_available()

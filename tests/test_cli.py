@@ -76,6 +76,13 @@ def test_pretrain_rejects_bad_set(capsys):
     assert_fails(capsys, ['pretrain', '--set', 'mask_ratio'], 'KEY=VALUE')
 
 
+def test_pretrain_refuses_crops_per_scan_with_medmnist(tmp_path, capsys):
+    # a MedMNIST volume is one view: the option would be ignored, so it is refused before anything is read or written
+    assert_fails(capsys, ['pretrain', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--crops-per-scan',
+                          '4', '--out', str(tmp_path / 'run')], '--crops-per-scan is for CT scans', status=2)
+    assert not (tmp_path / 'run').exists()
+
+
 def test_pretrain_refuses_to_overwrite_a_run_or_resume_nothing(tmp_path, capsys):
     out = tmp_path / 'run'
     assert main(['pretrain', '--out', str(out), '--resume']) == 2
