@@ -28,14 +28,15 @@ from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_cl
                                   plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
                                   stratified_folds, subset_dls, summarize)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
-from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, PatchDropout, PretrainLog,
-                                   StepTimer, tensorboard_callback)
+from .callbacks import AttentionGuidedMasking, EMATeacher, PatchDropout, PretrainLog
+from .train_utils import DeviceMixedPrecision, StepTimer, tensorboard_callback
 from .analysis import (AttentionStats, AttentionStatsLog, attention_map, attention_stats, cluster_report,
                                   organ_crops, plot_attention_maps, plot_head_diversity, plot_pretrain_log,
                                   pooled_features)
 from .distributed import DistributedLearner, replicas_differ, setup_distributed
 from .checkpoint import load_checkpoint, load_encoder
-from .learner import DAGMaNLearner, dagman_learner, warmup_cosine_scheds
+from .learner import DAGMaNLearner, dagman_learner
+from .schedule import warmup_cosine_scheds
 from .model import METHOD_HELP, METHODS, PAPER_LOSS_WEIGHTS, DAGMaNConfig, DAGMaNModel
 from .losses import DINOHead, DistillLoss, amip_loss
 from .masking import MASKINGS, MaskGenerator, patch_dropout_mask, upsample_mask

@@ -21,7 +21,7 @@ from fastai.learner import Recorder
 from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
-from .callbacks import _DAGMaNCallback, _in_lr_find
+from .core import DAGMaNCallback, in_lr_find
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
 from .model import encoder_config_from_dict
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
@@ -148,7 +148,7 @@ def rank_rng_state(ck: dict) -> tuple[dict, bool]:
     return states[0], False
 
 
-class DAGMaNCheckpoint(_DAGMaNCallback):
+class DAGMaNCheckpoint(DAGMaNCallback):
     """Writes `fname` (in `learn.path/learn.model_dir`) atomically after every `every` epochs and at the end of the
     fit, and applies the random states of a checkpoint that `learn.resume` loaded when the fit starts.
 
@@ -167,7 +167,7 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
 
     def before_fit(self):
         self._trained = False
-        if _in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
+        if in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
             return
         if rank() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
             for p in remove_orphans(self.path):
@@ -187,7 +187,7 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
             self.pending_rng_exact = True
 
     def before_train(self):
-        self._trained = not _in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips
+        self._trained = not in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips
 
     def after_epoch(self):
         if not getattr(self, '_trained', False):

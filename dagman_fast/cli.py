@@ -315,7 +315,7 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
 def _check_replicas(learn) -> bool:
     """After a data-parallel fit: the weights, teacher and centres must be the same on every process (True when
     checked, False in a single process)."""
-    from dagman_fast.callbacks import unwrap
+    from dagman_fast.core import unwrap
     from dagman_fast.distributed import replicas_differ, world_size
     differ = replicas_differ(unwrap(learn.model))
     if differ:
@@ -585,7 +585,7 @@ def _add_tensorboard(learn, args) -> None:
     "`--tensorboard DIR`: fastai's `TensorBoardCallback` (with the pretraining log's figures) writing to DIR."
     if not getattr(args, 'tensorboard', None):
         return
-    from dagman_fast.callbacks import tensorboard_callback
+    from dagman_fast.train_utils import tensorboard_callback
     try:
         learn.add_cb(tensorboard_callback(args.tensorboard))
     except ImportError as e:

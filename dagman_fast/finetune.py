@@ -24,11 +24,11 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, Metric, accuracy, skm_to_fastai
 from fastai.optimizer import Adam
 
-from .core import as_triple, check_option
-from .callbacks import unwrap
+from .core import as_triple, check_option, unwrap
 from .checkpoint import load_encoder
 from .distributed import DistributedLearner, all_sum, rank, world_size
 from .model import DAGMaNModel
+from .schedule import warmup_cosine_scheds
 from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
@@ -298,7 +298,6 @@ class ClsLearner(DistributedLearner):
         """
         from fastai.callback.schedule import ParamScheduler
 
-        from .learner import warmup_cosine_scheds
         if monitor is None:
             monitor = self.metrics[0].name if len(self.metrics) else 'valid_loss'
         self.unfreeze()

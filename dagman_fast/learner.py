@@ -16,51 +16,25 @@ import numpy as np
 import torch
 import fastai.callback.progress  # noqa: F401  fastai's progress bars for every Learner
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle, lr_find to Learner
-from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
+from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastcore.foundation import L
 
-# The names below that this module does not use itself are imported so that `dagman_fast.learner.NAME`, their home
-# before the split into model / callbacks / checkpoint, keeps working.
-from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, FreezeLastLayer,  # noqa: F401
-                        NoSkippedRows, PatchDropout, PretrainLog, SkipEmptyValidation, StepTimer, StopOnDivergence,
-                        StopOnNaN, unwrap)
-from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
-                         atomic_save, load_checkpoint, load_encoder, rank_rng_state)
-from .core import check_option
+from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, PatchDropout, PretrainLog
+from .checkpoint import ENCODER_FORMAT, DAGMaNCheckpoint, atomic_save, load_checkpoint, rank_rng_state
+from .core import check_option, unwrap
 from .distributed import DistributedLearner, rank, world_size
-from .model import (DISTILL_LOSSES, LOSSES, METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel,  # noqa: F401
-                               encoder_config_from_dict)
+from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
+from .schedule import warmup_cosine_scheds
 from .swin import ViTConfig, encoder_config
+from .train_utils import (DeviceMixedPrecision, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
+                                     StopOnNaN)
 
 # %% auto #0
-__all__ = ['warmup_cosine_scheds', 'DAGMaNLearner', 'dagman_learner']
+__all__ = ['DAGMaNLearner', 'dagman_learner']
 
 # %% ../nbs/05_learner.ipynb #ca88a110
-def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999), wd=None,
-                         wd_final=None) -> dict:
-    """fastai schedules for the paper's optimisation: the learning rate rises linearly from 0 to `lr` over the first
-    `pct_warmup` of training, then follows a cosine down to `lr_min`; Adam's betas stay constant (`mom`, `sqr_mom`).
-    With `wd_final`, the weight decay follows a cosine from `wd` to `wd_final` over the whole run (DINO: 0.04 to 0.4).
-
-    `lr` may be an array (one rate per parameter group, fastai's discriminative rates). For `ParamScheduler`.
-    """
-    if not 0 <= pct_warmup < 1:
-        raise ValueError(f'the warm-up must be a share of training in [0, 1); got {pct_warmup}')
-    lr = np.asarray(lr, dtype=float)
-    # combine_scheds needs a positive share per phase: a zero warm-up is a cosine from the first step
-    warm = SchedLin(0.0, lr) if pct_warmup > 0 else None
-    cos = SchedCos(lr, np.minimum(lr_min, lr))
-    sched = combine_scheds([pct_warmup, 1 - pct_warmup], [warm, cos]) if warm is not None else cos
-    scheds = {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}
-    if wd_final is not None:
-        if wd is None:
-            raise ValueError('a weight-decay schedule needs its start: wd_final without wd')
-        scheds['wd'] = SchedCos(wd, wd_final)
-    return scheds
-
-
 class DAGMaNLearner(DistributedLearner):
     """A fastai `Learner` whose model is a `DAGMaNModel`; adds `fit_warmup_cosine` (the paper's schedule),
     `export_encoder` and `resume`. Data-parallel under `torchrun` / `accelerate launch` with fastai's

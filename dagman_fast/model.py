@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from .core import as_triple, check_option
+from .core import as_triple, check_option, parse_span, span_steps
 from .losses import (CENTERINGS, DINOHead, DistillLoss, LinearHead, ReconHead, amip_loss, feature_stats,
                      koleo_loss)
 from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
@@ -22,7 +22,7 @@ from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
 
 # %% auto #0
 __all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
-           'parse_span', 'span_steps', 'DAGMaNConfig', 'encoder_config_from_dict', 'DAGMaNModel', 'DAGMaNLoss']
+           'DAGMaNConfig', 'encoder_config_from_dict', 'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
@@ -31,39 +31,6 @@ DISTILL_LOSSES = ('aitd', 'ampd', 'gitd')
 
 HEADS = ('mlp', 'linear')
 INPUT_NORMS = (None, 'volume')
-
-
-def parse_span(value, name: str = 'span') -> tuple[str, float]:
-    """A length of a schedule phase as `(unit, amount)`: a number is epochs (fractions allowed), `'10%'` a share of
-    the planned run, `'300 steps'` (or `'300steps'`) optimiser steps. Raises a `ValueError` naming `name` otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
-                         f'got {value!r}')
-    if isinstance(value, (int, float)):
-        unit, amount = 'epochs', float(value)
-    elif isinstance(value, str) and value.strip().endswith('%'):
-        unit, amount = 'share', _number(value.strip()[:-1], value, name) / 100
-    elif isinstance(value, str) and value.strip().endswith('steps'):
-        unit, amount = 'steps', _number(value.strip()[:-len('steps')], value, name)
-    else:
-        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
-                         f'got {value!r}')
-    if not amount >= 0 or (unit == 'share' and amount > 1):
-        raise ValueError(f'{name} must be >= 0 (a share at most 100%); got {value!r}')
-    return unit, amount
-
-
-def _number(text: str, value, name: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f'{name}: {value!r} is not a number of epochs, a share (\'10%\') or steps (\'300 steps\')') from None
-
-
-def span_steps(value, iters_per_epoch: int, planned_steps: int) -> float:
-    "The optimiser steps of a schedule phase `value` (see `parse_span`) in a run of `planned_steps` steps."
-    unit, amount = parse_span(value)
-    return {'epochs': amount * iters_per_epoch, 'share': amount * planned_steps, 'steps': amount}[unit]
 
 
 # The total loss of the paper (Appendix A: three distillation weights of 0.1 from a grid search; reconstruction 1).

@@ -46,7 +46,7 @@ def test_pretrain_resume_and_export(tmp_path, capsys):
     import torch
     from monai.networks.nets.swin_unetr import SwinTransformer
 
-    from dagman_fast.learner import load_encoder
+    from dagman_fast.checkpoint import load_encoder
     from dagman_fast.swin import monai_swin_kwargs
 
     out = tmp_path / 'run'

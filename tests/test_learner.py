@@ -15,9 +15,11 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
 
-from dagman_fast.learner import (CHECKPOINT_FORMAT, METHODS, AttentionGuidedMasking, DAGMaNCheckpoint, DAGMaNConfig,
-                                 DAGMaNModel, EMATeacher, PatchDropout, StepTimer, dagman_learner, load_checkpoint,
-                                 load_encoder)
+from dagman_fast.callbacks import AttentionGuidedMasking, EMATeacher, PatchDropout
+from dagman_fast.checkpoint import CHECKPOINT_FORMAT, DAGMaNCheckpoint, load_checkpoint, load_encoder
+from dagman_fast.learner import dagman_learner
+from dagman_fast.model import METHODS, DAGMaNConfig, DAGMaNModel
+from dagman_fast.train_utils import StepTimer
 from dagman_fast.losses import TokenBatchNorm
 from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
 
@@ -673,7 +675,7 @@ def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
 
 
 def test_span_parses_epochs_shares_and_steps():
-    from dagman_fast.model import parse_span, span_steps
+    from dagman_fast.core import parse_span, span_steps
     assert parse_span(2) == ('epochs', 2.0) and parse_span('10%') == ('share', 0.1)
     assert parse_span('300 steps') == ('steps', 300.0) and parse_span('40steps') == ('steps', 40.0)
     assert span_steps(2, 5, 100) == 10 and span_steps('10%', 5, 100) == 10 and span_steps('7 steps', 5, 100) == 7
@@ -815,7 +817,7 @@ def test_distillation_weights_ramp_up_over_their_warmup(tmp_path):
 def test_tensorboard_gets_the_per_step_monitors(tmp_path):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from dagman_fast.callbacks import tensorboard_callback
+    from dagman_fast.train_utils import tensorboard_callback
     learn = make_learner(tmp_path)
     log = next(c for c in learn.cbs if type(c).__name__ == 'PretrainLog')
     log.step_every = 2
