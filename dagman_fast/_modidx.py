@@ -208,6 +208,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'dagman_fast.core.after': ('core.html#after', 'dagman_fast/core.py'),
                                   'dagman_fast.core.as_triple': ('core.html#as_triple', 'dagman_fast/core.py'),
                                   'dagman_fast.core.check_option': ('core.html#check_option', 'dagman_fast/core.py'),
+                                  'dagman_fast.core.check_ratio': ('core.html#check_ratio', 'dagman_fast/core.py'),
                                   'dagman_fast.core.ema_cosine': ('core.html#ema_cosine', 'dagman_fast/core.py'),
                                   'dagman_fast.core.in_lr_find': ('core.html#in_lr_find', 'dagman_fast/core.py'),
                                   'dagman_fast.core.parse_span': ('core.html#parse_span', 'dagman_fast/core.py'),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastai.callback.core import Callback
 
-from .core import as_triple, unwrap
+from .core import HU_WINDOW, as_triple, unwrap
 from .data import _preprocess, label_groups
 from .finetune import CLASSIFIER_FORMAT, ClsModel, load_classifier, pad_offsets, pad_to_encoder, resolve_encoder
 from .model import DAGMaNModel
@@ -302,7 +302,7 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
 
 # %% ../nbs/07_analysis.ipynb #188cadf8
 def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
-                hu_range=(-175.0, 250.0), seed: int = 0):
+                hu_range=HU_WINDOW, seed: int = 0):
     """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
     (`cluster_report`): `n_per_organ` crops per organ, each centred on a random voxel of that organ (MONAI's
     `RandCropByPosNegLabel`, which keeps crops inside the volume), zero-padded first where the volume is smaller.

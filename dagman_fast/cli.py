@@ -17,9 +17,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .core import HU_WINDOW, SPACING
+
 # %% auto #0
 __all__ = ['TINY_HEADS', 'DEMO_CROPS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY',
            'CLIError', 'build_parser', 'main']
+
+# %% ../nbs/08_cli.ipynb #d0c0088b
+_HU_TEXT = f'{HU_WINDOW[0]:g} {HU_WINDOW[1]:g}'  # the default HU window as the options take it
 
 # %% ../nbs/08_cli.ipynb #8f42d093
 def _show_batch(args) -> int:
@@ -229,8 +234,8 @@ def _preprocess(args) -> int:
     if res['skipped']:
         cmd += ' --on-error skip'
     print(f'pretrain on the indexed scans with:\n  {cmd}')
-    if (lo, hi) != (-175.0, 250.0):
-        print(f'  (dagman pretrain windows -175 250 HU: this cache, for {lo:g} {hi:g}, is for ct_ssl_dls(None, '
+    if (lo, hi) != HU_WINDOW:
+        print(f'  (dagman pretrain windows {_HU_TEXT} HU: this cache, for {lo:g} {hi:g}, is for ct_ssl_dls(None, '
               f'cache_dir=..., hu_range=({lo:g}, {hi:g})))')
     return 0
 
@@ -252,7 +257,7 @@ def _indexed_scans(cache_dir: str, crop: int, spacing: float) -> int:
         if (f.parent / 'index.csv').exists():
             s = json.loads(f.read_text())
             others.append(f"--crop {s['crop'][0]} --spacing {s['spacing'][0]:g}" +
-                          ('' if s['hu_range'] == [-175.0, 250.0] else f" (HU window {s['hu_range']})"))
+                          ('' if tuple(s['hu_range']) == HU_WINDOW else f" (HU window {s['hu_range']})"))
     if others:
         raise CLIError(f'--cache-dir {cache_dir}: no index for --crop {crop} --spacing {spacing:g}; it holds '
                        f"indexes for: {'; '.join(others)}")
@@ -305,7 +310,7 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
         share = find_ct_scans(source, 'skip', [])[_rank()::world_size()]
         try:
             if share:
-                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, (-175, 250), 0.0), cache_dir,
+                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, HU_WINDOW, 0.0), cache_dir,
                           on_error='skip', progress=_rank() == 0)
         except ValueError:  # no usable scan in this share: the loaders will say which and why
             pass
@@ -766,7 +771,7 @@ def _finetune_seg(args) -> int:
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
     args.crop, args.bs = args.crop or (96 if cuda else 64), args.bs or 2
-    args.spacing, args.hu_range = args.spacing or 2.0, list(args.hu_range or (-175.0, 250.0))
+    args.spacing, args.hu_range = args.spacing or SPACING, list(args.hu_range or HU_WINDOW)
     train, valid = _seg_pairs(args)
     world = setup_distributed()  # under torchrun / accelerate launch
     cache_dir = _run_cache_dir(args.cache_dir)
@@ -974,9 +979,9 @@ def _add_seg_data(s):
                    help='segmentation classes in order: label values, several merged with commas (e.g. 1 2,3)')
     s.add_argument('--label-names', nargs='+', default=None, help='a name per --labels class (for JSON and plots)')
     s.add_argument('--crop', type=_int_min(1), default=None, help='segmentation crop (default 96 on CUDA, else 64)')
-    s.add_argument('--spacing', type=_float_range(0), default=None, help='segmentation voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=None, help=f'segmentation voxel size in mm (default {SPACING:g})')
     s.add_argument('--hu-range', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
-                   help='segmentation HU window (default -175 250)')
+                   help=f'segmentation HU window (default {_HU_TEXT})')
     s.add_argument('--roi', type=_int_min(1), default=None, help='sliding-window size for whole volumes (default: --crop)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
 
@@ -1029,7 +1034,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'axial, coronal and sagittal slices) as a PNG.')
     s.add_argument('data', nargs='+', help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV')
     s.add_argument('--crop', type=_int_min(1), default=128, help='crop size in voxels (default 128)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
     s.add_argument('--bs', type=_int_min(1), default=2, help='samples shown (default 2)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
@@ -1053,9 +1058,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--crop', type=_int_min(1), default=None,
                    help="the pretraining crop: volumes are padded up to it (default as dagman pretrain's: 128 on "
                         'CUDA, else 64)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
-    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
-                   help='HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=list(HU_WINDOW), metavar=('LO', 'HI'),
+                   help=f'HU window mapped to [0, 1] (default {_HU_TEXT}, as dagman pretrain)')
     s.set_defaults(func=_preprocess)
 
     s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
@@ -1093,7 +1098,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--resume', nargs='?', const='last', default=None,
                    help='continue from a checkpoint (default: OUT/models/checkpoint.pth)')
     s.add_argument('--save-every', type=_int_min(1), default=1, help='write the checkpoint every N epochs (default 1)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
     s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.0,
@@ -1196,9 +1201,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--label-names', nargs='+', default=None, help='CT: a name per --labels organ')
     s.add_argument('--size', type=_int_min(4), default=32, help='CT: organ crop side in voxels (default 32)')
     s.add_argument('--n-per-organ', type=_int_min(1), default=16, help='CT: crops per organ (default 16)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='CT: voxel size in mm (default 2.0)')
-    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
-                   help='CT: HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='CT: voxel size in mm (default %(default)g)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=list(HU_WINDOW), metavar=('LO', 'HI'),
+                   help=f'CT: HU window mapped to [0, 1] (default {_HU_TEXT}, as dagman pretrain)')
     s.add_argument('--map-size', type=_int_min(8), default=96,
                    help='CT: the attention maps are drawn on a centred crop of this side (default 96)')
     s.add_argument('--n-stats', type=_int_min(1), default=8,

@@ -13,8 +13,13 @@ import torch.nn as nn
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['SPAN_HELP', 'as_triple', 'check_option', 'parse_span', 'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find',
-           'skip_to_epoch', 'after', 'DAGMaNCallback', 'step_timer']
+__all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'SPAN_HELP', 'as_triple', 'check_option', 'check_ratio', 'parse_span',
+           'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find', 'skip_to_epoch', 'after', 'DAGMaNCallback', 'step_timer']
+
+# %% ../nbs/00_core.ipynb #b2fc22fb
+HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
+SPACING = 2.0  # mm, isotropic (the paper)
+NODULE_HU_WINDOW = (-1000.0, 400.0)  # lung nodules: air to soft tissue, for the LIDC-IDRI nodule crops
 
 # %% ../nbs/00_core.ipynb #605c6070
 def as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -43,6 +48,16 @@ def check_option(value, options: Sequence[str], name: str) -> str:
     close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ''
     raise ValueError(f'{name} must be one of {tuple(options)}; got {value!r}.{hint}')
+
+# %% ../nbs/00_core.ipynb #d1a0b016
+def check_ratio(value, name: str, low_open: bool = False, high_open: bool = False):
+    """Return `value` if it is a share in [0, 1] (open at 0 with `low_open`, at 1 with `high_open`), else raise a
+    `ValueError` naming `name` and the interval. NaN is refused."""
+    lo_ok = value > 0 if low_open else value >= 0
+    hi_ok = value < 1 if high_open else value <= 1
+    if not (lo_ok and hi_ok):
+        raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}; got {value}")
+    return value
 
 # %% ../nbs/00_core.ipynb #220c1d38
 SPAN_HELP = "epochs (a number), a share of the run ('10%') or steps ('300 steps')"

@@ -24,7 +24,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, Metric, accuracy, skm_to_fastai
 from fastai.optimizer import Adam
 
-from .core import as_triple, check_option, unwrap
+from .core import as_triple, check_option, check_ratio, unwrap
 from .checkpoint import load_encoder
 from .distributed import DistributedLearner, all_sum, rank, world_size
 from .model import DAGMaNModel
@@ -275,8 +275,7 @@ def encoder_groups(enc: SwinEncoder | ViTEncoder) -> list[list]:
 def layer_decay_lrs(n_groups: int, lr: float, decay: float = 0.75) -> np.ndarray:
     """Layer-wise learning-rate decay (BEiT, MAE fine-tuning): `lr` for the last parameter group (the head), times
     `decay` for each group below it, down to the first (the patch embedding and the first Swin stage)."""
-    if not 0 < decay <= 1:
-        raise ValueError(f'layer_decay must be in (0, 1]; got {decay}')
+    check_ratio(decay, 'layer_decay', low_open=True)
     return lr * decay ** np.arange(n_groups - 1, -1, -1, dtype=float)
 
 
@@ -336,8 +335,7 @@ def set_drop_path(encoder: SwinEncoder | ViTEncoder, rate: float) -> SwinEncoder
     """Stochastic depth on `encoder`'s blocks, growing linearly with depth from 0 to `rate` as `drop_path_rate` does
     at construction (the SA module has none): how fine-tuning adds drop path to an encoder pretrained without it, or
     removes it (`rate=0`). Changes `encoder` in place and returns it."""
-    if not 0 <= rate < 1:
-        raise ValueError(f'drop_path must be in [0, 1); got {rate}')
+    check_ratio(rate, 'drop_path', high_open=True)
     vit = isinstance(encoder, ViTEncoder)
     blocks = list(encoder.blocks) if vit else [b for st in encoder.stages for b in st.blocks]
     for blk, r in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
@@ -649,8 +647,7 @@ def few_shot_indices(labels, fraction: float, seed: int = 0) -> np.ndarray:
     """Indices of a stratified `fraction` of `labels`: `max(1, round(fraction * count))` of every class, drawn with
     `seed`, so a rare class is never dropped."""
     labels = np.asarray(labels)
-    if not 0 < fraction <= 1:
-        raise ValueError(f'fraction must be in (0, 1]; got {fraction}')
+    check_ratio(fraction, 'fraction', low_open=True)
     if fraction == 1:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)

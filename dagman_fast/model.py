@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from .core import as_triple, check_option, parse_span, span_steps
+from .core import as_triple, check_option, check_ratio, parse_span, span_steps
 from .losses import (CENTERINGS, DINOHead, DistillLoss, LinearHead, ReconHead, amip_loss, feature_stats,
                      koleo_loss)
 from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
@@ -146,8 +146,7 @@ class DAGMaNConfig(_JSONConfig):
             raise ValueError(f'mask_ratio_jitter must keep mask_ratio +- jitter in [0, 1]: at most '
                              f'{min(self.mask_ratio, 1 - self.mask_ratio):g} for mask_ratio {self.mask_ratio}; got '
                              f'{self.mask_ratio_jitter}')
-        if not 0 < self.mask_prob <= 1:
-            raise ValueError(f'mask_prob must be in (0, 1]; got {self.mask_prob}')
+        check_ratio(self.mask_prob, 'mask_prob', low_open=True)
         if self.sinkhorn_queue < 0 or self.sinkhorn_iters < 1:
             raise ValueError(f'sinkhorn_queue must be >= 0 and sinkhorn_iters >= 1; got {self.sinkhorn_queue}, '
                              f'{self.sinkhorn_iters}')
@@ -171,13 +170,9 @@ class DAGMaNConfig(_JSONConfig):
                 raise ValueError(f'loss_weights[{name!r}] must be a number >= 0; got {w!r}')
         # every term, in canonical order, as floats: equal configs compare equal and their JSON is the same
         object.__setattr__(self, 'loss_weights', {n: float(weights.get(n, PAPER_LOSS_WEIGHTS[n])) for n in LOSSES})
-        for name in ('mask_ratio', 'hint_ratio', 'hint_pool'):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f'{name} must be in [0, 1]; got {getattr(self, name)}')
-        if not 0 <= self.patch_drop < 1:
-            raise ValueError(f'patch_drop must be in [0, 1); got {self.patch_drop}')
-        if not 0 <= self.ema_momentum <= 1:
-            raise ValueError(f'ema_momentum must be in [0, 1]; got {self.ema_momentum}')
+        for name in ('mask_ratio', 'hint_ratio', 'hint_pool', 'ema_momentum'):
+            check_ratio(getattr(self, name), name)
+        check_ratio(self.patch_drop, 'patch_drop', high_open=True)
         if 'amip' in losses and self.mask_ratio == 0:
             raise ValueError('the amip loss reconstructs masked voxels: it needs mask_ratio > 0')
 

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch.nn.init import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .core import as_triple, check_option
+from .core import as_triple, check_option, check_ratio
 from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 
 # %% auto #0
@@ -127,8 +127,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        if not 0 <= drop_prob < 1:
-            raise ValueError(f'drop_prob must be in [0, 1); got {drop_prob}')
+        check_ratio(drop_prob, 'drop_prob', high_open=True)
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -510,8 +509,7 @@ def _check_sizes(cfg, **sizes) -> None:
         raise ValueError(f'{name}: {blocks} transformer blocks is more than {MAX_BLOCKS}; check depths/depth')
     if sizes['embed_dim'] > MAX_EMBED_DIM:
         raise ValueError(f'{name}.embed_dim {sizes["embed_dim"]} is more than {MAX_EMBED_DIM}')
-    if not 0 <= cfg.drop_path_rate < 1:
-        raise ValueError(f'{name}.drop_path_rate must be in [0, 1); got {cfg.drop_path_rate}')
+    check_ratio(cfg.drop_path_rate, f'{name}.drop_path_rate', high_open=True)
     if not cfg.mlp_ratio > 0:
         raise ValueError(f'{name}.mlp_ratio must be positive; got {cfg.mlp_ratio}')
 

@@ -212,7 +212,7 @@ class DAGMaNTensorBoard(TensorBoardCallback or Callback):
     _done = 0  # steps trained in earlier fits of this learner
 
     def before_fit(self):
-        self.run = not hasattr(self.learn, 'lr_finder') and not hasattr(self, 'gather_preds') and rank() == 0
+        self.run = not in_lr_find(self.learn) and not hasattr(self, 'gather_preds') and rank() == 0
         self._base = self._done + skip_to_epoch(self.learn) * len(self.dls.train)  # a resumed run continues its steps
         self._trained = False
         if self.run and getattr(self, 'writer', None) is None:
