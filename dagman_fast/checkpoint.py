@@ -21,14 +21,14 @@ from fastai.learner import Recorder
 from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
-from .core import DAGMaNCallback, in_lr_find
+from . import __version__
+from .core import DAGMaNCallback, in_lr_find, strip_prefixes
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
-from .model import encoder_config_from_dict
-from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
+from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'SMIT_MERGE_ORDER', 'LAYOUTS', 'atomic_save', 'remove_orphans',
-           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder']
+           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder', 'save_encoder']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
@@ -225,19 +225,6 @@ class DAGMaNCheckpoint(DAGMaNCallback):
         return self.last_saved
 
 # %% ../nbs/04c_checkpoint.ipynb #783e88ad
-_PREFIXES = ('module.', 'student.', 'encoder.', '_orig_mod.')
-
-
-def _strip(k: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if k.startswith(p):
-                k, changed = k[len(p):], True
-    return k
-
-
 # SMIT's patch merging concatenates the 8 sub-voxels of each 2x2x2 block in the (d, h, w) offset order 000, 100, 010,
 # 001, 110, 011, 101, 111 (its `PatchMerging.forward`); `PatchMerging('v2')` in 000, 001, ..., 111 (MONAI's
 # `PatchMergingV2`). Block b of ours is block SMIT_MERGE_ORDER[b] of SMIT's.
@@ -251,7 +238,7 @@ LAYOUTS = ("a dagman_fast export or pretraining checkpoint; MONAI's SwinTransfor
 
 def _layout(sd: dict) -> str:
     "'monai', 'smit' or 'ours' from the key names of a state dict (prefixes ignored)."
-    keys = [re.sub(r'^((module|swinViT|backbone|transformer)\.)+', '', k) for k in sd]
+    keys = [strip_prefixes(k) for k in sd]
     if any(k.startswith('layers1.0.blocks.') for k in keys):
         return 'monai'
     if any(re.match(r'layers\.\d+\.blocks\.', k) for k in keys):
@@ -261,13 +248,13 @@ def _layout(sd: dict) -> str:
 
 def smit_to_monai(sd: dict) -> dict:
     """SMIT encoder weights (The-Veeraraghavan-Lab/SMIT, `models/Trans.py`) under MONAI's `SwinTransformer` names,
-    for `from_monai(..., merging='v2')`: prefixes `module.`, `backbone.`, `transformer.` dropped, `layers.{i}.` ->
+    for `from_monai(..., merging='v2')`: prefixes (`KEY_PREFIXES`: `module.`, `backbone.`, `transformer.`) dropped, `layers.{i}.` ->
     `layers{i+1}.0.`, each patch merging's 8 channel blocks put in `PatchMergingV2`'s order (`SMIT_MERGE_ORDER`: the
     same function), and what has no place in the encoder left out: the mask token, the per-stage output norms
     `norm0`..`norm3` (applied to SMIT's skip features only), heads and decoder."""
     out = {}
     for k, v in sd.items():
-        k = re.sub(r'^((module|backbone|transformer)\.)+', '', k)
+        k = strip_prefixes(k)
         m = re.match(r'layers\.(\d+)\.(.*)', k)
         if m:
             out[f'layers{int(m[1]) + 1}.0.{m[2]}'] = v
@@ -290,8 +277,8 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
         source: a path or an already loaded dict. Files load with `weights_only=True`.
         config: the encoder config; default: the one stored in the file (or in `<path>.json` beside it). Public
             weights carry none: their architecture is read from the tensors (`from_monai`).
-        strict: raise if keys are missing or unexpected (after stripping `module.`, `student.`, `encoder.` and
-            `_orig_mod.` prefixes and dropping teacher, head and reconstruction keys); else warn and load the rest.
+        strict: raise if keys are missing or unexpected (after stripping the wrappers' prefixes, `KEY_PREFIXES`,
+            and dropping teacher, head and reconstruction keys); else warn and load the rest.
         merging: the patch merging of MONAI-layout weights: 'legacy' (MONAI's default) or 'v2'
             (`downsample='mergingv2'`). Needed for a plain MONAI state dict; the self-supervised checkpoint
             (`model_swinvit.pt`, `module.` keys) is 'legacy' unless given.
@@ -340,7 +327,7 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
                 raise ValueError(f'{path or "the state dict"} looks like {name} Swin weights but does not load as '
                                  f'them: {e}') from e
         if any(k.startswith(('student.', 'module.student.')) for k in sd):  # a fastai learn.save of the DAGMaNModel
-            sd = {k: v for k, v in sd.items() if k.replace('module.', '', 1).startswith('student.encoder.')}
+            sd = {k: v for k, v in sd.items() if k.replace('module.', '', 1).startswith('student.encoder.')}  # no teacher
         if path is not None and path.with_suffix('.json').is_file():
             stored = json.loads(path.with_suffix('.json').read_text())
     if config is None:
@@ -350,7 +337,7 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
         config = stored
     if isinstance(config, dict):
         config = encoder_config_from_dict(config)
-    sd = {_strip(k): v for k, v in sd.items()}
+    sd = {strip_prefixes(k): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith(('teacher.', 'heads.', 'recon.', 'distill.'))}
     enc = build_encoder(config)
     missing, unexpected = enc.load_state_dict(sd, strict=False)
@@ -365,3 +352,22 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
             raise ValueError(msg + '; pass strict=False to load the matching keys anyway')
         warnings.warn(msg)
     return enc
+
+
+def save_encoder(encoder: SwinEncoder | ViTEncoder, path, sidecar: bool = True) -> Path:
+    """Save `encoder` in the library's encoder format, the one `load_encoder` reads: its state dict and config as
+    plain values (`torch.load(path, weights_only=True)` reads them), written atomically, and with `sidecar` the
+    config also as JSON beside it (`path` with the suffix `.json`), for readers without torch. The one writer of the
+    format: `learn.export_encoder` and `dagman export` call it. Returns `path`."""
+    path = Path(path)
+    if sidecar and path.suffix == '.json':
+        raise ValueError(f'{path}: the encoder file would be overwritten by its own JSON config ({path.name}); '
+                         'name it .pth')
+    cfg = encoder.config.to_dict()
+    sd = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
+    if sidecar:
+        tmp = path.with_name(path.with_suffix('.json').name + '.tmp')
+        tmp.write_text(json.dumps(cfg, indent=1) + '\n')
+        os.replace(tmp, path.with_suffix('.json'))
+    return path

@@ -497,11 +497,11 @@ def _export(args) -> int:
         torch.save(to_monai(enc), out)
         print(f'MONAI SwinTransformer state dict saved to {out} (load into SwinUNETR.swinViT with strict=True)')
         return 0
-    from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
-    from dagman_fast import __version__
-    cfg = enc.config.to_dict()
-    atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=enc.state_dict()), out)
-    out.with_suffix('.json').write_text(json.dumps(cfg, indent=1) + '\n')
+    from dagman_fast.checkpoint import save_encoder
+    try:
+        save_encoder(enc, out)
+    except ValueError as e:
+        raise CLIError(f'--out {e}') from None
     print(f'encoder saved to {out} (+ {out.with_suffix(".json").name})')
     return 0
 

@@ -13,13 +13,36 @@ import torch.nn as nn
 from fastai.callback.core import Callback
 
 # %% auto #0
-__all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'SPAN_HELP', 'as_triple', 'check_option', 'check_ratio', 'parse_span',
-           'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find', 'skip_to_epoch', 'after', 'DAGMaNCallback', 'step_timer']
+__all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
+           'check_ratio', 'parse_span', 'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find', 'skip_to_epoch', 'after',
+           'DAGMaNCallback', 'step_timer']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
 SPACING = 2.0  # mm, isotropic (the paper)
 NODULE_HU_WINDOW = (-1000.0, 400.0)  # lung nodules: air to soft tissue, for the LIDC-IDRI nodule crops
+
+# %% ../nbs/00_core.ipynb #e198c0a1
+# The prefixes that wrappers put before an encoder's weights, and who puts them: one table for every loader
+# (`load_encoder`, `from_monai`, the SMIT conversion), stripped wherever they stand at the start of a key.
+KEY_PREFIXES = {
+    'module.': "DistributedDataParallel and DataParallel; MONAI's self-supervised Swin UNETR checkpoint",
+    '_orig_mod.': 'torch.compile',
+    'student.': "a DAGMaNModel's student branch (a pretraining checkpoint or `learn.save`)",
+    'encoder.': 'the encoder inside a DAGMaNModel branch, a ClsModel or a SegModel',
+    'swinViT.': "MONAI's SwinUNETR around its SwinTransformer",
+    'backbone.': "SMIT's published weights",
+    'transformer.': "SMIT's published weights",
+}
+
+
+def strip_prefixes(key: str) -> str:
+    "`key` without the wrapper prefixes of `KEY_PREFIXES` at its start (any number of them, in any order)."
+    while True:
+        p = next((p for p in KEY_PREFIXES if key.startswith(p)), None)
+        if p is None:
+            return key
+        key = key[len(p):]
 
 # %% ../nbs/00_core.ipynb #605c6070
 def as_triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:

@@ -25,11 +25,11 @@ from fastai.metrics import AccumMetric, ActivationType, Metric, accuracy, skm_to
 from fastai.optimizer import Adam
 
 from .core import as_triple, check_option, check_ratio, unwrap
-from .checkpoint import load_encoder
+from .checkpoint import atomic_save, load_encoder
 from .distributed import DistributedLearner, all_sum, rank, world_size
 from .model import DAGMaNModel
 from .schedule import warmup_cosine_scheds
-from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder
+from .swin import DropPath, SwinEncoder, ViTEncoder, build_encoder, encoder_config_from_dict
 
 # %% auto #0
 __all__ = ['POOLS', 'CLASSIFIER_FORMAT', 'SEGMENTER_FORMAT', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics',
@@ -739,14 +739,12 @@ def save_classifier(model: ClsModel, path, data: dict | None = None) -> Path:
 
 def _save_model(model: nn.Module, path, fmt: str, data: dict | None, **meta) -> Path:
     "Weights, encoder config, `meta` and `data` (plain values only: loads with `weights_only=True`), atomically."
-    from dagman_fast.checkpoint import atomic_save
     return atomic_save(dict(format=fmt, encoder=model.encoder.config.to_dict(), data=dict(data or {}),
                             state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta), path)
 
 
 def _load_model(path, fmt: str, build) -> nn.Module:
     "A model saved by `_save_model` in format `fmt`: `build(encoder, saved dict)` makes the module."
-    from dagman_fast.model import encoder_config_from_dict
     obj = torch.load(path, map_location='cpu', weights_only=True)
     if not isinstance(obj, dict) or obj.get('format') != fmt:
         kind = fmt.split('.')[-1]

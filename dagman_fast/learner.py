@@ -5,7 +5,6 @@
 # %% ../nbs/05_learner.ipynb #de49fe60
 from __future__ import annotations
 
-import json
 import warnings
 from functools import partial
 from dataclasses import fields, replace
@@ -22,7 +21,7 @@ from fastai.optimizer import Adam
 from fastcore.foundation import L
 
 from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, PatchDropout, PretrainLog
-from .checkpoint import ENCODER_FORMAT, DAGMaNCheckpoint, atomic_save, load_checkpoint, rank_rng_state
+from .checkpoint import DAGMaNCheckpoint, load_checkpoint, rank_rng_state, save_encoder
 from .core import check_option, unwrap
 from .distributed import DistributedLearner, rank, world_size
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
@@ -74,15 +73,9 @@ class DAGMaNLearner(DistributedLearner):
         """Save the student encoder as a plain state dict plus its config (also as JSON beside it: `path.json`),
         loadable with `torch.load(path, weights_only=True)` and `load_encoder(path)`. In a data-parallel run only rank 0
         writes."""
-        from dagman_fast import __version__
-        m, path = unwrap(self.model), Path(path)
         if rank() != 0:
-            return path
-        cfg = m.encoder_config.to_dict()
-        sd = {k: v.detach().cpu().clone() for k, v in m.student.encoder.state_dict().items()}
-        atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
-        path.with_suffix('.json').write_text(json.dumps(cfg, indent=1) + '\n')
-        return path
+            return Path(path)
+        return save_encoder(unwrap(self.model).student.encoder, path)
 
     def resume(self, path) -> int:
         """Load a checkpoint (model, optimiser, step; the random states apply when the next fit starts) and return the

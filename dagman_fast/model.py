@@ -22,7 +22,7 @@ from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
 
 # %% auto #0
 __all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
-           'DAGMaNConfig', 'encoder_config_from_dict', 'DAGMaNModel', 'DAGMaNLoss']
+           'DAGMaNConfig', 'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
@@ -222,14 +222,6 @@ METHOD_HELP = {
 }
 
 # %% ../nbs/04a_model.ipynb #c3290693
-def encoder_config_from_dict(d: dict) -> SwinConfig | ViTConfig:
-    "The encoder config stored beside exported weights (`config.to_dict()`, tagged with `arch`)."
-    arch = d.get('arch')
-    if arch not in ('swin', 'vit'):
-        raise ValueError(f"encoder config must have arch 'swin' or 'vit'; got {arch!r}")
-    return (SwinConfig if arch == 'swin' else ViTConfig).from_dict(d)
-
-
 class _Branch(nn.Module):
     "An encoder and its DINO heads: what the student and the teacher each hold."
 

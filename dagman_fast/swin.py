@@ -17,15 +17,15 @@ from einops import rearrange
 from torch.nn.init import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .core import as_triple, check_option, check_ratio
+from .core import as_triple, check_option, check_ratio, strip_prefixes
 from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 
 # %% auto #0
 __all__ = ['Triple', 'MAX_BLOCKS', 'MAX_EMBED_DIM', 'PRESETS', 'window_and_shift', 'relative_position_index', 'window_order',
            'shift_attention_mask', 'permute_tokens', 'DropPath', 'WindowAttention', 'Mlp', 'WindowPlan', 'window_plan',
            'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
-           'SwinConfig', 'ViTConfig', 'encoder_config', 'EncoderOutput', 'PatchEmbed', 'SwinEncoder', 'ViTEncoder',
-           'build_encoder', 'monai_swin_kwargs', 'to_monai', 'from_monai']
+           'SwinConfig', 'ViTConfig', 'encoder_config', 'encoder_config_from_dict', 'EncoderOutput', 'PatchEmbed',
+           'SwinEncoder', 'ViTEncoder', 'build_encoder', 'monai_swin_kwargs', 'to_monai', 'from_monai']
 
 # %% ../nbs/02_swin.ipynb #8cdc5fad
 Triple = tuple[int, int, int]
@@ -668,6 +668,14 @@ def encoder_config(preset: str = 'swin-smit', **overrides) -> SwinConfig | ViTCo
         raise TypeError(f'{type(cfg).__name__} has no field(s) {sorted(bad)}; valid: {sorted(valid)}')
     return replace(cfg, **overrides)
 
+
+def encoder_config_from_dict(d: dict) -> SwinConfig | ViTConfig:
+    "The encoder config stored beside exported weights (`config.to_dict()`, tagged with `arch`)."
+    arch = d.get('arch')
+    if arch not in ('swin', 'vit'):
+        raise ValueError(f"encoder config must have arch 'swin' or 'vit'; got {arch!r}")
+    return (SwinConfig if arch == 'swin' else ViTConfig).from_dict(d)
+
 # %% ../nbs/02_swin.ipynb #084097da
 @dataclass
 class EncoderOutput:
@@ -966,13 +974,7 @@ def _strip_prefixes(sd: dict) -> dict:
     """Drop the wrappers MONAI checkpoints put around the Swin weights (`module.`, `swinViT.`), and give the MLP of
     each block MONAI's module's names: the self-supervised Swin UNETR checkpoint (`model_swinvit.pt`) was saved
     with timm's `mlp.fc1` / `mlp.fc2`, which MONAI's `load_from` copies into `mlp.linear1` / `mlp.linear2`."""
-    out = {}
-    for k, v in sd.items():
-        for p in ('module.', 'swinViT.'):
-            if k.startswith(p):
-                k = k[len(p):]
-        out[re.sub(r'\.mlp\.fc([12])\.', r'.mlp.linear\1.', k)] = v
-    return out
+    return {re.sub(r'\.mlp\.fc([12])\.', r'.mlp.linear\1.', strip_prefixes(k)): v for k, v in sd.items()}
 
 
 def _window_from_weights(sd: dict) -> int:

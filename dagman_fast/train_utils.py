@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn as nn
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastcore.foundation import L

@@ -251,10 +251,9 @@ def test_attention_map_is_the_sa_attention_upsampled(tmp_path):
 
 
 def _export(enc, path: Path) -> Path:
-    from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
+    from dagman_fast.checkpoint import save_encoder
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(dict(format=ENCODER_FORMAT, config=enc.config.to_dict(), state_dict=enc.state_dict()), path)
-    return path
+    return save_encoder(enc, path)
 
 
 def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):
