@@ -10,7 +10,7 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
            'replicas_differ', 'setup_distributed', 'tensorboard_callback', 'AttentionStats', 'AttentionStatsLog',
            'attention_map', 'attention_stats', 'cluster_report', 'organ_crops', 'plot_attention_maps',
            'plot_head_diversity', 'plot_pretrain_log', 'pooled_features', 'DAGMaNConfig', 'DAGMaNLearner',
-           'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner', 'load_checkpoint',
+           'DAGMaNModel', 'EMATeacher', 'NoisyTeacher', 'PretrainLog', 'dagman_learner', 'load_checkpoint',
            'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator', 'patch_dropout_mask',
            'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics', 'SegModel', 'seg_learner', 'predict_volume',
            'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'load_classifier',
@@ -28,7 +28,7 @@ from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_cl
                                   plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
                                   stratified_folds, subset_dls, summarize)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
-from .callbacks import AttentionGuidedMasking, EMATeacher, PatchDropout, PretrainLog
+from .callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher, PretrainLog
 from .train_utils import DeviceMixedPrecision, StepTimer, tensorboard_callback
 from .analysis import (AttentionStats, AttentionStatsLog, attention_map, attention_stats, cluster_report,
                                   organ_crops, plot_attention_maps, plot_head_diversity, plot_pretrain_log,
@@ -50,7 +50,7 @@ _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'f
          'DistributedLearner', 'replicas_differ', 'setup_distributed', 'tensorboard_callback',
          'AttentionStats', 'AttentionStatsLog', 'attention_map', 'attention_stats', 'cluster_report', 'organ_crops',
          'plot_attention_maps', 'plot_head_diversity', 'plot_pretrain_log', 'pooled_features',
-         'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner',
+         'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'NoisyTeacher', 'PretrainLog', 'dagman_learner',
          'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
          'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',
          'SegModel', 'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastai.callback.core import Callback
 
-from .core import HU_WINDOW, as_triple, unwrap
+from .callbacks import PretrainLog
+from .core import HU_WINDOW, as_triple, before, unwrap
 from .data import _preprocess, label_groups
 from .finetune import CLASSIFIER_FORMAT, ClsModel, load_classifier, pad_offsets, pad_to_encoder, resolve_encoder
 from .model import DAGMaNModel
@@ -229,7 +230,7 @@ class AttentionStatsLog(Callback):
     gradients, and is left as it was.
 
     `dagman pretrain --attn-stats-every N` adds it; in Python: `dagman_learner(dls, cbs=[AttentionStatsLog(10)])`."""
-    order = 54  # before PretrainLog (55), which writes the row
+    order = before(PretrainLog)  # PretrainLog writes the row
 
     def __init__(self, every: int = 10, n: int = 4):
         if every < 1 or n < 1:

@@ -13,21 +13,49 @@ import warnings
 from pathlib import Path
 
 import torch
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientClip
+from fastai.learner import Recorder
 
-from .core import DAGMaNCallback, ema_cosine, in_lr_find, skip_to_epoch, step_timer
+from .core import DAGMaNCallback, after, before, ema_cosine, in_lr_find, skip_to_epoch, step_timer
 from .distributed import all_mean, rank
 from .losses import cls_attention_dissimilarity
 from .masking import patch_dropout_mask
 
 # %% auto #0
-__all__ = ['COLLAPSE_KINDS', 'PatchDropout', 'AttentionGuidedMasking', 'FreezeLastLayer', 'EMATeacher', 'collapse_kinds',
+__all__ = ['COLLAPSE_KINDS', 'AttentionGuidedMasking', 'NoisyTeacher', 'FreezeLastLayer', 'EMATeacher', 'collapse_kinds',
            'PretrainLog']
 
 # %% ../nbs/04b_callbacks.ipynb #4ad27c46
-class PatchDropout(DAGMaNCallback):
-    """The noisy teacher: drop `ratio` of the teacher's input patches (exact count per sample), for
-    `AttentionGuidedMasking`; training batches only, unless the config's `valid_noise`."""
-    order = 15
+class AttentionGuidedMasking(DAGMaNCallback):
+    """Runs the teacher (inside the student's autocast) and the mask generator, then makes the batch
+    `xb = (*views, cell_mask)` and `yb = (guide,)`: the teacher's outputs are the targets. The noisy teacher's
+    dropped patches come with the batch, as `yb[0]['teacher_drop']` (`NoisyTeacher` puts them there), and stay in
+    the guide.
+
+    On validation batches (unless the config's `valid_noise`) the random part of the mask comes from a generator
+    seeded by the batch index, and `NoisyTeacher` leaves the teacher clean."""
+    order = after(MixedPrecision, gap=10)  # the teacher's forward runs inside the student's autocast
+
+    def before_batch(self):
+        views = self.xb
+        drop = self.yb[0].get('teacher_drop') if self.yb and isinstance(self.yb[0], dict) else None
+        gen = None
+        if not self.training and not self.dm.config.valid_noise:  # the same masks for the same batch every epoch
+            gen = torch.Generator().manual_seed(self.iter)
+        guide = self.dm.guide(views, drop, timer=step_timer(self.learn), generator=gen)
+        if drop is not None:
+            guide['teacher_drop'] = drop
+        self.learn.xb = (*views, guide['cell_mask'])
+        self.learn.yb = (guide,)
+
+
+class NoisyTeacher(DAGMaNCallback):
+    """The noisy teacher of the paper: draws which of the teacher's input patches are dropped (`ratio`, default the
+    config's `patch_drop`; an exact count per sample) and puts the mask in the batch, `yb = ({'teacher_drop': mask},)`,
+    where `AttentionGuidedMasking` gives it to the teacher's encoder (which zeroes those patches, or fills them with
+    the mask token: `patch_drop_fill`). Training batches only, unless the config's `valid_noise`."""
+    order = before(AttentionGuidedMasking, gap=5)
 
     def __init__(self, ratio: float | None = None):
         self.ratio = ratio
@@ -39,36 +67,20 @@ class PatchDropout(DAGMaNCallback):
         ratio = m.config.patch_drop if self.ratio is None else self.ratio
         x = self.xb[0]
         b = x.shape[0] * len(self.xb)
-        self.learn.teacher_drop = patch_dropout_mask(b, m.patch_grid(x.shape[2:]), ratio, device=x.device)
+        self.learn.yb = ({'teacher_drop': patch_dropout_mask(b, m.patch_grid(x.shape[2:]), ratio, device=x.device)},)
         t = step_timer(self.learn)
         if t is not None:
             t.mark('masking')
-
-# %% ../nbs/04b_callbacks.ipynb #28073dac
-class AttentionGuidedMasking(DAGMaNCallback):
-    """Runs the teacher (inside the student's autocast: order after `MixedPrecision`) and the mask generator, then
-    makes the batch `xb = (*views, cell_mask)` and `yb = (guide,)`: the teacher's outputs are the targets.
-
-    On validation batches (unless the config's `valid_noise`) the random part of the mask comes from a generator
-    seeded by the batch index, and `PatchDropout` leaves the teacher clean."""
-    order = 20
-
-    def before_batch(self):
-        views = self.xb
-        drop, self.learn.teacher_drop = getattr(self.learn, 'teacher_drop', None), None
-        gen = None
-        if not self.training and not self.dm.config.valid_noise:  # the same masks for the same batch every epoch
-            gen = torch.Generator().manual_seed(self.iter)
-        guide = self.dm.guide(views, drop, timer=step_timer(self.learn), generator=gen)
-        self.learn.xb = (*views, guide['cell_mask'])
-        self.learn.yb = (guide,)
 
 # %% ../nbs/04b_callbacks.ipynb #4b78178d
 class FreezeLastLayer(DAGMaNCallback):
     """No update of the DINO heads' last layers at the start of the run (DINO's `freeze_last_layer`), for `span`
     (default: the config's `freeze_last_layer`): epochs (a number), a share of the planned run ('1%') or steps
-    ('100 steps'), counted on the run's global step, so a resumed run does not freeze them again."""
-    order = 5
+    ('100 steps'), counted on the run's global step, so a resumed run does not freeze them again.
+
+    It runs before `GradientClip`, so the clipping norm is that of the parameters that update (DINO clips first and
+    cancels the last layer's gradients after)."""
+    order = before(GradientClip, gap=6)
 
     def __init__(self, span=None):
         self.span = span
@@ -88,7 +100,7 @@ class EMATeacher(DAGMaNCallback):
     The planned run is set when a fit starts: the steps already done plus this fit's, so a run resumed with
     `start_epoch` plans the same length and continues the same curves (EMA, teacher temperature, frozen last
     layer), and a second `fit` extends the run instead of starting its schedules again."""
-    order = 40
+    order = before(Recorder, gap=10)  # the log (after the Recorder) reads the step this callback counts
 
     def __init__(self, momentum: float | None = None):
         self.momentum = momentum
@@ -171,7 +183,7 @@ class PretrainLog(DAGMaNCallback):
     Rows of epochs a resumed run skips are kept from the earlier run. Values are summed on the device and read once
     an epoch (and once per `step_every` steps); in a data-parallel run they are averaged over the ranks (every
     rank's batches count) and only rank 0 writes. `learn.pretrain_log` and `learn.pretrain_steps` hold the rows."""
-    order = 55
+    order = after(Recorder, EMATeacher, gap=5)  # EMATeacher has counted the step; the Recorder has the loss
 
     def __init__(self, fname: str = 'pretrain_log.csv', step_every: int | None = 10):
         if step_every is not None and step_every < 1:
@@ -191,7 +203,7 @@ class PretrainLog(DAGMaNCallback):
         self._writer = rank() == 0
         if self._off:
             return
-        start, self.learn.resume_epoch = getattr(self.learn, 'resume_epoch', 0), 0
+        start = skip_to_epoch(self.learn)  # a resumed fit keeps the rows of the epochs it skips
         rows = []
         if start and self.path.exists():
             with open(self.path, newline='') as f:

@@ -22,7 +22,7 @@ from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
 from . import __version__
-from .core import DAGMaNCallback, in_lr_find, strip_prefixes
+from .core import DAGMaNCallback, after, in_lr_find, strip_prefixes
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict
 
@@ -150,16 +150,15 @@ def rank_rng_state(ck: dict) -> tuple[dict, bool]:
 
 class DAGMaNCheckpoint(DAGMaNCallback):
     """Writes `fname` (in `learn.path/learn.model_dir`) atomically after every `every` epochs and at the end of the
-    fit, and applies the random states of a checkpoint that `learn.resume` loaded when the fit starts.
+    fit; `resume(path)` loads one into the learner, and its random states apply when the next fit starts.
 
     In a data-parallel run only rank 0 writes; the checkpoint holds every rank's random state (`rng_ranks`), so that
     a run resumed with the same number of processes continues exactly."""
-    order = 60  # after the Recorder's after_epoch
+    order = after(Recorder, gap=10)  # after the Recorder's after_epoch
 
     def __init__(self, fname: str = 'checkpoint.pth', every: int = 1):
         self.fname, self.every, self.last_saved = fname, every, None
-        self.pending_rng = self.pending_recorder = self.pending_scaler = None
-        self.pending_rng_exact = True
+        self.pending = None  # the states of a resumed checkpoint that the next fit starts from
 
     @property
     def path(self) -> Path:
@@ -172,19 +171,43 @@ class DAGMaNCheckpoint(DAGMaNCallback):
         if rank() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
             for p in remove_orphans(self.path):
                 warnings.warn(f'removed {p}, a partial checkpoint left by an interrupted write')
-        if self.pending_rng is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
-            _set_rng_state(self.pending_rng, self.dls)
-            if not self.pending_rng_exact:  # another number of processes: rank 0's state, then one stream per rank
+        pending, self.pending = self.pending, None
+        if pending is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
+            _set_rng_state(pending['rng'], self.dls)
+            if not pending['exact']:  # another number of processes: rank 0's state, then one stream per rank
                 reseed_per_rank()
             rec = next((c for c in self.learn.cbs if isinstance(c, Recorder)), None)
-            if self.pending_recorder and rec is not None:
-                rec.smooth_loss.val = self.pending_recorder['val']  # fastai keeps it on the CPU (to_detach)
-                rec.smooth_loss.count = self.pending_recorder['count']
+            if pending['recorder'] and rec is not None:
+                rec.smooth_loss.val = pending['recorder']['val']  # fastai keeps it on the CPU (to_detach)
+                rec.smooth_loss.count = pending['recorder']['count']
             scaler = getattr(self.learn, 'scaler', None)
-            if self.pending_scaler and scaler is not None:  # fp16: the loss scale and its growth tracker
-                scaler.load_state_dict(self.pending_scaler)
-            self.pending_rng = self.pending_recorder = self.pending_scaler = None
-            self.pending_rng_exact = True
+            if pending['scaler'] and scaler is not None:  # fp16: the loss scale and its growth tracker
+                scaler.load_state_dict(pending['scaler'])
+
+    def resume(self, path) -> int:
+        """Load the checkpoint `path` into the learner (model, optimiser, step) and keep its random states, the
+        Recorder's smoothed loss and the loss scale for the next fit; returns the epoch to start from
+        (`learn.resume(path)` calls it). Refuses a checkpoint of another configuration, naming the differences."""
+        ck = load_checkpoint(path, map_location='cpu')  # random states must be CPU tensors
+        m, learn = self.dm, self.learn
+        want = dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict())
+        got = ck['config']
+        if got != want:
+            diff = {f'{part}.{k}': (got[part].get(k), want[part].get(k)) for part in want
+                    for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
+            raise ValueError(f'checkpoint {path} was written by a different configuration (checkpoint, this learner): '
+                             f'{diff}')
+        device = getattr(learn.dls, 'device', None) or next(m.parameters()).device
+        m.to(device)  # where the fit will run, so that the optimiser state goes there too
+        m.load_state_dict(ck['model'])
+        if learn.opt is None:
+            learn.create_opt()
+        state = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in ck['opt']['state']]
+        learn.opt.load_state_dict(dict(state=state, hypers=L(ck['opt']['hypers'])))
+        rng, exact = rank_rng_state(ck)
+        self.pending = dict(rng=rng, exact=exact, recorder=ck.get('recorder'), scaler=ck.get('scaler'))
+        self.last_saved = Path(path)
+        return ck['epoch'] + 1
 
     def before_train(self):
         self._trained = not in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips

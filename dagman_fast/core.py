@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
            'check_ratio', 'parse_span', 'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find', 'skip_to_epoch', 'after',
-           'DAGMaNCallback', 'step_timer']
+           'before', 'DAGMaNCallback', 'step_timer']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -145,6 +145,11 @@ def after(*callbacks, gap: int = 1) -> int:
     (its `run_after` / `run_before` attributes are not read), so a callback states what it must follow with
     `order = after(MixedPrecision)` instead of a bare number."""
     return max(c.order for c in callbacks) + gap
+
+
+def before(*callbacks, gap: int = 1) -> int:
+    "An `order` that runs before each of `callbacks`: `order = before(Recorder)` (see `after`)."
+    return min(c.order for c in callbacks) - gap
 
 
 class DAGMaNCallback(Callback):

@@ -20,8 +20,8 @@ from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastcore.foundation import L
 
-from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, PatchDropout, PretrainLog
-from .checkpoint import DAGMaNCheckpoint, load_checkpoint, rank_rng_state, save_encoder
+from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, NoisyTeacher, PretrainLog
+from .checkpoint import DAGMaNCheckpoint, save_encoder
 from .core import check_option, unwrap
 from .distributed import DistributedLearner, rank, world_size
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
@@ -79,31 +79,12 @@ class DAGMaNLearner(DistributedLearner):
 
     def resume(self, path) -> int:
         """Load a checkpoint (model, optimiser, step; the random states apply when the next fit starts) and return the
-        epoch to start from: `learn.fit_warmup_cosine(n, start_epoch=learn.resume(path))`."""
-        ck = load_checkpoint(path, map_location='cpu')  # random states must be CPU tensors
-        m = unwrap(self.model)
-        want = dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict())
-        got = ck['config']
-        if got != want:
-            diff = {f'{part}.{k}': (got[part].get(k), want[part].get(k)) for part in want
-                    for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
-            raise ValueError(f'checkpoint {path} was written by a different configuration (checkpoint, this learner): '
-                             f'{diff}')
-        device = getattr(self.dls, 'device', None) or next(m.parameters()).device
-        m.to(device)  # where the fit will run, so that the optimiser state goes there too
-        m.load_state_dict(ck['model'])
-        if self.opt is None:
-            self.create_opt()
-        state = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in ck['opt']['state']]
-        self.opt.load_state_dict(dict(state=state, hypers=L(ck['opt']['hypers'])))
+        epoch to start from: `learn.fit_warmup_cosine(n, start_epoch=learn.resume(path))`. The learner's
+        `DAGMaNCheckpoint` callback does it (`DAGMaNCheckpoint.resume`)."""
         ckcb = next((c for c in self.cbs if isinstance(c, DAGMaNCheckpoint)), None)
         if ckcb is None:
             raise ValueError('resume needs the DAGMaNCheckpoint callback (dagman_learner adds it unless checkpoint=None)')
-        (ckcb.pending_rng, ckcb.pending_rng_exact), ckcb.pending_recorder = rank_rng_state(ck), ck.get('recorder')
-        ckcb.pending_scaler = ck.get('scaler')
-        ckcb.last_saved = Path(path)
-        self.resume_epoch = ck['epoch'] + 1
-        return self.resume_epoch
+        return ckcb.resume(path)
 
 
 def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_teacher: bool | None = None,
@@ -161,7 +142,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     model = DAGMaNModel(ecfg, config)
     callbacks = [EMATeacher(), AttentionGuidedMasking(), FreezeLastLayer(), StopOnNaN(), StopOnDivergence()]
     if config.noisy_teacher and config.patch_drop > 0:
-        callbacks.append(PatchDropout())
+        callbacks.append(NoisyTeacher())
     if config.clip_grad:
         callbacks.append(GradientClip(config.clip_grad))
     device = getattr(dls, 'device', None)

@@ -393,13 +393,13 @@ class DAGMaNModel(nn.Module):
     def forward(self, *views: torch.Tensor, cell_mask: torch.Tensor | None = None) -> dict:
         """The student's pass on all views at once; `cell_mask` may also come last in `views` (fastai's `xb`).
 
-        Returns a dict of tensors: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon`
-        (the AMIP reconstruction), `images` (the views, concatenated) and `cell_mask`.
+        Returns a dict: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon` (the AMIP
+        reconstruction), `images` (the views, concatenated), `cell_mask` and `n_views` (an int: how the rows split
+        into views, for `loss`).
         """
         if cell_mask is None and views and views[-1].dtype == torch.bool:
             views, cell_mask = views[:-1], views[-1]
         x = torch.cat(views)
-        self.n_views = len(views)
         patch_mask = None
         if cell_mask is not None:
             patch_mask = upsample_mask(cell_mask, self.cell_grid(x.shape[2:]), self.cell_factor)
@@ -408,7 +408,7 @@ class DAGMaNModel(nn.Module):
         pred.update({f'sf_{k}': v for k, v in feats.items()})
         if self.recon is not None:
             pred['recon'] = self.recon(out.features[-1])
-        pred['images'] = x
+        pred['images'], pred['n_views'] = x, len(views)
         if cell_mask is not None:
             pred['cell_mask'] = cell_mask
         return pred
@@ -434,9 +434,8 @@ class DAGMaNModel(nn.Module):
         frac = (self.step.float() / warm).clamp(max=1) if warm > 0 else torch.ones((), device=self.step.device)
         return c.teacher_temp + (c.teacher_temp_final - c.teacher_temp) * frac
 
-    def _global(self, name: str, s: torch.Tensor, t: torch.Tensor, tt) -> torch.Tensor:
-        "AITD / GITD: student view i against teacher view j != i (cross_view) or j == i, over all pairs at once."
-        v = self.n_views
+    def _global(self, name: str, s: torch.Tensor, t: torch.Tensor, tt, v: int) -> torch.Tensor:
+        "AITD / GITD on `v` views: student view i against teacher view j != i (cross_view) or j == i, all pairs at once."
         s, t = s.view(v, -1, s.shape[-1]), t.view(v, -1, t.shape[-1])
         if self.config.cross_view and v > 1:
             pairs = [(i, j) for i in range(v) for j in range(v) if i != j]
@@ -450,7 +449,7 @@ class DAGMaNModel(nn.Module):
         tt = self.teacher_temp()
         for name in ('aitd', 'gitd'):
             if name in c.losses:
-                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt)
+                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt, pred['n_views'])
         if 'ampd' in c.losses:
             terms['ampd'] = self.distill['ampd'](pred['s_ampd'], guide['t_ampd'], tt, weight=guide['cell_mask'])
         if 'amip' in c.losses:
@@ -463,9 +462,10 @@ class DAGMaNModel(nn.Module):
         if c.koleo_weight:  # per view, on the inputs of the global heads (DINOv2: per global crop, on [CLS])
             # with mask_prob < 1, only the views the student sees whole: a masked view's features also depend on
             # the random mask, a spread that the teacher, which sees every view whole, never gets
-            whole = (~guide['cell_mask'].any(-1)).chunk(self.n_views) if c.mask_prob < 1 else None
+            v = pred['n_views']
+            whole = (~guide['cell_mask'].any(-1)).chunk(v) if c.mask_prob < 1 else None
             koleo = sum(koleo_loss(f if whole is None else f[w]) for name in ('aitd', 'gitd') if f'sf_{name}' in pred
-                        for f, w in zip(pred[f'sf_{name}'].chunk(self.n_views), whole or [None] * self.n_views)
+                        for f, w in zip(pred[f'sf_{name}'].chunk(v), whole or [None] * v)
                         if whole is None or int(w.sum()) >= 2)
             if torch.is_tensor(koleo):
                 terms['koleo'] = koleo

@@ -10,10 +10,12 @@ import time
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
+from fastai.learner import Recorder
 from fastcore.foundation import L
 from torch.amp import GradScaler, autocast
 
-from .core import in_lr_find, skip_to_epoch, unwrap
+from .core import after, before, in_lr_find, skip_to_epoch, unwrap
 from .distributed import all_max, all_mean, rank
 
 try:  # the TensorBoard callback needs the optional tensorboard package
@@ -170,7 +172,7 @@ class SkipEmptyValidation(Callback):
     the switch (`valid_metrics`) but always runs the validation loop, so this callback sets the one, from the
     `Recorder`'s own setting and `dls.valid` at every fit, and cancels the other for an empty loader only
     (`get_preds(dl=...)` on other data runs as usual)."""
-    order = 49  # before the Recorder (50) names its columns, and before the progress bar (60) starts
+    order = before(Recorder)  # before the Recorder names its columns, and before the progress bar starts
 
     def before_fit(self):
         if not hasattr(self, '_wanted'):  # the Recorder's setting before this callback first changed it
@@ -185,7 +187,7 @@ class SkipEmptyValidation(Callback):
 class NoSkippedRows(Callback):
     """Keeps the epochs a resumed fit skips (`fit(..., start_epoch=n)`, fastai's `SkipToEpoch`) out of the progress
     table, which would otherwise print an empty row with a time of 00:00 for each of them."""
-    order = 65  # after the progress bar (60) has made the table its logger
+    order = after(ProgressCallback, gap=5)  # after the progress bar has made the table its logger
 
     def before_fit(self):
         self._skip_to, self._inner = skip_to_epoch(self.learn), self.learn.logger
@@ -207,7 +209,7 @@ class DAGMaNTensorBoard(TensorBoardCallback or Callback):
     nothing written where fastai made no writer (ranks > 0, `lr_find`, `get_preds`) or logged for validation-only
     passes (`validate`), and, in pretraining, the rows of `PretrainLog` (`learn.pretrain_step_row` every few steps,
     `learn.pretrain_log` every epoch). Make it with `tensorboard_callback`."""
-    order = 56  # after PretrainLog (55) has added the epoch's row, and after the Recorder (50)
+    order = after(Recorder, gap=6)  # after PretrainLog (`callbacks`, the Recorder's + 5) has added the epoch's row
     _done = 0  # steps trained in earlier fits of this learner
 
     def before_fit(self):

@@ -15,7 +15,7 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
 
-from dagman_fast.callbacks import AttentionGuidedMasking, EMATeacher, PatchDropout
+from dagman_fast.callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher
 from dagman_fast.checkpoint import CHECKPOINT_FORMAT, DAGMaNCheckpoint, load_checkpoint, load_encoder
 from dagman_fast.learner import dagman_learner
 from dagman_fast.model import METHODS, DAGMaNConfig, DAGMaNModel
@@ -245,7 +245,7 @@ def test_loss_switches_and_ampd_on_masked_cells_only(tmp_path):
 
 def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     learn = make_learner(tmp_path, patch_drop=0.25)
-    assert any(isinstance(c, PatchDropout) for c in learn.cbs)
+    assert any(isinstance(c, NoisyTeacher) for c in learn.cbs)
     seen = {}
     def hook(mod, args):  # returns None: the arguments stay as they are
         seen.setdefault('mask', args[1])
@@ -264,7 +264,7 @@ def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     t = enc._apply_mask(enc.patch_embed(x), mask[:1], 'zero')[0]  # (d, h, w, c)
     assert t[mask[0]].abs().max() == 0 and t[~mask[0]].abs().max() > 0  # dropped: zero; kept: untouched
     plain = make_learner(tmp_path, noisy_teacher=False)
-    assert not any(isinstance(c, PatchDropout) for c in plain.cbs)
+    assert not any(isinstance(c, NoisyTeacher) for c in plain.cbs)
 
 
 def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
@@ -410,7 +410,7 @@ def test_every_method_trains_a_step(tmp_path, method):
     assert m.config.masking == spec.get('masking', 'attention')
     assert m.config.noisy_teacher == spec.get('noisy_teacher', True)
     assert m.config.losses == spec.get('losses', ('aitd', 'ampd', 'gitd', 'amip'))
-    assert any(isinstance(c, PatchDropout) for c in learn.cbs) == m.config.noisy_teacher
+    assert any(isinstance(c, NoisyTeacher) for c in learn.cbs) == m.config.noisy_teacher
     if 'sa_stage' in spec.get('encoder', {}):
         assert m.encoder_config.sa_stage == spec['encoder']['sa_stage']
     before = [p.clone() for p in m.student.parameters()]
@@ -500,7 +500,7 @@ def test_lr_find_writes_no_checkpoint_and_keeps_a_pending_resume(tmp_path):
     with again.no_bar(), again.no_logging():
         again.lr_find(num_it=4, show_plot=False)
     assert path.read_bytes() == good and (tmp_path / 'pretrain_log.csv').read_text() == log
-    assert next(c for c in again.cbs if isinstance(c, DAGMaNCheckpoint)).pending_rng is not None
+    assert next(c for c in again.cbs if isinstance(c, DAGMaNCheckpoint)).pending is not None
 
 
 def test_ct_loaders_and_learner_use_the_default_device(tmp_path):
