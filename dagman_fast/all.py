@@ -23,10 +23,11 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
 from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans, label_groups,
                               medmnist3d_dls, medmnist3d_ssl_dls, nodule_crops_dls, nodule_labels, seg_pairs_dls,
                               preprocess_scans, read_ct_index, show_batch_3d, synthetic_ct)
-from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_class, evaluate_classifier,
-                                  evaluate_segmenter, few_shot_indices, load_classifier, load_segmenter, plot_overlay,
-                                  plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
-                                  stratified_folds, subset_dls, summarize)
+from .classify import (cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices,
+                                  load_classifier, plot_roc, save_classifier, stratified_folds, subset_dls,
+                                  summarize)
+from .segment import (dice_per_class, evaluate_segmenter, load_segmenter, plot_overlay, predict_volume,
+                                 save_segmenter, seg_learner, SegModel)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
 from .callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher, PretrainLog
 from .train_utils import DeviceMixedPrecision, StepTimer, tensorboard_callback

@@ -19,9 +19,10 @@ from fastai.callback.core import Callback
 from .callbacks import PretrainLog
 from .core import HU_WINDOW, as_triple, before, unwrap
 from .data import _preprocess, label_groups
-from .finetune import CLASSIFIER_FORMAT, ClsModel, load_classifier, pad_offsets, pad_to_encoder, resolve_encoder
+from .checkpoint import resolve_encoder
+from .classify import CLASSIFIER_FORMAT, ClsModel, load_classifier
 from .model import DAGMaNModel
-from .swin import SwinEncoder, ViTEncoder
+from .swin import SwinEncoder, ViTEncoder, pad_offsets, pad_to_encoder
 
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'window_attention_probs', 'global_attention_probs', 'attention_distance', 'attention_entropy',

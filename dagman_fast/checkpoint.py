@@ -5,6 +5,7 @@
 # %% ../nbs/04c_checkpoint.ipynb #dc0397f8
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -17,18 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.learner import Recorder
+import torch.nn as nn
+from fastai.learner import Learner, Recorder
 from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
 from . import __version__
-from .core import DAGMaNCallback, after, in_lr_find, strip_prefixes
+from .core import DAGMaNCallback, after, in_lr_find, strip_prefixes, unwrap
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
+from .model import DAGMaNModel
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'SMIT_MERGE_ORDER', 'LAYOUTS', 'atomic_save', 'remove_orphans',
-           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder', 'save_encoder']
+           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder', 'save_encoder',
+           'resolve_encoder', 'save_model', 'load_model']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
@@ -394,3 +398,39 @@ def save_encoder(encoder: SwinEncoder | ViTEncoder, path, sidecar: bool = True) 
         tmp.write_text(json.dumps(cfg, indent=1) + '\n')
         os.replace(tmp, path.with_suffix('.json'))
     return path
+
+# %% ../nbs/04c_checkpoint.ipynb #b6a3058d
+def resolve_encoder(encoder=None, preset: str = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
+    """An encoder from `None` (a new `preset` with `overrides`), a path (`load_encoder`: an export or a checkpoint),
+    a `DAGMaNLearner` / `DAGMaNModel` (a copy of its student encoder) or an encoder module (a copy of it)."""
+    if encoder is None:
+        return build_encoder(preset, **overrides)
+    if isinstance(encoder, (str, os.PathLike)):
+        return load_encoder(encoder)
+    model = unwrap(encoder.model) if isinstance(encoder, Learner) else encoder
+    if isinstance(model, DAGMaNModel):
+        return copy.deepcopy(model.student.encoder)
+    if isinstance(model, (SwinEncoder, ViTEncoder)):
+        return copy.deepcopy(model)  # fine-tuning (or a k-fold loop) never changes the caller's encoder
+    raise TypeError(f'encoder must be None, a path, a DAGMaNLearner or an encoder module; got {type(encoder).__name__}')
+
+
+def save_model(model: nn.Module, path, fmt: str, data: dict | None, **meta) -> Path:
+    """A fine-tuned `model` (with an `encoder`) in format `fmt`: its weights, the encoder's config, `meta` (what
+    rebuilds the head) and `data` (how its data was built), plain values only (loads with `weights_only=True`),
+    written atomically. `save_classifier` and `save_segmenter` call it."""
+    return atomic_save(dict(format=fmt, encoder=model.encoder.config.to_dict(), data=dict(data or {}),
+                            state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta), path)
+
+
+def load_model(path, fmt: str, build) -> nn.Module:
+    """A model saved by `save_model` in format `fmt`, in eval mode: `build(encoder, saved dict)` makes the module.
+    Refuses a file of another format, naming the path."""
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(obj, dict) or obj.get('format') != fmt:
+        kind = fmt.split('.')[-1]
+        raise ValueError(f'{path} is not a {kind} saved by dagman_fast (dagman finetune)')
+    model = build(build_encoder(encoder_config_from_dict(obj['encoder'])), obj)
+    model.load_state_dict(obj['state_dict'])
+    model.data = obj.get('data', {})
+    return model.eval()

@@ -533,7 +533,7 @@ def _finite(x):
 
 
 def _report(model, dls, out: Path, split: str) -> dict:
-    from dagman_fast.finetune import evaluate_classifier, plot_roc
+    from dagman_fast.classify import evaluate_classifier, plot_roc
     dl = dls.test if split == 'test' else dls.valid
     model.to(dls.device or 'cpu')
     res, probs, labels = evaluate_classifier(model, dl)
@@ -630,7 +630,7 @@ def _finetune(args) -> int:
     from fastai.torch_core import set_seed
 
     from dagman_fast.distributed import setup_distributed
-    from dagman_fast.finetune import cls_learner, few_shot_indices, save_classifier, subset_dls
+    from dagman_fast.classify import cls_learner, few_shot_indices, save_classifier, subset_dls
     from dagman_fast.swin import build_encoder, encoder_config
     if not 0 < args.fraction <= 1:
         raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
@@ -673,7 +673,8 @@ def _finetune(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from dagman_fast.finetune import SEGMENTER_FORMAT, load_classifier
+    from dagman_fast.classify import load_classifier
+    from dagman_fast.segment import SEGMENTER_FORMAT
     obj = torch.load(args.classifier, map_location='cpu', weights_only=True)
     if isinstance(obj, dict) and obj.get('format') == SEGMENTER_FORMAT:
         return _evaluate_seg(args)
@@ -760,7 +761,7 @@ def _finetune_seg(args) -> int:
 
     from dagman_fast.data import seg_pairs_dls
     from dagman_fast.distributed import setup_distributed
-    from dagman_fast.finetune import save_segmenter, seg_learner
+    from dagman_fast.segment import save_segmenter, seg_learner
     from dagman_fast.swin import build_encoder, encoder_config
     _check_task_args(args, seg=True)
     if args.fraction < 1:
@@ -822,7 +823,7 @@ def _seg_report(model, volumes, out: Path, args) -> dict:
     "Whole-volume Dice per class (named), the volumes each class mean rests on, and an overlay PNG per volume."
     import torch
 
-    from dagman_fast.finetune import evaluate_segmenter, plot_overlay
+    from dagman_fast.segment import evaluate_segmenter, plot_overlay
     if torch.cuda.is_available():
         model.cuda()  # as during fine-tuning: the same numbers from `dagman evaluate`
     res, preds = evaluate_segmenter(model, volumes, roi_size=args.roi or args.crop)
@@ -839,7 +840,7 @@ def _seg_report(model, volumes, out: Path, args) -> dict:
 
 def _evaluate_seg(args) -> int:
     from dagman_fast.data import CTPreprocess, SegVolumes, label_groups
-    from dagman_fast.finetune import load_segmenter
+    from dagman_fast.segment import load_segmenter
     _check_task_args(args, seg=True)
     model = load_segmenter(args.classifier)
     saved = dict(getattr(model, 'data', {}))

@@ -16,6 +16,7 @@ import torch
 import fastai.callback.progress  # noqa: F401  fastai's progress bars for every Learner
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle, lr_find to Learner
 from fastai.callback.schedule import ParamScheduler
+from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastcore.foundation import L
@@ -25,13 +26,13 @@ from .checkpoint import DAGMaNCheckpoint, save_encoder
 from .core import check_option, unwrap
 from .distributed import DistributedLearner, rank, world_size
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
-from .schedule import warmup_cosine_scheds
+from .schedule import layer_decay_lrs, warmup_cosine_scheds
 from .swin import ViTConfig, encoder_config
 from .train_utils import (DeviceMixedPrecision, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
                                      StopOnNaN)
 
 # %% auto #0
-__all__ = ['DAGMaNLearner', 'dagman_learner']
+__all__ = ['DAGMaNLearner', 'dagman_learner', 'FineTuneLearner']
 
 # %% ../nbs/05_learner.ipynb #ca88a110
 class DAGMaNLearner(DistributedLearner):
@@ -171,3 +172,46 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
                           path=path if path is not None else getattr(dls, 'path', '.'), cbs=callbacks + list(cbs or []))
     learn.wd_final = wd_final
     return learn
+
+# %% ../nbs/05_learner.ipynb #62e1a982
+class FineTuneLearner(DistributedLearner):
+    """The `Learner` of `cls_learner` and `seg_learner`: fastai's, data parallel under `torchrun` (see
+    `DistributedLearner`); `fine_tune` keeps fastai's meaning, and `fine_tune_recipe` is the transformer recipe."""
+
+    def fine_tune_recipe(self, epochs: int, lr: float | None = None, layer_decay: float = 0.75, warmup: float = 0.1,
+                         lr_min: float = 1e-6, monitor: str | None = None, fname: str = 'best', cbs=None) -> None:
+        """Fine-tune the way transformers are (BEiT, MAE): every layer trains from the first step, with layer-wise
+        learning-rate decay over the parameter groups (`layer_decay_lrs`: the head at `lr`, each Swin stage below it
+        `layer_decay` times the one above), a linear warm-up over the first `warmup` of the steps then a cosine to
+        `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's
+        optimiser); the epoch with the best validation `monitor` (default: the first metric, AUC for `cls_learner`;
+        else the validation loss) is kept by fastai's `SaveModelCallback` and loaded at the end, so the test split is
+        scored once, on the weights the validation split chose.
+
+        Example: `learn.fine_tune_recipe(30, 1e-3)`.
+        """
+        if monitor is None:
+            monitor = self.metrics[0].name if len(self.metrics) else 'valid_loss'
+        self.unfreeze()
+        if self.opt is None:
+            self.create_opt()
+        lrs = layer_decay_lrs(len(self.opt.hypers), self.lr if lr is None else lr, layer_decay)
+        # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
+        sched = ParamScheduler(warmup_cosine_scheds(lrs, warmup, lr_min * lrs / lrs.max()))
+        comp = np.less if 'loss' in monitor else np.greater
+        keep = _KeepBest(monitor=monitor, comp=comp, fname=fname)
+        self.fit(epochs, cbs=[sched, keep] + list(cbs or []))
+        self.best_epoch, self.best_value, self.monitor = keep.best_epoch, float(keep.best), monitor
+
+
+class _KeepBest(SaveModelCallback):
+    "fastai's `SaveModelCallback`, which also remembers which epoch it kept (`best_epoch`, 0-based)."
+
+    def before_fit(self):
+        super().before_fit()
+        self.best_epoch = None
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best:
+            self.best_epoch = self.epoch

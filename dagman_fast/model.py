@@ -394,8 +394,8 @@ class DAGMaNModel(nn.Module):
         """The student's pass on all views at once; `cell_mask` may also come last in `views` (fastai's `xb`).
 
         Returns a dict: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon` (the AMIP
-        reconstruction), `images` (the views, concatenated), `cell_mask` and `n_views` (an int: how the rows split
-        into views, for `loss`).
+        reconstruction), `images` (the views, concatenated), `cell_mask` and `n_views` (a CPU tensor holding how
+        the rows split into views, for `loss`).
         """
         if cell_mask is None and views and views[-1].dtype == torch.bool:
             views, cell_mask = views[:-1], views[-1]
@@ -408,7 +408,7 @@ class DAGMaNModel(nn.Module):
         pred.update({f'sf_{k}': v for k, v in feats.items()})
         if self.recon is not None:
             pred['recon'] = self.recon(out.features[-1])
-        pred['images'], pred['n_views'] = x, len(views)
+        pred['images'], pred['n_views'] = x, torch.tensor(len(views))  # a CPU tensor: fastai's hooks map tensors
         if cell_mask is not None:
             pred['cell_mask'] = cell_mask
         return pred
@@ -449,7 +449,7 @@ class DAGMaNModel(nn.Module):
         tt = self.teacher_temp()
         for name in ('aitd', 'gitd'):
             if name in c.losses:
-                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt, pred['n_views'])
+                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt, int(pred['n_views']))
         if 'ampd' in c.losses:
             terms['ampd'] = self.distill['ampd'](pred['s_ampd'], guide['t_ampd'], tt, weight=guide['cell_mask'])
         if 'amip' in c.losses:
@@ -462,7 +462,7 @@ class DAGMaNModel(nn.Module):
         if c.koleo_weight:  # per view, on the inputs of the global heads (DINOv2: per global crop, on [CLS])
             # with mask_prob < 1, only the views the student sees whole: a masked view's features also depend on
             # the random mask, a spread that the teacher, which sees every view whole, never gets
-            v = pred['n_views']
+            v = int(pred['n_views'])
             whole = (~guide['cell_mask'].any(-1)).chunk(v) if c.mask_prob < 1 else None
             koleo = sum(koleo_loss(f if whole is None else f[w]) for name in ('aitd', 'gitd') if f'sf_{name}' in pred
                         for f, w in zip(pred[f'sf_{name}'].chunk(v), whole or [None] * v)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import numpy as np
 from fastai.callback.schedule import SchedCos, SchedLin, SchedNo, combine_scheds
 
+from .core import check_ratio
+
 # %% auto #0
-__all__ = ['warmup_cosine_scheds']
+__all__ = ['warmup_cosine_scheds', 'layer_decay_lrs']
 
 # %% ../nbs/00a_schedule.ipynb #a850d560
 def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999), wd=None,
@@ -33,3 +35,10 @@ def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9
             raise ValueError('a weight-decay schedule needs its start: wd_final without wd')
         scheds['wd'] = SchedCos(wd, wd_final)
     return scheds
+
+# %% ../nbs/00a_schedule.ipynb #daeae59b
+def layer_decay_lrs(n_groups: int, lr: float, decay: float = 0.75) -> np.ndarray:
+    """Layer-wise learning-rate decay (BEiT, MAE fine-tuning): `lr` for the last parameter group (the head), times
+    `decay` for each group below it, down to the first (the patch embedding and the first Swin stage)."""
+    check_ratio(decay, 'layer_decay', low_open=True)
+    return lr * decay ** np.arange(n_groups - 1, -1, -1, dtype=float)

@@ -159,7 +159,8 @@ def _metrics(out: Path, bs: int) -> tuple[dict, torch.Tensor]:
     classifier's `FeatureNorm` statistics, which `FeatureStats` computes from the training crops shared out between
     the ranks."""
     from dagman_fast.distributed import DistributedLearner
-    from dagman_fast.finetune import DiceScore, cls_learner
+    from dagman_fast.classify import cls_learner
+    from dagman_fast.segment import DiceScore
     set_seed(0)
     g = torch.Generator().manual_seed(3)
     x = torch.rand(7, 1, CROP, CROP, CROP, generator=g)

@@ -18,7 +18,7 @@ from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransform
 from dagman_fast.callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher
 from dagman_fast.checkpoint import CHECKPOINT_FORMAT, DAGMaNCheckpoint, load_checkpoint, load_encoder
 from dagman_fast.learner import dagman_learner
-from dagman_fast.model import METHODS, DAGMaNConfig, DAGMaNModel
+from dagman_fast.model import METHODS, DAGMaNConfig
 from dagman_fast.train_utils import StepTimer
 from dagman_fast.losses import TokenBatchNorm
 from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
