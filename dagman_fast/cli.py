@@ -17,11 +17,18 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .core import HU_WINDOW, SPACING
-
 # %% auto #0
 __all__ = ['TINY_HEADS', 'DEMO_CROPS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY',
            'CLIError', 'build_parser', 'main']
+
+# %% ../nbs/08_cli.ipynb #46c59742
+# `dagman` is an application: it hides the one notice of its dependencies that no user can act on, the deprecation
+# of `torch.jit.script` that fastai.layers triggers when it is imported (torch >= 2.10). The library itself installs
+# no filter or import hook for it.
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=DeprecationWarning)
+
+# %% ../nbs/08_cli.ipynb #c13be340
+from .core import HU_WINDOW, SPACING
 
 # %% ../nbs/08_cli.ipynb #d0c0088b
 _HU_TEXT = f'{HU_WINDOW[0]:g} {HU_WINDOW[1]:g}'  # the default HU window as the options take it
@@ -168,9 +175,7 @@ def _parse_set(items) -> dict:
                 raise CLIError(f'--set {k}: not an encoder field; encoder fields: {sorted(enc)}')
             kind = enc[k[len('encoder.'):]]
         elif k not in method:
-            hint = (f' (an encoder field: write --set encoder.{k}=...)' if k in enc else
-                    " (replaced by loss_weights: --set \"loss_weights={'aitd': W, 'ampd': W, 'gitd': W}\")"
-                    if k == 'distill_weight' else '')
+            hint = f' (an encoder field: write --set encoder.{k}=...)' if k in enc else ''
             raise CLIError(f'--set {k}: not a DAGMaNConfig field{hint}; fields: {sorted(method)}')
         else:
             kind = method[k]
@@ -1080,7 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
     s.add_argument('--size', type=int, choices=[28, 64], default=None, help='MedMNIST image size, 28 (default) or 64')
-    s.add_argument('--method', '--preset', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
+    s.add_argument('--method', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
                    help="the method: dagman (default, the paper's), a baseline or an ablation on the same engine "
                         '(listed below)')
     s.add_argument('--encoder', choices=list(PRESETS), default=None,

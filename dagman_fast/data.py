@@ -1091,7 +1091,7 @@ def nodule_labels(median, rule: str = 'paper') -> np.ndarray:
 
 def nodule_crops_dls(path, size: int = 32, hu_range=NODULE_HU_WINDOW, min_readers: int = 1,
                      label_rule: str = 'paper', valid_pct: float = 0.34, bs: int = 4, seed: int = 0,
-                     num_workers: int = 0, drop_indeterminate: bool | None = None):
+                     num_workers: int = 0):
     """fastai `DataLoaders` for labelled nodule crops in the layout of `lidc_idri_0001-0003_nodules.npz`
     (`images_{size}` HU, `malignancy_median`, `n_readers`), lung-windowed to [0, 1], labels 0 benign / 1 malignant.
 
@@ -1101,14 +1101,10 @@ def nodule_crops_dls(path, size: int = 32, hu_range=NODULE_HU_WINDOW, min_reader
             malignant, all nodules kept) or 'drop-indeterminate' (median 3 left out). A file without
             `malignancy_median` falls back to its `labels` (-1 indeterminate), which only 'drop-indeterminate' can use.
         valid_pct: share of the kept nodules held out (at least one when there are two or more).
-        drop_indeterminate: deprecated; True is `label_rule='drop-indeterminate'`, False `label_rule='paper'`.
 
     No label below 0 ever reaches a batch. `dls.label_rule` and `dls.counts` (nodules per class, train + valid)
     say what was used.
     """
-    if drop_indeterminate is not None:
-        label_rule = 'drop-indeterminate' if drop_indeterminate else 'paper'
-        warnings.warn(f"drop_indeterminate is deprecated: use label_rule={label_rule!r}", FutureWarning, stacklevel=2)
     check_option(label_rule, NODULE_LABEL_RULES, 'label_rule')
     path = Path(path)
     if not path.exists():

@@ -127,7 +127,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     if encoder is None:
         encoder = 'swin-smit' if arch == 'swin' else 'vit-base'
     base = encoder_config(encoder) if isinstance(encoder, str) else encoder
-    valid = {f.name for f in fields(DAGMaNConfig)} | {'distill_weight'}
+    valid = {f.name for f in fields(DAGMaNConfig)}
     enc_fields = {f.name for f in fields(base)}
     bad = set(cfg) - valid - enc_fields
     if bad:

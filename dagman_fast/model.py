@@ -6,8 +6,7 @@
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
@@ -64,8 +63,7 @@ class DAGMaNConfig(_JSONConfig):
         terms (`PAPER_LOSS_WEIGHTS`: AITD, AMPD, GITD 0.1, AMIP 1, the paper's Appendix A). cross_view: AITD and GITD
         compare the student's view i with the teacher's view j != i (True: DINO, iBOT) or with the same view (False,
         the default; the paper is silent): measured, independent random crops of a scan share too little for the
-        cross-view targets, which stayed uniform (`BENCHMARKS.md`, "Self-distillation that learns"). `distill_weight=w` (the one distillation weight of earlier versions) still works with a
-        `FutureWarning`: it sets `loss_weights` to w for AITD, AMPD and GITD.
+        cross-view targets, which stayed uniform (`BENCHMARKS.md`, "Self-distillation that learns").
     Heads and temperatures (the paper is silent on them; sizes from DINO and iBOT, the rest measured against collapse
     in `BENCHMARKS.md`, "Self-distillation that learns"; `method='dagman-dino'` gives DINO's values back):
         out_dim 8192, head_hidden 2048, head_bottleneck 256, head_layers 3; student_temp 0.1. teacher_temp 0.02
@@ -131,9 +129,8 @@ class DAGMaNConfig(_JSONConfig):
     distill_warmup: float | str = 0
     freeze_last_layer: float | str = '10%'
     clip_grad: float | None = 3.0
-    distill_weight: InitVar[float | None] = None  # deprecated: see loss_weights
 
-    def __post_init__(self, distill_weight=None):
+    def __post_init__(self):
         check_option(self.masking, MASKINGS, 'masking')
         check_option(self.patch_drop_fill, ('zero', 'token'), 'patch_drop_fill')
         check_option(self.head, HEADS, 'head')
@@ -159,11 +156,6 @@ class DAGMaNConfig(_JSONConfig):
             raise ValueError(f'losses must name at least one of {LOSSES}')
         object.__setattr__(self, 'losses', tuple(n for n in LOSSES if n in losses))  # canonical order
         weights = dict(self.loss_weights or {})
-        if distill_weight is not None:
-            warnings.warn(f'distill_weight is deprecated: use loss_weights (distill_weight={distill_weight} means '
-                          f"loss_weights={{'aitd': {distill_weight}, 'ampd': {distill_weight}, 'gitd': "
-                          f'{distill_weight}}})', FutureWarning, stacklevel=3)
-            weights.update({n: distill_weight for n in DISTILL_LOSSES})
         for name, w in weights.items():
             check_option(name, LOSSES, 'loss_weights')
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0:

@@ -190,12 +190,6 @@ def test_total_loss_is_the_weighted_sum_of_the_terms(tmp_path, kw, weights):
     torch.testing.assert_close(total.detach(), sum(weights[k] * t[k] for k in t if k != 'koleo') + 0.1 * t['koleo'])
 
 
-def test_distill_weight_still_works_with_a_future_warning(tmp_path):
-    with pytest.warns(FutureWarning, match='loss_weights'):
-        m = make_learner(tmp_path, distill_weight=0.5).model
-    assert m.config.loss_weights == dict(aitd=0.5, ampd=0.5, gitd=0.5, amip=1.0)
-
-
 def test_defaults_are_the_papers(tmp_path):
     from dagman_fast.swin import PRESETS
     learn = make_learner(tmp_path)
