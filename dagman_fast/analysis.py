@@ -17,7 +17,8 @@ from einops import rearrange
 from fastai.callback.core import Callback
 
 from .callbacks import PretrainLog
-from .core import HU_WINDOW, as_triple, before, unwrap
+from .callback_base import before, unwrap
+from .core import HU_WINDOW, as_triple
 from .data import _preprocess, label_groups
 from .checkpoint import resolve_encoder
 from .classify import CLASSIFIER_FORMAT, ClsModel, load_classifier

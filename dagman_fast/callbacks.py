@@ -17,7 +17,8 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.training import GradientClip
 from fastai.learner import Recorder
 
-from .core import DAGMaNCallback, after, before, ema_cosine, in_lr_find, skip_to_epoch, step_timer
+from .callback_base import DAGMaNCallback, after, before, in_lr_find, skip_to_epoch, step_timer
+from .core import ema_cosine
 from .distributed import all_mean, rank
 from .losses import cls_attention_dissimilarity
 from .masking import patch_dropout_mask

@@ -24,7 +24,8 @@ from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
 from . import __version__
-from .core import DAGMaNCallback, after, in_lr_find, strip_prefixes, unwrap
+from .callback_base import DAGMaNCallback, after, in_lr_find, unwrap
+from .core import strip_prefixes
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
 from .model import DAGMaNModel
 from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict

@@ -20,7 +20,8 @@ from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
 from fastai.optimizer import Adam
 
 from .checkpoint import load_model, resolve_encoder, save_model
-from .core import check_option, check_ratio, unwrap
+from .callback_base import unwrap
+from .core import check_option, check_ratio
 from .distributed import all_sum, rank, world_size
 from .learner import FineTuneLearner
 from .swin import ViTEncoder, encoder_groups, pad_to_encoder, set_drop_path

@@ -325,7 +325,7 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
 def _check_replicas(learn) -> bool:
     """After a data-parallel fit: the weights, teacher and centres must be the same on every process (True when
     checked, False in a single process)."""
-    from dagman_fast.core import unwrap
+    from dagman_fast.callback_base import unwrap
     from dagman_fast.distributed import replicas_differ, world_size
     differ = replicas_differ(unwrap(learn.model))
     if differ:

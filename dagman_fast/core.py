@@ -9,13 +9,9 @@ import difflib
 import math
 from typing import Sequence
 
-import torch.nn as nn
-from fastai.callback.core import Callback
-
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
-           'check_ratio', 'parse_span', 'span_steps', 'ema_cosine', 'unwrap', 'in_lr_find', 'skip_to_epoch', 'after',
-           'before', 'DAGMaNCallback', 'step_timer']
+           'check_ratio', 'parse_span', 'span_steps', 'ema_cosine']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -123,43 +119,3 @@ def ema_cosine(start: float, step: int, total: int) -> float:
     if total <= 0:
         return start
     return 1 - (1 - start) * (math.cos(math.pi * min(step, total) / total) + 1) / 2
-
-# %% ../nbs/00_core.ipynb #7e83a48a
-def unwrap(model: nn.Module) -> nn.Module:
-    "The model inside a `DistributedDataParallel` (or `DataParallel`) wrapper; the model itself otherwise."
-    return getattr(model, 'module', model)
-
-
-def in_lr_find(learn) -> bool:
-    "Whether `learn` is inside fastai's `lr_find` (its `LRFinder` callback is attached)."
-    return any(type(c).__name__ == 'LRFinder' for c in learn.cbs)
-
-
-def skip_to_epoch(learn) -> int:
-    "The epoch a resumed fit starts from (`fit(..., start_epoch=n)` adds fastai's `SkipToEpoch`); 0 for a new fit."
-    return next((cb._skip_to for cb in learn.cbs if type(cb).__name__ == 'SkipToEpoch'), 0)
-
-
-def after(*callbacks, gap: int = 1) -> int:
-    """An `order` that runs after each of `callbacks` (classes or instances): fastai sorts callbacks by `order` alone
-    (its `run_after` / `run_before` attributes are not read), so a callback states what it must follow with
-    `order = after(MixedPrecision)` instead of a bare number."""
-    return max(c.order for c in callbacks) + gap
-
-
-def before(*callbacks, gap: int = 1) -> int:
-    "An `order` that runs before each of `callbacks`: `order = before(Recorder)` (see `after`)."
-    return min(c.order for c in callbacks) - gap
-
-
-class DAGMaNCallback(Callback):
-    "Base of the method's callbacks: `self.dm` is the `DAGMaNModel`, also when fastai wrapped it for DDP."
-
-    @property
-    def dm(self) -> nn.Module:
-        return unwrap(self.learn.model)
-
-
-def step_timer(learn):
-    "The `StepTimer` (`train_utils`) attached to `learn` while it fits, or None: callbacks mark their parts with it."
-    return getattr(learn, 'step_timer', None)

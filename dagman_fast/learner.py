@@ -23,7 +23,8 @@ from fastcore.foundation import L
 
 from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, NoisyTeacher, PretrainLog
 from .checkpoint import DAGMaNCheckpoint, save_encoder
-from .core import check_option, unwrap
+from .callback_base import unwrap
+from .core import check_option
 from .distributed import DistributedLearner, rank, world_size
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
 from .schedule import layer_decay_lrs, warmup_cosine_scheds

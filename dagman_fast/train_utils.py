@@ -15,17 +15,12 @@ from fastai.learner import Recorder
 from fastcore.foundation import L
 from torch.amp import GradScaler, autocast
 
-from .core import after, before, in_lr_find, skip_to_epoch, unwrap
-from .distributed import all_max, all_mean, rank
-
-try:  # the TensorBoard callback needs the optional tensorboard package
-    from fastai.callback.tensorboard import TensorBoardCallback
-except ImportError:
-    TensorBoardCallback = None
+from .callback_base import after, before, in_lr_find, skip_to_epoch, unwrap
+from .distributed import all_max, all_mean
 
 # %% auto #0
 __all__ = ['StepTimer', 'StopOnNaN', 'StopOnDivergence', 'DeviceMixedPrecision', 'SkipEmptyValidation', 'NoSkippedRows',
-           'DAGMaNTensorBoard', 'tensorboard_callback']
+           'tensorboard_callback']
 
 # %% ../nbs/00b_train_utils.ipynb #53e6ae65
 class StepTimer(Callback):
@@ -203,70 +198,16 @@ class NoSkippedRows(Callback):
             self.learn.logger = self._inner
 
 # %% ../nbs/00b_train_utils.ipynb #0cd84e9d
-class DAGMaNTensorBoard(TensorBoardCallback or Callback):
-    """fastai's `TensorBoardCallback` with one global step across fits and resumed runs (fastai's `train_iter`
-    restarts at every fit: `fine_tune`'s two fits, a run resumed at `start_epoch`), one writer for all of them,
-    nothing written where fastai made no writer (ranks > 0, `lr_find`, `get_preds`) or logged for validation-only
-    passes (`validate`), and, in pretraining, the rows of `PretrainLog` (`learn.pretrain_step_row` every few steps,
-    `learn.pretrain_log` every epoch). Make it with `tensorboard_callback`."""
-    order = after(Recorder, gap=6)  # after PretrainLog (`callbacks`, the Recorder's + 5) has added the epoch's row
-    _done = 0  # steps trained in earlier fits of this learner
-
-    def before_fit(self):
-        self.run = not in_lr_find(self.learn) and not hasattr(self, 'gather_preds') and rank() == 0
-        self._base = self._done + skip_to_epoch(self.learn) * len(self.dls.train)  # a resumed run continues its steps
-        self._trained = False
-        if self.run and getattr(self, 'writer', None) is None:
-            self._setup_writer()
-
-    def _step(self):
-        return self._base + self.train_iter
-
-    def after_batch(self):
-        if not (self.run and self.training):
-            return
-        self.writer.add_scalar('train_loss', self.smooth_loss, self._step())
-        for i, h in enumerate(self.opt.hypers):
-            for k, v in h.items():
-                self.writer.add_scalar(f'{k}_{i}', v, self._step())
-        row = getattr(self.learn, 'pretrain_step_row', None)  # PretrainLog's means of the last steps
-        if row:
-            self.learn.pretrain_step_row = None
-            for k, v in row.items():
-                if k not in ('step', 'epoch'):
-                    self.writer.add_scalar(f'steps/{k}', float(v), self._step())
-
-    def after_train(self):
-        self._trained = True
-
-    def after_epoch(self):
-        if not (self.run and self._trained):  # a skipped epoch of a resumed run, or `validate`
-            return
-        self._trained = False
-        for n, v in zip(self.recorder.metric_names[2:-1], self.recorder.log[2:-1]):
-            self.writer.add_scalar(n, v, self._step())
-        rows = getattr(self.learn, 'pretrain_log', None)
-        if rows and rows[-1].get('epoch') == self.epoch:
-            for k, v in rows[-1].items():
-                if k not in ('epoch', 'train_loss') and v not in ('', None):  # train_loss: logged every step
-                    self.writer.add_scalar(f'pretrain/{k}', float(v), self._step())
-        self.writer.flush()
-
-    def after_fit(self):
-        if self.run and self.train_iter:
-            self._done = self._base + self.train_iter
-        if getattr(self, 'writer', None) is not None:
-            self.writer.flush()  # kept open for the learner's next fit
-
-
-def tensorboard_callback(log_dir, **kwargs) -> DAGMaNTensorBoard:
-    """A `DAGMaNTensorBoard` writing to `log_dir` (`tensorboard --logdir DIR` shows it): the training loss and the
-    optimiser's hyper-parameters every step, the validation loss and metrics every epoch, and, in pretraining, every
-    figure of `PretrainLog`'s rows (each loss term, the teachers' entropies and centre norms, the collapse monitors,
-    the mask ratio, EMA momentum, teacher temperature) under `steps/` and `pretrain/`. Rank 0 writes. Needs the
-    `tensorboard` package (`pip install "dagman_fast[tensorboard]"`)."""
-    if TensorBoardCallback is None:
+def tensorboard_callback(log_dir, **kwargs):
+    """A `DAGMaNTensorBoard` (module `tensorboard_log`) writing to `log_dir` (`tensorboard --logdir DIR` shows it): the
+    training loss and the optimiser's hyper-parameters every step, the validation loss and metrics every epoch, and,
+    in pretraining, every figure of `PretrainLog`'s rows (each loss term, the teachers' entropies and centre norms, the
+    collapse monitors, the mask ratio, EMA momentum, teacher temperature) under `steps/` and `pretrain/`. Rank 0
+    writes. Needs the `tensorboard` package (`pip install "dagman_fast[tensorboard]"`)."""
+    try:  # imported here: fastai's TensorBoard module imports fastai.vision, which the library otherwise never loads
+        from dagman_fast.tensorboard_log import DAGMaNTensorBoard
+    except ImportError as e:
         raise ImportError(f'TensorBoard logging to {log_dir} needs the tensorboard package: '
-                          'pip install "dagman_fast[tensorboard]"')
+                          'pip install "dagman_fast[tensorboard]"') from e
     # no graph trace (it runs a batch outside mixed precision) and no image predictions (2-D `show_results`)
     return DAGMaNTensorBoard(log_dir=str(log_dir), **{'trace_model': False, 'log_preds': False, **kwargs})
