@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dagman_fast.cli import main as dagman
-from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
+from dagman_fast.checkpoint import save_encoder
 from dagman_fast.swin import build_encoder
 
 SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
@@ -96,7 +96,7 @@ def main(argv=None):
     if not random.exists():
         torch.manual_seed(0)
         enc = build_encoder('swin-tiny')
-        atomic_save(dict(format=ENCODER_FORMAT, config=enc.config.to_dict(), state_dict=enc.state_dict()), random)
+        save_encoder(enc, random)
     encoders = [str(out / m / 'encoder.pth') for m in args.methods] + [str(random)]
     status = dagman(['analyze', '--encoder', *encoders, '--names', *args.methods, 'random', '--data', args.ct,
                      '--label-map', args.seg, '--labels', *ORGANS.values(), '--label-names', *ORGANS,

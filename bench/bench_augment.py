@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from dagman_fast.finetune import BatchAugment3D, cls_augment
+from dagman_fast.classify import BatchAugment3D, cls_augment
 
 SHAPES = {'28^3 x 32 (AdrenalMNIST3D)': (32, 1, 28, 28, 28), '64^3 x 8': (8, 1, 64, 64, 64)}
 

@@ -312,7 +312,7 @@ def stages(root: Path) -> str:
     from sklearn.preprocessing import StandardScaler
 
     from dagman_fast.all import load_encoder
-    from dagman_fast.finetune import pad_to_encoder
+    from dagman_fast.swin import pad_to_encoder
     ts = SHARED / 'totalsegmentator'
     imgs, labels, _ = organ_crops(ts / 'example_ct.nii.gz', ts / 'example_seg_fast_force_split.nii.gz', ORGANS, size=32,
                                   n_per_organ=16, seed=0)

@@ -22,7 +22,8 @@ import torch
 from fastai.torch_core import set_seed
 
 from dagman_fast.data import ct_ssl_dls, synthetic_ct
-from dagman_fast.learner import StepTimer, dagman_learner
+from dagman_fast.learner import dagman_learner
+from dagman_fast.train_utils import StepTimer
 
 PARTS = ['data', 'teacher', 'masking', 'student', 'losses', 'backward', 'ema', 'other']
 

@@ -10,7 +10,7 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
            'replicas_differ', 'setup_distributed', 'tensorboard_callback', 'AttentionStats', 'AttentionStatsLog',
            'attention_map', 'attention_stats', 'cluster_report', 'organ_crops', 'plot_attention_maps',
            'plot_head_diversity', 'plot_pretrain_log', 'pooled_features', 'DAGMaNConfig', 'DAGMaNLearner',
-           'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner', 'load_checkpoint',
+           'DAGMaNModel', 'EMATeacher', 'NoisyTeacher', 'PretrainLog', 'dagman_learner', 'load_checkpoint',
            'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator', 'patch_dropout_mask',
            'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics', 'SegModel', 'seg_learner', 'predict_volume',
            'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'load_classifier',
@@ -23,19 +23,21 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
 from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans, label_groups,
                               medmnist3d_dls, medmnist3d_ssl_dls, nodule_crops_dls, nodule_labels, seg_pairs_dls,
                               preprocess_scans, read_ct_index, show_batch_3d, synthetic_ct)
-from .finetune import (ClsModel, SegModel, cls_learner, cls_metrics, dice_per_class, evaluate_classifier,
-                                  evaluate_segmenter, few_shot_indices, load_classifier, load_segmenter, plot_overlay,
-                                  plot_roc, predict_volume, save_classifier, save_segmenter, seg_learner,
-                                  stratified_folds, subset_dls, summarize)
+from .classify import (cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices,
+                                  load_classifier, plot_roc, save_classifier, stratified_folds, subset_dls,
+                                  summarize)
+from .segment import (dice_per_class, evaluate_segmenter, load_segmenter, plot_overlay, predict_volume,
+                                 save_segmenter, seg_learner, SegModel)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
-from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, PatchDropout, PretrainLog,
-                                   StepTimer, tensorboard_callback)
+from .callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher, PretrainLog
+from .train_utils import DeviceMixedPrecision, StepTimer, tensorboard_callback
 from .analysis import (AttentionStats, AttentionStatsLog, attention_map, attention_stats, cluster_report,
                                   organ_crops, plot_attention_maps, plot_head_diversity, plot_pretrain_log,
                                   pooled_features)
 from .distributed import DistributedLearner, replicas_differ, setup_distributed
 from .checkpoint import load_checkpoint, load_encoder
-from .learner import DAGMaNLearner, dagman_learner, warmup_cosine_scheds
+from .learner import DAGMaNLearner, dagman_learner
+from .schedule import warmup_cosine_scheds
 from .model import METHOD_HELP, METHODS, PAPER_LOSS_WEIGHTS, DAGMaNConfig, DAGMaNModel
 from .losses import DINOHead, DistillLoss, amip_loss
 from .masking import MASKINGS, MaskGenerator, patch_dropout_mask, upsample_mask
@@ -49,7 +51,7 @@ _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'f
          'DistributedLearner', 'replicas_differ', 'setup_distributed', 'tensorboard_callback',
          'AttentionStats', 'AttentionStatsLog', 'attention_map', 'attention_stats', 'cluster_report', 'organ_crops',
          'plot_attention_maps', 'plot_head_diversity', 'plot_pretrain_log', 'pooled_features',
-         'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'PatchDropout', 'PretrainLog', 'dagman_learner',
+         'DAGMaNConfig', 'DAGMaNLearner', 'DAGMaNModel', 'EMATeacher', 'NoisyTeacher', 'PretrainLog', 'dagman_learner',
          'load_checkpoint', 'load_encoder', 'DINOHead', 'DistillLoss', 'amip_loss', 'MASKINGS', 'MaskGenerator',
          'patch_dropout_mask', 'upsample_mask', 'ClsModel', 'cls_learner', 'cls_metrics',
          'SegModel', 'seg_learner', 'predict_volume', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',

@@ -16,28 +16,20 @@ import torch.nn.functional as F
 from einops import rearrange
 from fastai.callback.core import Callback
 
-from .core import as_triple
+from .callbacks import PretrainLog
+from .callback_base import before, unwrap
+from .core import HU_WINDOW, as_triple
+from .data import _preprocess, label_groups
+from .checkpoint import resolve_encoder
+from .classify import CLASSIFIER_FORMAT, ClsModel, load_classifier
+from .model import DAGMaNModel
+from .swin import SwinEncoder, ViTEncoder, pad_offsets, pad_to_encoder
 
 # %% auto #0
-__all__ = ['STAT_COLUMNS', 'cls_attention_dissimilarity', 'window_attention_probs', 'global_attention_probs',
-           'attention_distance', 'attention_entropy', 'grid_positions', 'AttentionStats', 'attention_stats',
-           'stage_columns', 'AttentionStatsLog', 'plot_head_diversity', 'organ_crops', 'pooled_features',
-           'cluster_distances', 'cluster_report', 'attention_map', 'plot_attention_maps', 'plot_pretrain_log']
-
-# %% ../nbs/07_analysis.ipynb #c431cb75
-def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
-    """How differently the heads of the SA module place their [CLS] attention over the scan (logged as
-    `sa_cls_dissimilarity`; not the head diversity of the paper, which is `AttentionStats`):
-    the mean over head pairs of `1 - cosine(a_i, a_j)` of their [CLS] attention
-    maps `attn_heads: (b, nh, n)`, averaged over the batch. 0 when every head attends alike; it grows as heads
-    specialise (for non-negative maps at most 1, reached by heads attending to disjoint cells)."""
-    b, nh, _ = attn_heads.shape
-    if nh < 2:
-        return attn_heads.new_zeros(())
-    a = F.normalize(attn_heads.float(), dim=-1)
-    sim = a @ a.transpose(1, 2)                                   # (b, nh, nh)
-    off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
-    return (1 - off / (nh * (nh - 1))).mean()
+__all__ = ['STAT_COLUMNS', 'window_attention_probs', 'global_attention_probs', 'attention_distance', 'attention_entropy',
+           'grid_positions', 'AttentionStats', 'attention_stats', 'stage_columns', 'AttentionStatsLog',
+           'plot_head_diversity', 'organ_crops', 'pooled_features', 'cluster_distances', 'cluster_report',
+           'attention_map', 'plot_attention_maps', 'plot_pretrain_log']
 
 # %% ../nbs/07_analysis.ipynb #ac068e02
 def window_attention_probs(attn, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,14 +101,12 @@ class AttentionStats:
     """
 
     def __init__(self, encoder, max_elements: int = 2 ** 24):
-        from dagman_fast.swin import SwinEncoder, ViTEncoder
         self.max_elements = max_elements  # probabilities held at once (a 96^3 token grid does not fit whole)
         if not isinstance(encoder, (SwinEncoder, ViTEncoder)):
             raise TypeError(f'AttentionStats needs a SwinEncoder or ViTEncoder; got {type(encoder).__name__}')
         self.encoder, self._sums, self._hooks, self._grid = encoder, {}, [], None
 
     def __enter__(self):
-        from dagman_fast.swin import SwinEncoder
         enc, cfg = self.encoder, self.encoder.config
         patch = as_triple(cfg.patch_size, 'patch_size')
         if isinstance(enc, SwinEncoder):
@@ -204,7 +194,6 @@ def attention_stats(encoder, images, bs: int = 2) -> AttentionStats:
     """`AttentionStats` of `encoder` (a module, or anything `resolve_encoder` reads: an export, a checkpoint, public
     weights) over `images`: a tensor `(n, c, d, h, w)` or an iterable of such batches (a DataLoader's `(x, ...)`
     tuples too), in eval mode without gradients, each batch padded evenly to a size the encoder takes."""
-    from dagman_fast.finetune import pad_to_encoder, resolve_encoder
     if not isinstance(encoder, nn.Module):
         encoder = resolve_encoder(encoder)
     device = next(encoder.parameters()).device
@@ -243,7 +232,7 @@ class AttentionStatsLog(Callback):
     gradients, and is left as it was.
 
     `dagman pretrain --attn-stats-every N` adds it; in Python: `dagman_learner(dls, cbs=[AttentionStatsLog(10)])`."""
-    order = 54  # before PretrainLog (55), which writes the row
+    order = before(PretrainLog)  # PretrainLog writes the row
 
     def __init__(self, every: int = 10, n: int = 4):
         if every < 1 or n < 1:
@@ -260,7 +249,6 @@ class AttentionStatsLog(Callback):
     def after_epoch(self):
         if self._x is None or not ((self.epoch + 1) % self.every == 0 or self.epoch + 1 == self.n_epoch):
             return
-        from dagman_fast.callbacks import unwrap
         encoder = unwrap(self.learn.model).teacher.encoder
         stats = attention_stats(encoder, self._x, bs=self.n)
         extras = getattr(self.learn, 'log_extras', None) or {}
@@ -317,7 +305,7 @@ def plot_head_diversity(encoders: dict, path=None, stages=None):
 
 # %% ../nbs/07_analysis.ipynb #188cadf8
 def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, names=None, spacing=2.0,
-                hu_range=(-175.0, 250.0), seed: int = 0):
+                hu_range=HU_WINDOW, seed: int = 0):
     """Fixed-size crops of organs from a CT and its label map (TotalSegmentator-style), for unsupervised clustering
     (`cluster_report`): `n_per_organ` crops per organ, each centred on a random voxel of that organ (MONAI's
     `RandCropByPosNegLabel`, which keeps crops inside the volume), zero-padded first where the volume is smaller.
@@ -335,7 +323,6 @@ def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, n
         error that names it.
     """
     from monai.transforms import RandCropByPosNegLabel, SpatialPad
-    from dagman_fast.data import _preprocess, label_groups
     if isinstance(label_values, dict):
         names, label_values = list(label_values), list(label_values.values())
     groups = label_groups(label_values)
@@ -380,7 +367,6 @@ def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, n
 def pooled_features(encoder, images: torch.Tensor, bs: int = 8) -> torch.Tensor:
     """`(n, c)` the mean of the encoder's final token map (what `ClsModel(pool='avg')` classifies), in eval mode,
     each batch padded evenly to a size the encoder takes."""
-    from dagman_fast.finetune import pad_to_encoder
     device = next(encoder.parameters()).device
     was = encoder.training
     encoder.eval()
@@ -421,7 +407,6 @@ def cluster_report(encoder, images: torch.Tensor, labels, names=None, path=None,
     from sklearn.metrics import silhouette_score
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
-    from dagman_fast.finetune import resolve_encoder
     if not isinstance(encoder, nn.Module):
         encoder = resolve_encoder(encoder)
     y = torch.as_tensor(labels).long()
@@ -467,10 +452,6 @@ def _scatter(emb, y, names, png: Path, title: str, rep: dict):
 def _encoder_of(model):
     "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
     from fastai.learner import Learner
-    from dagman_fast.callbacks import unwrap
-    from dagman_fast.finetune import CLASSIFIER_FORMAT, ClsModel, load_classifier, resolve_encoder
-    from dagman_fast.model import DAGMaNModel
-    from dagman_fast.swin import SwinEncoder, ViTEncoder
     if isinstance(model, (str, os.PathLike)):
         obj = torch.load(model, map_location='cpu', weights_only=True)
         if isinstance(obj, dict) and obj.get('format') == CLASSIFIER_FORMAT:
@@ -499,7 +480,6 @@ def attention_map(model, volume: torch.Tensor, heads: bool = False) -> torch.Ten
             the map again.
         heads: per head `(nh, d, h, w)` instead of the mean over heads `(d, h, w)`.
     Each map is a distribution over the tokens (summing to 1 over the token grid), interpolated to the voxels."""
-    from dagman_fast.finetune import pad_offsets, pad_to_encoder
     encoder = _encoder_of(model)
     x = volume[None] if volume.ndim == 4 else volume
     if x.ndim != 5 or x.shape[0] != 1:

@@ -5,6 +5,7 @@
 # %% ../nbs/04c_checkpoint.ipynb #dc0397f8
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -17,18 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.learner import Recorder
+import torch.nn as nn
+from fastai.learner import Learner, Recorder
 from fastai.distributed import DistributedDL
 from fastcore.foundation import L
 
-from .callbacks import _DAGMaNCallback, _in_lr_find
+from . import __version__
+from .callback_base import DAGMaNCallback, after, in_lr_find, unwrap
+from .core import strip_prefixes
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
-from .model import encoder_config_from_dict
-from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder
+from .model import DAGMaNModel
+from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'SMIT_MERGE_ORDER', 'LAYOUTS', 'atomic_save', 'remove_orphans',
-           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder']
+           'load_checkpoint', 'rank_rng_state', 'DAGMaNCheckpoint', 'smit_to_monai', 'load_encoder', 'save_encoder',
+           'resolve_encoder', 'save_model', 'load_model']
 
 # %% ../nbs/04c_checkpoint.ipynb #2b2a9cb3
 CHECKPOINT_FORMAT = 'dagman_fast.checkpoint'
@@ -148,18 +153,17 @@ def rank_rng_state(ck: dict) -> tuple[dict, bool]:
     return states[0], False
 
 
-class DAGMaNCheckpoint(_DAGMaNCallback):
+class DAGMaNCheckpoint(DAGMaNCallback):
     """Writes `fname` (in `learn.path/learn.model_dir`) atomically after every `every` epochs and at the end of the
-    fit, and applies the random states of a checkpoint that `learn.resume` loaded when the fit starts.
+    fit; `resume(path)` loads one into the learner, and its random states apply when the next fit starts.
 
     In a data-parallel run only rank 0 writes; the checkpoint holds every rank's random state (`rng_ranks`), so that
     a run resumed with the same number of processes continues exactly."""
-    order = 60  # after the Recorder's after_epoch
+    order = after(Recorder, gap=10)  # after the Recorder's after_epoch
 
     def __init__(self, fname: str = 'checkpoint.pth', every: int = 1):
         self.fname, self.every, self.last_saved = fname, every, None
-        self.pending_rng = self.pending_recorder = self.pending_scaler = None
-        self.pending_rng_exact = True
+        self.pending = None  # the states of a resumed checkpoint that the next fit starts from
 
     @property
     def path(self) -> Path:
@@ -167,27 +171,51 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
 
     def before_fit(self):
         self._trained = False
-        if _in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
+        if in_lr_find(self.learn):  # lr_find neither writes checkpoints nor uses up a pending resume
             return
         if rank() == 0:  # what a write killed mid-way left behind (up to a whole checkpoint each)
             for p in remove_orphans(self.path):
                 warnings.warn(f'removed {p}, a partial checkpoint left by an interrupted write')
-        if self.pending_rng is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
-            _set_rng_state(self.pending_rng, self.dls)
-            if not self.pending_rng_exact:  # another number of processes: rank 0's state, then one stream per rank
+        pending, self.pending = self.pending, None
+        if pending is not None:  # after the Recorder's and MixedPrecision's before_fit (lower orders)
+            _set_rng_state(pending['rng'], self.dls)
+            if not pending['exact']:  # another number of processes: rank 0's state, then one stream per rank
                 reseed_per_rank()
             rec = next((c for c in self.learn.cbs if isinstance(c, Recorder)), None)
-            if self.pending_recorder and rec is not None:
-                rec.smooth_loss.val = self.pending_recorder['val']  # fastai keeps it on the CPU (to_detach)
-                rec.smooth_loss.count = self.pending_recorder['count']
+            if pending['recorder'] and rec is not None:
+                rec.smooth_loss.val = pending['recorder']['val']  # fastai keeps it on the CPU (to_detach)
+                rec.smooth_loss.count = pending['recorder']['count']
             scaler = getattr(self.learn, 'scaler', None)
-            if self.pending_scaler and scaler is not None:  # fp16: the loss scale and its growth tracker
-                scaler.load_state_dict(self.pending_scaler)
-            self.pending_rng = self.pending_recorder = self.pending_scaler = None
-            self.pending_rng_exact = True
+            if pending['scaler'] and scaler is not None:  # fp16: the loss scale and its growth tracker
+                scaler.load_state_dict(pending['scaler'])
+
+    def resume(self, path) -> int:
+        """Load the checkpoint `path` into the learner (model, optimiser, step) and keep its random states, the
+        Recorder's smoothed loss and the loss scale for the next fit; returns the epoch to start from
+        (`learn.resume(path)` calls it). Refuses a checkpoint of another configuration, naming the differences."""
+        ck = load_checkpoint(path, map_location='cpu')  # random states must be CPU tensors
+        m, learn = self.dm, self.learn
+        want = dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict())
+        got = ck['config']
+        if got != want:
+            diff = {f'{part}.{k}': (got[part].get(k), want[part].get(k)) for part in want
+                    for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
+            raise ValueError(f'checkpoint {path} was written by a different configuration (checkpoint, this learner): '
+                             f'{diff}')
+        device = getattr(learn.dls, 'device', None) or next(m.parameters()).device
+        m.to(device)  # where the fit will run, so that the optimiser state goes there too
+        m.load_state_dict(ck['model'])
+        if learn.opt is None:
+            learn.create_opt()
+        state = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in ck['opt']['state']]
+        learn.opt.load_state_dict(dict(state=state, hypers=L(ck['opt']['hypers'])))
+        rng, exact = rank_rng_state(ck)
+        self.pending = dict(rng=rng, exact=exact, recorder=ck.get('recorder'), scaler=ck.get('scaler'))
+        self.last_saved = Path(path)
+        return ck['epoch'] + 1
 
     def before_train(self):
-        self._trained = not _in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips
+        self._trained = not in_lr_find(self.learn)  # SkipToEpoch raises before this for the epochs a resume skips
 
     def after_epoch(self):
         if not getattr(self, '_trained', False):
@@ -225,19 +253,6 @@ class DAGMaNCheckpoint(_DAGMaNCallback):
         return self.last_saved
 
 # %% ../nbs/04c_checkpoint.ipynb #783e88ad
-_PREFIXES = ('module.', 'student.', 'encoder.', '_orig_mod.')
-
-
-def _strip(k: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if k.startswith(p):
-                k, changed = k[len(p):], True
-    return k
-
-
 # SMIT's patch merging concatenates the 8 sub-voxels of each 2x2x2 block in the (d, h, w) offset order 000, 100, 010,
 # 001, 110, 011, 101, 111 (its `PatchMerging.forward`); `PatchMerging('v2')` in 000, 001, ..., 111 (MONAI's
 # `PatchMergingV2`). Block b of ours is block SMIT_MERGE_ORDER[b] of SMIT's.
@@ -251,7 +266,7 @@ LAYOUTS = ("a dagman_fast export or pretraining checkpoint; MONAI's SwinTransfor
 
 def _layout(sd: dict) -> str:
     "'monai', 'smit' or 'ours' from the key names of a state dict (prefixes ignored)."
-    keys = [re.sub(r'^((module|swinViT|backbone|transformer)\.)+', '', k) for k in sd]
+    keys = [strip_prefixes(k) for k in sd]
     if any(k.startswith('layers1.0.blocks.') for k in keys):
         return 'monai'
     if any(re.match(r'layers\.\d+\.blocks\.', k) for k in keys):
@@ -261,13 +276,13 @@ def _layout(sd: dict) -> str:
 
 def smit_to_monai(sd: dict) -> dict:
     """SMIT encoder weights (The-Veeraraghavan-Lab/SMIT, `models/Trans.py`) under MONAI's `SwinTransformer` names,
-    for `from_monai(..., merging='v2')`: prefixes `module.`, `backbone.`, `transformer.` dropped, `layers.{i}.` ->
+    for `from_monai(..., merging='v2')`: prefixes (`KEY_PREFIXES`: `module.`, `backbone.`, `transformer.`) dropped, `layers.{i}.` ->
     `layers{i+1}.0.`, each patch merging's 8 channel blocks put in `PatchMergingV2`'s order (`SMIT_MERGE_ORDER`: the
     same function), and what has no place in the encoder left out: the mask token, the per-stage output norms
     `norm0`..`norm3` (applied to SMIT's skip features only), heads and decoder."""
     out = {}
     for k, v in sd.items():
-        k = re.sub(r'^((module|backbone|transformer)\.)+', '', k)
+        k = strip_prefixes(k)
         m = re.match(r'layers\.(\d+)\.(.*)', k)
         if m:
             out[f'layers{int(m[1]) + 1}.0.{m[2]}'] = v
@@ -290,8 +305,8 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
         source: a path or an already loaded dict. Files load with `weights_only=True`.
         config: the encoder config; default: the one stored in the file (or in `<path>.json` beside it). Public
             weights carry none: their architecture is read from the tensors (`from_monai`).
-        strict: raise if keys are missing or unexpected (after stripping `module.`, `student.`, `encoder.` and
-            `_orig_mod.` prefixes and dropping teacher, head and reconstruction keys); else warn and load the rest.
+        strict: raise if keys are missing or unexpected (after stripping the wrappers' prefixes, `KEY_PREFIXES`,
+            and dropping teacher, head and reconstruction keys); else warn and load the rest.
         merging: the patch merging of MONAI-layout weights: 'legacy' (MONAI's default) or 'v2'
             (`downsample='mergingv2'`). Needed for a plain MONAI state dict; the self-supervised checkpoint
             (`model_swinvit.pt`, `module.` keys) is 'legacy' unless given.
@@ -340,7 +355,7 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
                 raise ValueError(f'{path or "the state dict"} looks like {name} Swin weights but does not load as '
                                  f'them: {e}') from e
         if any(k.startswith(('student.', 'module.student.')) for k in sd):  # a fastai learn.save of the DAGMaNModel
-            sd = {k: v for k, v in sd.items() if k.replace('module.', '', 1).startswith('student.encoder.')}
+            sd = {k: v for k, v in sd.items() if k.replace('module.', '', 1).startswith('student.encoder.')}  # no teacher
         if path is not None and path.with_suffix('.json').is_file():
             stored = json.loads(path.with_suffix('.json').read_text())
     if config is None:
@@ -350,7 +365,7 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
         config = stored
     if isinstance(config, dict):
         config = encoder_config_from_dict(config)
-    sd = {_strip(k): v for k, v in sd.items()}
+    sd = {strip_prefixes(k): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith(('teacher.', 'heads.', 'recon.', 'distill.'))}
     enc = build_encoder(config)
     missing, unexpected = enc.load_state_dict(sd, strict=False)
@@ -365,3 +380,58 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
             raise ValueError(msg + '; pass strict=False to load the matching keys anyway')
         warnings.warn(msg)
     return enc
+
+
+def save_encoder(encoder: SwinEncoder | ViTEncoder, path, sidecar: bool = True) -> Path:
+    """Save `encoder` in the library's encoder format, the one `load_encoder` reads: its state dict and config as
+    plain values (`torch.load(path, weights_only=True)` reads them), written atomically, and with `sidecar` the
+    config also as JSON beside it (`path` with the suffix `.json`), for readers without torch. The one writer of the
+    format: `learn.export_encoder` and `dagman export` call it. Returns `path`."""
+    path = Path(path)
+    if sidecar and path.suffix == '.json':
+        raise ValueError(f'{path}: the encoder file would be overwritten by its own JSON config ({path.name}); '
+                         'name it .pth')
+    cfg = encoder.config.to_dict()
+    sd = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+    atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
+    if sidecar:
+        tmp = path.with_name(path.with_suffix('.json').name + '.tmp')
+        tmp.write_text(json.dumps(cfg, indent=1) + '\n')
+        os.replace(tmp, path.with_suffix('.json'))
+    return path
+
+# %% ../nbs/04c_checkpoint.ipynb #b6a3058d
+def resolve_encoder(encoder=None, preset: str = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
+    """An encoder from `None` (a new `preset` with `overrides`), a path (`load_encoder`: an export or a checkpoint),
+    a `DAGMaNLearner` / `DAGMaNModel` (a copy of its student encoder) or an encoder module (a copy of it)."""
+    if encoder is None:
+        return build_encoder(preset, **overrides)
+    if isinstance(encoder, (str, os.PathLike)):
+        return load_encoder(encoder)
+    model = unwrap(encoder.model) if isinstance(encoder, Learner) else encoder
+    if isinstance(model, DAGMaNModel):
+        return copy.deepcopy(model.student.encoder)
+    if isinstance(model, (SwinEncoder, ViTEncoder)):
+        return copy.deepcopy(model)  # fine-tuning (or a k-fold loop) never changes the caller's encoder
+    raise TypeError(f'encoder must be None, a path, a DAGMaNLearner or an encoder module; got {type(encoder).__name__}')
+
+
+def save_model(model: nn.Module, path, fmt: str, data: dict | None, **meta) -> Path:
+    """A fine-tuned `model` (with an `encoder`) in format `fmt`: its weights, the encoder's config, `meta` (what
+    rebuilds the head) and `data` (how its data was built), plain values only (loads with `weights_only=True`),
+    written atomically. `save_classifier` and `save_segmenter` call it."""
+    return atomic_save(dict(format=fmt, encoder=model.encoder.config.to_dict(), data=dict(data or {}),
+                            state_dict={k: v.cpu() for k, v in model.state_dict().items()}, **meta), path)
+
+
+def load_model(path, fmt: str, build) -> nn.Module:
+    """A model saved by `save_model` in format `fmt`, in eval mode: `build(encoder, saved dict)` makes the module.
+    Refuses a file of another format, naming the path."""
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(obj, dict) or obj.get('format') != fmt:
+        kind = fmt.split('.')[-1]
+        raise ValueError(f'{path} is not a {kind} saved by dagman_fast (dagman finetune)')
+    model = build(build_encoder(encoder_config_from_dict(obj['encoder'])), obj)
+    model.load_state_dict(obj['state_dict'])
+    model.data = obj.get('data', {})
+    return model.eval()

@@ -21,6 +21,18 @@ from pathlib import Path
 __all__ = ['TINY_HEADS', 'DEMO_CROPS', 'SHORT_RUN', 'MEDMNIST_RUN', 'DATA_ARGS', 'SEG_DATA_ARGS', 'CLS_ONLY', 'SEG_ONLY',
            'CLIError', 'build_parser', 'main']
 
+# %% ../nbs/08_cli.ipynb #46c59742
+# `dagman` is an application: it hides the one notice of its dependencies that no user can act on, the deprecation
+# of `torch.jit.script` that fastai.layers triggers when it is imported (torch >= 2.10). The library itself installs
+# no filter or import hook for it.
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=DeprecationWarning)
+
+# %% ../nbs/08_cli.ipynb #c13be340
+from .core import HU_WINDOW, SPACING
+
+# %% ../nbs/08_cli.ipynb #d0c0088b
+_HU_TEXT = f'{HU_WINDOW[0]:g} {HU_WINDOW[1]:g}'  # the default HU window as the options take it
+
 # %% ../nbs/08_cli.ipynb #8f42d093
 def _show_batch(args) -> int:
     from fastai.torch_core import set_seed
@@ -163,9 +175,7 @@ def _parse_set(items) -> dict:
                 raise CLIError(f'--set {k}: not an encoder field; encoder fields: {sorted(enc)}')
             kind = enc[k[len('encoder.'):]]
         elif k not in method:
-            hint = (f' (an encoder field: write --set encoder.{k}=...)' if k in enc else
-                    " (replaced by loss_weights: --set \"loss_weights={'aitd': W, 'ampd': W, 'gitd': W}\")"
-                    if k == 'distill_weight' else '')
+            hint = f' (an encoder field: write --set encoder.{k}=...)' if k in enc else ''
             raise CLIError(f'--set {k}: not a DAGMaNConfig field{hint}; fields: {sorted(method)}')
         else:
             kind = method[k]
@@ -229,8 +239,8 @@ def _preprocess(args) -> int:
     if res['skipped']:
         cmd += ' --on-error skip'
     print(f'pretrain on the indexed scans with:\n  {cmd}')
-    if (lo, hi) != (-175.0, 250.0):
-        print(f'  (dagman pretrain windows -175 250 HU: this cache, for {lo:g} {hi:g}, is for ct_ssl_dls(None, '
+    if (lo, hi) != HU_WINDOW:
+        print(f'  (dagman pretrain windows {_HU_TEXT} HU: this cache, for {lo:g} {hi:g}, is for ct_ssl_dls(None, '
               f'cache_dir=..., hu_range=({lo:g}, {hi:g})))')
     return 0
 
@@ -252,7 +262,7 @@ def _indexed_scans(cache_dir: str, crop: int, spacing: float) -> int:
         if (f.parent / 'index.csv').exists():
             s = json.loads(f.read_text())
             others.append(f"--crop {s['crop'][0]} --spacing {s['spacing'][0]:g}" +
-                          ('' if s['hu_range'] == [-175.0, 250.0] else f" (HU window {s['hu_range']})"))
+                          ('' if tuple(s['hu_range']) == HU_WINDOW else f" (HU window {s['hu_range']})"))
     if others:
         raise CLIError(f'--cache-dir {cache_dir}: no index for --crop {crop} --spacing {spacing:g}; it holds '
                        f"indexes for: {'; '.join(others)}")
@@ -305,7 +315,7 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
         share = find_ct_scans(source, 'skip', [])[_rank()::world_size()]
         try:
             if share:
-                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, (-175, 250), 0.0), cache_dir,
+                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, HU_WINDOW, 0.0), cache_dir,
                           on_error='skip', progress=_rank() == 0)
         except ValueError:  # no usable scan in this share: the loaders will say which and why
             pass
@@ -315,7 +325,7 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
 def _check_replicas(learn) -> bool:
     """After a data-parallel fit: the weights, teacher and centres must be the same on every process (True when
     checked, False in a single process)."""
-    from dagman_fast.callbacks import unwrap
+    from dagman_fast.callback_base import unwrap
     from dagman_fast.distributed import replicas_differ, world_size
     differ = replicas_differ(unwrap(learn.model))
     if differ:
@@ -492,11 +502,11 @@ def _export(args) -> int:
         torch.save(to_monai(enc), out)
         print(f'MONAI SwinTransformer state dict saved to {out} (load into SwinUNETR.swinViT with strict=True)')
         return 0
-    from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
-    from dagman_fast import __version__
-    cfg = enc.config.to_dict()
-    atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=enc.state_dict()), out)
-    out.with_suffix('.json').write_text(json.dumps(cfg, indent=1) + '\n')
+    from dagman_fast.checkpoint import save_encoder
+    try:
+        save_encoder(enc, out)
+    except ValueError as e:
+        raise CLIError(f'--out {e}') from None
     print(f'encoder saved to {out} (+ {out.with_suffix(".json").name})')
     return 0
 
@@ -528,7 +538,7 @@ def _finite(x):
 
 
 def _report(model, dls, out: Path, split: str) -> dict:
-    from dagman_fast.finetune import evaluate_classifier, plot_roc
+    from dagman_fast.classify import evaluate_classifier, plot_roc
     dl = dls.test if split == 'test' else dls.valid
     model.to(dls.device or 'cpu')
     res, probs, labels = evaluate_classifier(model, dl)
@@ -585,7 +595,7 @@ def _add_tensorboard(learn, args) -> None:
     "`--tensorboard DIR`: fastai's `TensorBoardCallback` (with the pretraining log's figures) writing to DIR."
     if not getattr(args, 'tensorboard', None):
         return
-    from dagman_fast.callbacks import tensorboard_callback
+    from dagman_fast.train_utils import tensorboard_callback
     try:
         learn.add_cb(tensorboard_callback(args.tensorboard))
     except ImportError as e:
@@ -625,7 +635,7 @@ def _finetune(args) -> int:
     from fastai.torch_core import set_seed
 
     from dagman_fast.distributed import setup_distributed
-    from dagman_fast.finetune import cls_learner, few_shot_indices, save_classifier, subset_dls
+    from dagman_fast.classify import cls_learner, few_shot_indices, save_classifier, subset_dls
     from dagman_fast.swin import build_encoder, encoder_config
     if not 0 < args.fraction <= 1:
         raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
@@ -668,7 +678,8 @@ def _finetune(args) -> int:
 def _evaluate(args) -> int:
     import torch
 
-    from dagman_fast.finetune import SEGMENTER_FORMAT, load_classifier
+    from dagman_fast.classify import load_classifier
+    from dagman_fast.segment import SEGMENTER_FORMAT
     obj = torch.load(args.classifier, map_location='cpu', weights_only=True)
     if isinstance(obj, dict) and obj.get('format') == SEGMENTER_FORMAT:
         return _evaluate_seg(args)
@@ -755,7 +766,7 @@ def _finetune_seg(args) -> int:
 
     from dagman_fast.data import seg_pairs_dls
     from dagman_fast.distributed import setup_distributed
-    from dagman_fast.finetune import save_segmenter, seg_learner
+    from dagman_fast.segment import save_segmenter, seg_learner
     from dagman_fast.swin import build_encoder, encoder_config
     _check_task_args(args, seg=True)
     if args.fraction < 1:
@@ -766,7 +777,7 @@ def _finetune_seg(args) -> int:
     set_seed(args.seed)
     cuda = torch.cuda.is_available()
     args.crop, args.bs = args.crop or (96 if cuda else 64), args.bs or 2
-    args.spacing, args.hu_range = args.spacing or 2.0, list(args.hu_range or (-175.0, 250.0))
+    args.spacing, args.hu_range = args.spacing or SPACING, list(args.hu_range or HU_WINDOW)
     train, valid = _seg_pairs(args)
     world = setup_distributed()  # under torchrun / accelerate launch
     cache_dir = _run_cache_dir(args.cache_dir)
@@ -817,7 +828,7 @@ def _seg_report(model, volumes, out: Path, args) -> dict:
     "Whole-volume Dice per class (named), the volumes each class mean rests on, and an overlay PNG per volume."
     import torch
 
-    from dagman_fast.finetune import evaluate_segmenter, plot_overlay
+    from dagman_fast.segment import evaluate_segmenter, plot_overlay
     if torch.cuda.is_available():
         model.cuda()  # as during fine-tuning: the same numbers from `dagman evaluate`
     res, preds = evaluate_segmenter(model, volumes, roi_size=args.roi or args.crop)
@@ -834,7 +845,7 @@ def _seg_report(model, volumes, out: Path, args) -> dict:
 
 def _evaluate_seg(args) -> int:
     from dagman_fast.data import CTPreprocess, SegVolumes, label_groups
-    from dagman_fast.finetune import load_segmenter
+    from dagman_fast.segment import load_segmenter
     _check_task_args(args, seg=True)
     model = load_segmenter(args.classifier)
     saved = dict(getattr(model, 'data', {}))
@@ -974,9 +985,9 @@ def _add_seg_data(s):
                    help='segmentation classes in order: label values, several merged with commas (e.g. 1 2,3)')
     s.add_argument('--label-names', nargs='+', default=None, help='a name per --labels class (for JSON and plots)')
     s.add_argument('--crop', type=_int_min(1), default=None, help='segmentation crop (default 96 on CUDA, else 64)')
-    s.add_argument('--spacing', type=_float_range(0), default=None, help='segmentation voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=None, help=f'segmentation voxel size in mm (default {SPACING:g})')
     s.add_argument('--hu-range', type=float, nargs=2, default=None, metavar=('LO', 'HI'),
-                   help='segmentation HU window (default -175 250)')
+                   help=f'segmentation HU window (default {_HU_TEXT})')
     s.add_argument('--roi', type=_int_min(1), default=None, help='sliding-window size for whole volumes (default: --crop)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
 
@@ -1029,7 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    'axial, coronal and sagittal slices) as a PNG.')
     s.add_argument('data', nargs='+', help='a folder of CT scans (NIfTI / DICOM series), scan paths, or a CSV')
     s.add_argument('--crop', type=_int_min(1), default=128, help='crop size in voxels (default 128)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
     s.add_argument('--bs', type=_int_min(1), default=2, help='samples shown (default 2)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
@@ -1053,9 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--crop', type=_int_min(1), default=None,
                    help="the pretraining crop: volumes are padded up to it (default as dagman pretrain's: 128 on "
                         'CUDA, else 64)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
-    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
-                   help='HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=list(HU_WINDOW), metavar=('LO', 'HI'),
+                   help=f'HU window mapped to [0, 1] (default {_HU_TEXT}, as dagman pretrain)')
     s.set_defaults(func=_preprocess)
 
     s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
@@ -1074,7 +1085,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
     s.add_argument('--size', type=int, choices=[28, 64], default=None, help='MedMNIST image size, 28 (default) or 64')
-    s.add_argument('--method', '--preset', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
+    s.add_argument('--method', dest='method', choices=list(METHODS), default='dagman', metavar='NAME',
                    help="the method: dagman (default, the paper's), a baseline or an ablation on the same engine "
                         '(listed below)')
     s.add_argument('--encoder', choices=list(PRESETS), default=None,
@@ -1093,7 +1104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--resume', nargs='?', const='last', default=None,
                    help='continue from a checkpoint (default: OUT/models/checkpoint.pth)')
     s.add_argument('--save-every', type=_int_min(1), default=1, help='write the checkpoint every N epochs (default 1)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='voxel size in mm (default 2.0)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
     s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.0,
@@ -1196,9 +1207,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--label-names', nargs='+', default=None, help='CT: a name per --labels organ')
     s.add_argument('--size', type=_int_min(4), default=32, help='CT: organ crop side in voxels (default 32)')
     s.add_argument('--n-per-organ', type=_int_min(1), default=16, help='CT: crops per organ (default 16)')
-    s.add_argument('--spacing', type=_float_range(0), default=2.0, help='CT: voxel size in mm (default 2.0)')
-    s.add_argument('--hu-range', type=float, nargs=2, default=[-175.0, 250.0], metavar=('LO', 'HI'),
-                   help='CT: HU window mapped to [0, 1] (default -175 250, as dagman pretrain)')
+    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='CT: voxel size in mm (default %(default)g)')
+    s.add_argument('--hu-range', type=float, nargs=2, default=list(HU_WINDOW), metavar=('LO', 'HI'),
+                   help=f'CT: HU window mapped to [0, 1] (default {_HU_TEXT}, as dagman pretrain)')
     s.add_argument('--map-size', type=_int_min(8), default=96,
                    help='CT: the attention maps are drawn on a centred crop of this side (default 96)')
     s.add_argument('--n-stats', type=_int_min(1), default=8,

@@ -24,7 +24,7 @@ import torch
 from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
-from .core import as_triple, check_option
+from .core import HU_WINDOW, NODULE_HU_WINDOW, SPACING, as_triple, check_option, check_ratio
 
 # %% auto #0
 __all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'NODULE_LABEL_RULES',
@@ -194,8 +194,8 @@ class CTPreprocess:
     Out-of-field padding (-2048, -3024 in many scanners) is raised to `air_hu` before resampling, so that the
     interpolation never blends it into the body as if it were tissue.
     """
-    spacing: tuple = (2.0, 2.0, 2.0)
-    hu_range: tuple = (-175.0, 250.0)
+    spacing: tuple = (SPACING,) * 3
+    hu_range: tuple = HU_WINDOW
     crop: tuple = (128, 128, 128)  # volumes smaller than this are padded up to it
     air_hu: float = -1024.0
     orientation: str = 'RAS'
@@ -596,8 +596,7 @@ class TwoViews(Dataset):
 def _preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreprocess:
     """Check the user's arguments before any scan is read, and bundle the preprocessing ones (one place for both
     CT loaders)."""
-    if not 0 <= valid_pct < 1:
-        raise ValueError(f'valid_pct must be in [0, 1); got {valid_pct}')
+    check_ratio(valid_pct, 'valid_pct', high_open=True)
     spacing = tuple(float(v) for v in (spacing if isinstance(spacing, (list, tuple)) else (spacing,) * 3))
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f'spacing must be a positive number or 3 of them (mm); got {spacing}')
@@ -613,7 +612,7 @@ def _split(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
     return sorted(order[n_valid:]), sorted(order[:n_valid])
 
 
-def ct_ssl_dls(source, crop=128, spacing=2.0, hu_range=(-175, 250), bs: int = 2, views: int = 2, cache_dir=None,
+def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 2, views: int = 2, cache_dir=None,
                on_error: str = 'raise', valid_pct: float = 0.0, num_workers: int = 0, seed: int | None = None,
                flip_prob: float = 0.5, intensity: float = 0.1, view_region=None, crops_per_scan: int = 1,
                progress: bool = True):
@@ -701,12 +700,12 @@ def _settings_text(prep: CTPreprocess) -> str:
     crop, sp = prep.crop, prep.spacing
     text = (f"--crop {crop[0] if len(set(crop)) == 1 else ' '.join(map(str, crop))} "
             f"--spacing {sp[0]:g}" + ('' if len(set(sp)) == 1 else ' (' + ' x '.join(f'{v:g}' for v in sp) + ' mm)'))
-    if tuple(prep.hu_range) != (-175.0, 250.0):
+    if tuple(prep.hu_range) != HU_WINDOW:
         text += f' --hu-range {prep.hu_range[0]:g} {prep.hu_range[1]:g}'
     return text
 
 
-def read_ct_index(cache_dir, crop=128, spacing=2.0, hu_range=(-175, 250)) -> list[dict]:
+def read_ct_index(cache_dir, crop=128, spacing=SPACING, hu_range=HU_WINDOW) -> list[dict]:
     """The index `preprocess_scans` wrote in `cache_dir` for these settings: one dict per scan with the keys
     `INDEX_COLUMNS` (all strings), in order; rows of an unfinished run included; `[]` when there is none."""
     return list(_read_index(Path(cache_dir) / _preprocess(as_triple(crop, 'crop'), spacing, hu_range, 0.0).key()).values())
@@ -843,7 +842,7 @@ def _lock(folder: Path):
     return f
 
 
-def preprocess_scans(source, cache_dir, crop=128, spacing=2.0, hu_range=(-175, 250), workers: int = 1,
+def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_WINDOW, workers: int = 1,
                      progress: bool = True) -> dict:
     """Fill the cache of `CTVolumes` (MONAI `PersistentDataset` files) for every scan of `source` ahead of training,
     in `workers` processes, and index it: `ct_ssl_dls(..., cache_dir=cache_dir)` with the same `crop`, `spacing`
@@ -1090,9 +1089,9 @@ def nodule_labels(median, rule: str = 'paper') -> np.ndarray:
     return labels
 
 
-def nodule_crops_dls(path, size: int = 32, hu_range=(-1000.0, 400.0), min_readers: int = 1,
+def nodule_crops_dls(path, size: int = 32, hu_range=NODULE_HU_WINDOW, min_readers: int = 1,
                      label_rule: str = 'paper', valid_pct: float = 0.34, bs: int = 4, seed: int = 0,
-                     num_workers: int = 0, drop_indeterminate: bool | None = None):
+                     num_workers: int = 0):
     """fastai `DataLoaders` for labelled nodule crops in the layout of `lidc_idri_0001-0003_nodules.npz`
     (`images_{size}` HU, `malignancy_median`, `n_readers`), lung-windowed to [0, 1], labels 0 benign / 1 malignant.
 
@@ -1102,14 +1101,10 @@ def nodule_crops_dls(path, size: int = 32, hu_range=(-1000.0, 400.0), min_reader
             malignant, all nodules kept) or 'drop-indeterminate' (median 3 left out). A file without
             `malignancy_median` falls back to its `labels` (-1 indeterminate), which only 'drop-indeterminate' can use.
         valid_pct: share of the kept nodules held out (at least one when there are two or more).
-        drop_indeterminate: deprecated; True is `label_rule='drop-indeterminate'`, False `label_rule='paper'`.
 
     No label below 0 ever reaches a batch. `dls.label_rule` and `dls.counts` (nodules per class, train + valid)
     say what was used.
     """
-    if drop_indeterminate is not None:
-        label_rule = 'drop-indeterminate' if drop_indeterminate else 'paper'
-        warnings.warn(f"drop_indeterminate is deprecated: use label_rule={label_rule!r}", FutureWarning, stacklevel=2)
     check_option(label_rule, NODULE_LABEL_RULES, 'label_rule')
     path = Path(path)
     if not path.exists():
@@ -1186,7 +1181,7 @@ class _SegCrops(Dataset):
         return torch.as_tensor(d['image']).float(), torch.as_tensor(d['label'])[0].long()
 
 
-def seg_pairs_dls(pairs, label_values: Sequence, crop=96, spacing=2.0, hu_range=(-175, 250), bs: int = 2,
+def seg_pairs_dls(pairs, label_values: Sequence, crop=96, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 2,
                   valid_pct: float = 0.2, valid_pairs=None, samples_per_volume: int = 1, cache_dir=None,
                   on_error: str = 'raise', seed: int = 0, num_workers: int = 0, progress: bool = True):
     """fastai `DataLoaders` of (image crop `(1, *crop)`, class map `crop`) from NIfTI image / label-map pairs.

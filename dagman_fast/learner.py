@@ -5,7 +5,6 @@
 # %% ../nbs/05_learner.ipynb #de49fe60
 from __future__ import annotations
 
-import json
 import warnings
 from functools import partial
 from dataclasses import fields, replace
@@ -16,51 +15,27 @@ import numpy as np
 import torch
 import fastai.callback.progress  # noqa: F401  fastai's progress bars for every Learner
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle, lr_find to Learner
-from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
+from fastai.callback.schedule import ParamScheduler
+from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.training import GradientClip
 from fastai.optimizer import Adam
 from fastcore.foundation import L
 
-# The names below that this module does not use itself are imported so that `dagman_fast.learner.NAME`, their home
-# before the split into model / callbacks / checkpoint, keeps working.
-from .callbacks import (AttentionGuidedMasking, DeviceMixedPrecision, EMATeacher, FreezeLastLayer,  # noqa: F401
-                        NoSkippedRows, PatchDropout, PretrainLog, SkipEmptyValidation, StepTimer, StopOnDivergence,
-                        StopOnNaN, unwrap)
-from .checkpoint import (CHECKPOINT_FORMAT, ENCODER_FORMAT, DAGMaNCheckpoint,  # noqa: F401
-                         atomic_save, load_checkpoint, load_encoder, rank_rng_state)
+from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, NoisyTeacher, PretrainLog
+from .checkpoint import DAGMaNCheckpoint, save_encoder
+from .callback_base import unwrap
 from .core import check_option
 from .distributed import DistributedLearner, rank, world_size
-from .model import (DISTILL_LOSSES, LOSSES, METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel,  # noqa: F401
-                               encoder_config_from_dict)
+from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
+from .schedule import layer_decay_lrs, warmup_cosine_scheds
 from .swin import ViTConfig, encoder_config
+from .train_utils import (DeviceMixedPrecision, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
+                                     StopOnNaN)
 
 # %% auto #0
-__all__ = ['warmup_cosine_scheds', 'DAGMaNLearner', 'dagman_learner']
+__all__ = ['DAGMaNLearner', 'dagman_learner', 'FineTuneLearner']
 
 # %% ../nbs/05_learner.ipynb #ca88a110
-def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999), wd=None,
-                         wd_final=None) -> dict:
-    """fastai schedules for the paper's optimisation: the learning rate rises linearly from 0 to `lr` over the first
-    `pct_warmup` of training, then follows a cosine down to `lr_min`; Adam's betas stay constant (`mom`, `sqr_mom`).
-    With `wd_final`, the weight decay follows a cosine from `wd` to `wd_final` over the whole run (DINO: 0.04 to 0.4).
-
-    `lr` may be an array (one rate per parameter group, fastai's discriminative rates). For `ParamScheduler`.
-    """
-    if not 0 <= pct_warmup < 1:
-        raise ValueError(f'the warm-up must be a share of training in [0, 1); got {pct_warmup}')
-    lr = np.asarray(lr, dtype=float)
-    # combine_scheds needs a positive share per phase: a zero warm-up is a cosine from the first step
-    warm = SchedLin(0.0, lr) if pct_warmup > 0 else None
-    cos = SchedCos(lr, np.minimum(lr_min, lr))
-    sched = combine_scheds([pct_warmup, 1 - pct_warmup], [warm, cos]) if warm is not None else cos
-    scheds = {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}
-    if wd_final is not None:
-        if wd is None:
-            raise ValueError('a weight-decay schedule needs its start: wd_final without wd')
-        scheds['wd'] = SchedCos(wd, wd_final)
-    return scheds
-
-
 class DAGMaNLearner(DistributedLearner):
     """A fastai `Learner` whose model is a `DAGMaNModel`; adds `fit_warmup_cosine` (the paper's schedule),
     `export_encoder` and `resume`. Data-parallel under `torchrun` / `accelerate launch` with fastai's
@@ -100,43 +75,18 @@ class DAGMaNLearner(DistributedLearner):
         """Save the student encoder as a plain state dict plus its config (also as JSON beside it: `path.json`),
         loadable with `torch.load(path, weights_only=True)` and `load_encoder(path)`. In a data-parallel run only rank 0
         writes."""
-        from dagman_fast import __version__
-        m, path = unwrap(self.model), Path(path)
         if rank() != 0:
-            return path
-        cfg = m.encoder_config.to_dict()
-        sd = {k: v.detach().cpu().clone() for k, v in m.student.encoder.state_dict().items()}
-        atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
-        path.with_suffix('.json').write_text(json.dumps(cfg, indent=1) + '\n')
-        return path
+            return Path(path)
+        return save_encoder(unwrap(self.model).student.encoder, path)
 
     def resume(self, path) -> int:
         """Load a checkpoint (model, optimiser, step; the random states apply when the next fit starts) and return the
-        epoch to start from: `learn.fit_warmup_cosine(n, start_epoch=learn.resume(path))`."""
-        ck = load_checkpoint(path, map_location='cpu')  # random states must be CPU tensors
-        m = unwrap(self.model)
-        want = dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict())
-        got = ck['config']
-        if got != want:
-            diff = {f'{part}.{k}': (got[part].get(k), want[part].get(k)) for part in want
-                    for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
-            raise ValueError(f'checkpoint {path} was written by a different configuration (checkpoint, this learner): '
-                             f'{diff}')
-        device = getattr(self.dls, 'device', None) or next(m.parameters()).device
-        m.to(device)  # where the fit will run, so that the optimiser state goes there too
-        m.load_state_dict(ck['model'])
-        if self.opt is None:
-            self.create_opt()
-        state = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in st.items()} for st in ck['opt']['state']]
-        self.opt.load_state_dict(dict(state=state, hypers=L(ck['opt']['hypers'])))
+        epoch to start from: `learn.fit_warmup_cosine(n, start_epoch=learn.resume(path))`. The learner's
+        `DAGMaNCheckpoint` callback does it (`DAGMaNCheckpoint.resume`)."""
         ckcb = next((c for c in self.cbs if isinstance(c, DAGMaNCheckpoint)), None)
         if ckcb is None:
             raise ValueError('resume needs the DAGMaNCheckpoint callback (dagman_learner adds it unless checkpoint=None)')
-        (ckcb.pending_rng, ckcb.pending_rng_exact), ckcb.pending_recorder = rank_rng_state(ck), ck.get('recorder')
-        ckcb.pending_scaler = ck.get('scaler')
-        ckcb.last_saved = Path(path)
-        self.resume_epoch = ck['epoch'] + 1
-        return self.resume_epoch
+        return ckcb.resume(path)
 
 
 def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_teacher: bool | None = None,
@@ -178,7 +128,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     if encoder is None:
         encoder = 'swin-smit' if arch == 'swin' else 'vit-base'
     base = encoder_config(encoder) if isinstance(encoder, str) else encoder
-    valid = {f.name for f in fields(DAGMaNConfig)} | {'distill_weight'}
+    valid = {f.name for f in fields(DAGMaNConfig)}
     enc_fields = {f.name for f in fields(base)}
     bad = set(cfg) - valid - enc_fields
     if bad:
@@ -194,7 +144,7 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     model = DAGMaNModel(ecfg, config)
     callbacks = [EMATeacher(), AttentionGuidedMasking(), FreezeLastLayer(), StopOnNaN(), StopOnDivergence()]
     if config.noisy_teacher and config.patch_drop > 0:
-        callbacks.append(PatchDropout())
+        callbacks.append(NoisyTeacher())
     if config.clip_grad:
         callbacks.append(GradientClip(config.clip_grad))
     device = getattr(dls, 'device', None)
@@ -223,3 +173,46 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
                           path=path if path is not None else getattr(dls, 'path', '.'), cbs=callbacks + list(cbs or []))
     learn.wd_final = wd_final
     return learn
+
+# %% ../nbs/05_learner.ipynb #62e1a982
+class FineTuneLearner(DistributedLearner):
+    """The `Learner` of `cls_learner` and `seg_learner`: fastai's, data parallel under `torchrun` (see
+    `DistributedLearner`); `fine_tune` keeps fastai's meaning, and `fine_tune_recipe` is the transformer recipe."""
+
+    def fine_tune_recipe(self, epochs: int, lr: float | None = None, layer_decay: float = 0.75, warmup: float = 0.1,
+                         lr_min: float = 1e-6, monitor: str | None = None, fname: str = 'best', cbs=None) -> None:
+        """Fine-tune the way transformers are (BEiT, MAE): every layer trains from the first step, with layer-wise
+        learning-rate decay over the parameter groups (`layer_decay_lrs`: the head at `lr`, each Swin stage below it
+        `layer_decay` times the one above), a linear warm-up over the first `warmup` of the steps then a cosine to
+        `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's
+        optimiser); the epoch with the best validation `monitor` (default: the first metric, AUC for `cls_learner`;
+        else the validation loss) is kept by fastai's `SaveModelCallback` and loaded at the end, so the test split is
+        scored once, on the weights the validation split chose.
+
+        Example: `learn.fine_tune_recipe(30, 1e-3)`.
+        """
+        if monitor is None:
+            monitor = self.metrics[0].name if len(self.metrics) else 'valid_loss'
+        self.unfreeze()
+        if self.opt is None:
+            self.create_opt()
+        lrs = layer_decay_lrs(len(self.opt.hypers), self.lr if lr is None else lr, layer_decay)
+        # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
+        sched = ParamScheduler(warmup_cosine_scheds(lrs, warmup, lr_min * lrs / lrs.max()))
+        comp = np.less if 'loss' in monitor else np.greater
+        keep = _KeepBest(monitor=monitor, comp=comp, fname=fname)
+        self.fit(epochs, cbs=[sched, keep] + list(cbs or []))
+        self.best_epoch, self.best_value, self.monitor = keep.best_epoch, float(keep.best), monitor
+
+
+class _KeepBest(SaveModelCallback):
+    "fastai's `SaveModelCallback`, which also remembers which epoch it kept (`best_epoch`, 0-based)."
+
+    def before_fit(self):
+        super().before_fit()
+        self.best_epoch = None
+
+    def after_epoch(self):
+        super().after_epoch()
+        if self.new_best:
+            self.best_epoch = self.epoch

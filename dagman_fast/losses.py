@@ -19,7 +19,7 @@ from .distributed import all_max, all_mean, all_sum
 
 # %% auto #0
 __all__ = ['CENTERINGS', 'TokenBatchNorm', 'DINOHead', 'LinearHead', 'entropy', 'feature_stats', 'koleo_loss', 'sinkhorn_knopp',
-           'DistillLoss', 'pixel_shuffle_3d', 'ReconHead', 'amip_loss']
+           'DistillLoss', 'cls_attention_dissimilarity', 'pixel_shuffle_3d', 'ReconHead', 'amip_loss']
 
 # %% ../nbs/04_losses.ipynb #a1fe9d91
 class TokenBatchNorm(nn.Module):
@@ -263,6 +263,21 @@ class DistillLoss(nn.Module):
                 ent, mean_ent = (entropy(tf) * w).sum(), entropy((tf * w[:, None]).sum(0))
                 self.stats = dict(entropy=ent, mean_entropy=mean_ent, gap=mean_ent - ent, center_norm=self.center.norm())
         return loss
+
+# %% ../nbs/04_losses.ipynb #c431cb75
+def cls_attention_dissimilarity(attn_heads: torch.Tensor) -> torch.Tensor:
+    """How differently the heads of the SA module place their [CLS] attention over the scan (logged as
+    `sa_cls_dissimilarity`; not the head diversity of the paper, which is `AttentionStats`):
+    the mean over head pairs of `1 - cosine(a_i, a_j)` of their [CLS] attention
+    maps `attn_heads: (b, nh, n)`, averaged over the batch. 0 when every head attends alike; it grows as heads
+    specialise (for non-negative maps at most 1, reached by heads attending to disjoint cells)."""
+    b, nh, _ = attn_heads.shape
+    if nh < 2:
+        return attn_heads.new_zeros(())
+    a = F.normalize(attn_heads.float(), dim=-1)
+    sim = a @ a.transpose(1, 2)                                   # (b, nh, nh)
+    off = sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(-1)  # the nh*(nh-1) pairs off the diagonal
+    return (1 - off / (nh * (nh - 1))).mean()
 
 # %% ../nbs/04_losses.ipynb #d890bb62
 def pixel_shuffle_3d(x: torch.Tensor, factor) -> torch.Tensor:

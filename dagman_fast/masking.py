@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .core import as_triple, check_option
+from .core import as_triple, check_option, check_ratio
 from .kernels.topk_mask import attention_mask_triton, head_sum, triton_available
 
 # %% auto #0
@@ -78,8 +78,7 @@ def attention_mask(attn: torch.Tensor, k: int, n_hint: int = 0, pool: int = 0,
 
 # %% ../nbs/03_masking.ipynb #7b53e9e8
 def _check_block_args(min_cells, aspect, max_blocks):
-    if not 0 < aspect <= 1:
-        raise ValueError(f'aspect must be in (0, 1]; got {aspect}')
+    check_ratio(aspect, 'aspect', low_open=True)
     if min_cells < 1 or max_blocks < 1:
         raise ValueError(f'min_cells and max_blocks must be at least 1; got {min_cells}, {max_blocks}')
 
@@ -143,8 +142,7 @@ class MaskGenerator:
         if impl == 'triton' and not triton_available('cuda'):
             raise ImportError("MaskGenerator(impl='triton') needs Triton (pip install triton); use 'torch' or 'auto'")
         for name, v in (('ratio', ratio), ('hint_ratio', hint_ratio), ('hint_pool', hint_pool)):
-            if not 0 <= v <= 1:
-                raise ValueError(f'{name} must be in [0, 1]; got {v}')
+            check_ratio(v, name)
         _check_block_args(min_cells, aspect, max_blocks)
         self.ratio, self.hint_ratio, self.hint_pool = ratio, hint_ratio, hint_pool
         self.min_cells, self.aspect, self.max_blocks, self.generator = min_cells, aspect, max_blocks, generator
@@ -206,7 +204,6 @@ def patch_dropout_mask(batch: int, grid: Sequence[int], ratio: float, generator:
     The noisy teacher's encoder replaces the dropped patch embeddings by its mask token (or zeros), so the window
     grid stays whole.
     """
-    if not 0 <= ratio < 1:
-        raise ValueError(f'patch dropout ratio must be in [0, 1); got {ratio}')
+    check_ratio(ratio, 'patch dropout ratio', high_open=True)
     d, h, w = as_triple(grid, 'grid')
     return random_mask(batch, d * h * w, count(ratio, d * h * w), generator, device).view(batch, d, h, w)

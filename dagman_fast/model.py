@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from .core import as_triple, check_option
+from .core import as_triple, check_option, check_ratio, parse_span, span_steps
 from .losses import (CENTERINGS, DINOHead, DistillLoss, LinearHead, ReconHead, amip_loss, feature_stats,
                      koleo_loss)
 from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
@@ -22,7 +21,7 @@ from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
 
 # %% auto #0
 __all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
-           'parse_span', 'span_steps', 'DAGMaNConfig', 'encoder_config_from_dict', 'DAGMaNModel', 'DAGMaNLoss']
+           'DAGMaNConfig', 'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
@@ -31,39 +30,6 @@ DISTILL_LOSSES = ('aitd', 'ampd', 'gitd')
 
 HEADS = ('mlp', 'linear')
 INPUT_NORMS = (None, 'volume')
-
-
-def parse_span(value, name: str = 'span') -> tuple[str, float]:
-    """A length of a schedule phase as `(unit, amount)`: a number is epochs (fractions allowed), `'10%'` a share of
-    the planned run, `'300 steps'` (or `'300steps'`) optimiser steps. Raises a `ValueError` naming `name` otherwise."""
-    if isinstance(value, bool):
-        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
-                         f'got {value!r}')
-    if isinstance(value, (int, float)):
-        unit, amount = 'epochs', float(value)
-    elif isinstance(value, str) and value.strip().endswith('%'):
-        unit, amount = 'share', _number(value.strip()[:-1], value, name) / 100
-    elif isinstance(value, str) and value.strip().endswith('steps'):
-        unit, amount = 'steps', _number(value.strip()[:-len('steps')], value, name)
-    else:
-        raise ValueError(f'{name} must be epochs (a number), a share of the run (\'10%\') or steps (\'300 steps\'); '
-                         f'got {value!r}')
-    if not amount >= 0 or (unit == 'share' and amount > 1):
-        raise ValueError(f'{name} must be >= 0 (a share at most 100%); got {value!r}')
-    return unit, amount
-
-
-def _number(text: str, value, name: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f'{name}: {value!r} is not a number of epochs, a share (\'10%\') or steps (\'300 steps\')') from None
-
-
-def span_steps(value, iters_per_epoch: int, planned_steps: int) -> float:
-    "The optimiser steps of a schedule phase `value` (see `parse_span`) in a run of `planned_steps` steps."
-    unit, amount = parse_span(value)
-    return {'epochs': amount * iters_per_epoch, 'share': amount * planned_steps, 'steps': amount}[unit]
 
 
 # The total loss of the paper (Appendix A: three distillation weights of 0.1 from a grid search; reconstruction 1).
@@ -97,8 +63,7 @@ class DAGMaNConfig(_JSONConfig):
         terms (`PAPER_LOSS_WEIGHTS`: AITD, AMPD, GITD 0.1, AMIP 1, the paper's Appendix A). cross_view: AITD and GITD
         compare the student's view i with the teacher's view j != i (True: DINO, iBOT) or with the same view (False,
         the default; the paper is silent): measured, independent random crops of a scan share too little for the
-        cross-view targets, which stayed uniform (`BENCHMARKS.md`, "Self-distillation that learns"). `distill_weight=w` (the one distillation weight of earlier versions) still works with a
-        `FutureWarning`: it sets `loss_weights` to w for AITD, AMPD and GITD.
+        cross-view targets, which stayed uniform (`BENCHMARKS.md`, "Self-distillation that learns").
     Heads and temperatures (the paper is silent on them; sizes from DINO and iBOT, the rest measured against collapse
     in `BENCHMARKS.md`, "Self-distillation that learns"; `method='dagman-dino'` gives DINO's values back):
         out_dim 8192, head_hidden 2048, head_bottleneck 256, head_layers 3; student_temp 0.1. teacher_temp 0.02
@@ -164,9 +129,8 @@ class DAGMaNConfig(_JSONConfig):
     distill_warmup: float | str = 0
     freeze_last_layer: float | str = '10%'
     clip_grad: float | None = 3.0
-    distill_weight: InitVar[float | None] = None  # deprecated: see loss_weights
 
-    def __post_init__(self, distill_weight=None):
+    def __post_init__(self):
         check_option(self.masking, MASKINGS, 'masking')
         check_option(self.patch_drop_fill, ('zero', 'token'), 'patch_drop_fill')
         check_option(self.head, HEADS, 'head')
@@ -179,8 +143,7 @@ class DAGMaNConfig(_JSONConfig):
             raise ValueError(f'mask_ratio_jitter must keep mask_ratio +- jitter in [0, 1]: at most '
                              f'{min(self.mask_ratio, 1 - self.mask_ratio):g} for mask_ratio {self.mask_ratio}; got '
                              f'{self.mask_ratio_jitter}')
-        if not 0 < self.mask_prob <= 1:
-            raise ValueError(f'mask_prob must be in (0, 1]; got {self.mask_prob}')
+        check_ratio(self.mask_prob, 'mask_prob', low_open=True)
         if self.sinkhorn_queue < 0 or self.sinkhorn_iters < 1:
             raise ValueError(f'sinkhorn_queue must be >= 0 and sinkhorn_iters >= 1; got {self.sinkhorn_queue}, '
                              f'{self.sinkhorn_iters}')
@@ -193,24 +156,15 @@ class DAGMaNConfig(_JSONConfig):
             raise ValueError(f'losses must name at least one of {LOSSES}')
         object.__setattr__(self, 'losses', tuple(n for n in LOSSES if n in losses))  # canonical order
         weights = dict(self.loss_weights or {})
-        if distill_weight is not None:
-            warnings.warn(f'distill_weight is deprecated: use loss_weights (distill_weight={distill_weight} means '
-                          f"loss_weights={{'aitd': {distill_weight}, 'ampd': {distill_weight}, 'gitd': "
-                          f'{distill_weight}}})', FutureWarning, stacklevel=3)
-            weights.update({n: distill_weight for n in DISTILL_LOSSES})
         for name, w in weights.items():
             check_option(name, LOSSES, 'loss_weights')
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not w >= 0:
                 raise ValueError(f'loss_weights[{name!r}] must be a number >= 0; got {w!r}')
         # every term, in canonical order, as floats: equal configs compare equal and their JSON is the same
         object.__setattr__(self, 'loss_weights', {n: float(weights.get(n, PAPER_LOSS_WEIGHTS[n])) for n in LOSSES})
-        for name in ('mask_ratio', 'hint_ratio', 'hint_pool'):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f'{name} must be in [0, 1]; got {getattr(self, name)}')
-        if not 0 <= self.patch_drop < 1:
-            raise ValueError(f'patch_drop must be in [0, 1); got {self.patch_drop}')
-        if not 0 <= self.ema_momentum <= 1:
-            raise ValueError(f'ema_momentum must be in [0, 1]; got {self.ema_momentum}')
+        for name in ('mask_ratio', 'hint_ratio', 'hint_pool', 'ema_momentum'):
+            check_ratio(getattr(self, name), name)
+        check_ratio(self.patch_drop, 'patch_drop', high_open=True)
         if 'amip' in losses and self.mask_ratio == 0:
             raise ValueError('the amip loss reconstructs masked voxels: it needs mask_ratio > 0')
 
@@ -260,14 +214,6 @@ METHOD_HELP = {
 }
 
 # %% ../nbs/04a_model.ipynb #c3290693
-def encoder_config_from_dict(d: dict) -> SwinConfig | ViTConfig:
-    "The encoder config stored beside exported weights (`config.to_dict()`, tagged with `arch`)."
-    arch = d.get('arch')
-    if arch not in ('swin', 'vit'):
-        raise ValueError(f"encoder config must have arch 'swin' or 'vit'; got {arch!r}")
-    return (SwinConfig if arch == 'swin' else ViTConfig).from_dict(d)
-
-
 class _Branch(nn.Module):
     "An encoder and its DINO heads: what the student and the teacher each hold."
 
@@ -439,13 +385,13 @@ class DAGMaNModel(nn.Module):
     def forward(self, *views: torch.Tensor, cell_mask: torch.Tensor | None = None) -> dict:
         """The student's pass on all views at once; `cell_mask` may also come last in `views` (fastai's `xb`).
 
-        Returns a dict of tensors: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon`
-        (the AMIP reconstruction), `images` (the views, concatenated) and `cell_mask`.
+        Returns a dict: the student's logits `s_<loss>` and the inputs of its heads `sf_<loss>`, `recon` (the AMIP
+        reconstruction), `images` (the views, concatenated), `cell_mask` and `n_views` (a CPU tensor holding how
+        the rows split into views, for `loss`).
         """
         if cell_mask is None and views and views[-1].dtype == torch.bool:
             views, cell_mask = views[:-1], views[-1]
         x = torch.cat(views)
-        self.n_views = len(views)
         patch_mask = None
         if cell_mask is not None:
             patch_mask = upsample_mask(cell_mask, self.cell_grid(x.shape[2:]), self.cell_factor)
@@ -454,7 +400,7 @@ class DAGMaNModel(nn.Module):
         pred.update({f'sf_{k}': v for k, v in feats.items()})
         if self.recon is not None:
             pred['recon'] = self.recon(out.features[-1])
-        pred['images'] = x
+        pred['images'], pred['n_views'] = x, torch.tensor(len(views))  # a CPU tensor: fastai's hooks map tensors
         if cell_mask is not None:
             pred['cell_mask'] = cell_mask
         return pred
@@ -480,9 +426,8 @@ class DAGMaNModel(nn.Module):
         frac = (self.step.float() / warm).clamp(max=1) if warm > 0 else torch.ones((), device=self.step.device)
         return c.teacher_temp + (c.teacher_temp_final - c.teacher_temp) * frac
 
-    def _global(self, name: str, s: torch.Tensor, t: torch.Tensor, tt) -> torch.Tensor:
-        "AITD / GITD: student view i against teacher view j != i (cross_view) or j == i, over all pairs at once."
-        v = self.n_views
+    def _global(self, name: str, s: torch.Tensor, t: torch.Tensor, tt, v: int) -> torch.Tensor:
+        "AITD / GITD on `v` views: student view i against teacher view j != i (cross_view) or j == i, all pairs at once."
         s, t = s.view(v, -1, s.shape[-1]), t.view(v, -1, t.shape[-1])
         if self.config.cross_view and v > 1:
             pairs = [(i, j) for i in range(v) for j in range(v) if i != j]
@@ -496,7 +441,7 @@ class DAGMaNModel(nn.Module):
         tt = self.teacher_temp()
         for name in ('aitd', 'gitd'):
             if name in c.losses:
-                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt)
+                terms[name] = self._global(name, pred[f's_{name}'], guide[f't_{name}'], tt, int(pred['n_views']))
         if 'ampd' in c.losses:
             terms['ampd'] = self.distill['ampd'](pred['s_ampd'], guide['t_ampd'], tt, weight=guide['cell_mask'])
         if 'amip' in c.losses:
@@ -509,9 +454,10 @@ class DAGMaNModel(nn.Module):
         if c.koleo_weight:  # per view, on the inputs of the global heads (DINOv2: per global crop, on [CLS])
             # with mask_prob < 1, only the views the student sees whole: a masked view's features also depend on
             # the random mask, a spread that the teacher, which sees every view whole, never gets
-            whole = (~guide['cell_mask'].any(-1)).chunk(self.n_views) if c.mask_prob < 1 else None
+            v = int(pred['n_views'])
+            whole = (~guide['cell_mask'].any(-1)).chunk(v) if c.mask_prob < 1 else None
             koleo = sum(koleo_loss(f if whole is None else f[w]) for name in ('aitd', 'gitd') if f'sf_{name}' in pred
-                        for f, w in zip(pred[f'sf_{name}'].chunk(self.n_views), whole or [None] * self.n_views)
+                        for f, w in zip(pred[f'sf_{name}'].chunk(v), whole or [None] * v)
                         if whole is None or int(w.sum()) >= 2)
             if torch.is_tensor(koleo):
                 terms['koleo'] = koleo

@@ -17,15 +17,16 @@ from einops import rearrange
 from torch.nn.init import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from .core import as_triple, check_option
+from .core import as_triple, check_option, check_ratio, strip_prefixes
 from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 
 # %% auto #0
 __all__ = ['Triple', 'MAX_BLOCKS', 'MAX_EMBED_DIM', 'PRESETS', 'window_and_shift', 'relative_position_index', 'window_order',
            'shift_attention_mask', 'permute_tokens', 'DropPath', 'WindowAttention', 'Mlp', 'WindowPlan', 'window_plan',
            'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
-           'SwinConfig', 'ViTConfig', 'encoder_config', 'EncoderOutput', 'PatchEmbed', 'SwinEncoder', 'ViTEncoder',
-           'build_encoder', 'monai_swin_kwargs', 'to_monai', 'from_monai']
+           'SwinConfig', 'ViTConfig', 'encoder_config', 'encoder_config_from_dict', 'EncoderOutput', 'PatchEmbed',
+           'SwinEncoder', 'ViTEncoder', 'build_encoder', 'monai_swin_kwargs', 'to_monai', 'from_monai', 'pad_offsets',
+           'pad_to_encoder', 'set_drop_path', 'encoder_groups']
 
 # %% ../nbs/02_swin.ipynb #8cdc5fad
 Triple = tuple[int, int, int]
@@ -127,8 +128,7 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        if not 0 <= drop_prob < 1:
-            raise ValueError(f'drop_prob must be in [0, 1); got {drop_prob}')
+        check_ratio(drop_prob, 'drop_prob', high_open=True)
         self.drop_prob = drop_prob
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -510,8 +510,7 @@ def _check_sizes(cfg, **sizes) -> None:
         raise ValueError(f'{name}: {blocks} transformer blocks is more than {MAX_BLOCKS}; check depths/depth')
     if sizes['embed_dim'] > MAX_EMBED_DIM:
         raise ValueError(f'{name}.embed_dim {sizes["embed_dim"]} is more than {MAX_EMBED_DIM}')
-    if not 0 <= cfg.drop_path_rate < 1:
-        raise ValueError(f'{name}.drop_path_rate must be in [0, 1); got {cfg.drop_path_rate}')
+    check_ratio(cfg.drop_path_rate, f'{name}.drop_path_rate', high_open=True)
     if not cfg.mlp_ratio > 0:
         raise ValueError(f'{name}.mlp_ratio must be positive; got {cfg.mlp_ratio}')
 
@@ -669,6 +668,14 @@ def encoder_config(preset: str = 'swin-smit', **overrides) -> SwinConfig | ViTCo
     if bad:
         raise TypeError(f'{type(cfg).__name__} has no field(s) {sorted(bad)}; valid: {sorted(valid)}')
     return replace(cfg, **overrides)
+
+
+def encoder_config_from_dict(d: dict) -> SwinConfig | ViTConfig:
+    "The encoder config stored beside exported weights (`config.to_dict()`, tagged with `arch`)."
+    arch = d.get('arch')
+    if arch not in ('swin', 'vit'):
+        raise ValueError(f"encoder config must have arch 'swin' or 'vit'; got {arch!r}")
+    return (SwinConfig if arch == 'swin' else ViTConfig).from_dict(d)
 
 # %% ../nbs/02_swin.ipynb #084097da
 @dataclass
@@ -968,13 +975,7 @@ def _strip_prefixes(sd: dict) -> dict:
     """Drop the wrappers MONAI checkpoints put around the Swin weights (`module.`, `swinViT.`), and give the MLP of
     each block MONAI's module's names: the self-supervised Swin UNETR checkpoint (`model_swinvit.pt`) was saved
     with timm's `mlp.fc1` / `mlp.fc2`, which MONAI's `load_from` copies into `mlp.linear1` / `mlp.linear2`."""
-    out = {}
-    for k, v in sd.items():
-        for p in ('module.', 'swinViT.'):
-            if k.startswith(p):
-                k = k[len(p):]
-        out[re.sub(r'\.mlp\.fc([12])\.', r'.mlp.linear\1.', k)] = v
-    return out
+    return {re.sub(r'\.mlp\.fc([12])\.', r'.mlp.linear\1.', strip_prefixes(k)): v for k, v in sd.items()}
 
 
 def _window_from_weights(sd: dict) -> int:
@@ -1053,3 +1054,52 @@ def from_monai(module_or_state_dict, *, merging: str | None = None, **overrides)
         raise ValueError(f'MONAI weights do not fit the inferred SwinConfig: missing {missing[:8]}, '
                          f'unexpected {unexpected[:8]}')
     return enc
+
+# %% ../nbs/02_swin.ipynb #c5402c1f
+def pad_offsets(shape, encoder) -> list[tuple[int, int]]:
+    "Per spatial axis of `shape` (d, h, w), the zeros `(before, after)` that bring it to a size `encoder` takes."
+    extra = [(-s) % m for s, m in zip(shape, encoder._grid_multiple())]
+    return [(e // 2, e - e // 2) for e in extra]
+
+
+def pad_to_encoder(x: torch.Tensor, encoder) -> torch.Tensor:
+    """`x: (b, c, d, h, w)` zero-padded evenly on each side to the next size `encoder` can take (e.g. MedMNIST's 28^3
+    to 32^3 for a Swin that needs multiples of 32); `x` itself when it already fits."""
+    offsets = pad_offsets(x.shape[2:], encoder)
+    if not any(a or b for a, b in offsets):
+        return x
+    return F.pad(x, [p for pair in reversed(offsets) for p in pair])  # F.pad lists the last axis first
+
+
+def set_drop_path(encoder: SwinEncoder | ViTEncoder, rate: float) -> SwinEncoder | ViTEncoder:
+    """Stochastic depth on `encoder`'s blocks, growing linearly with depth from 0 to `rate` as `drop_path_rate` does
+    at construction (the SA module has none): how fine-tuning adds drop path to an encoder pretrained without it, or
+    removes it (`rate=0`). Changes `encoder` in place and returns it."""
+    check_ratio(rate, 'drop_path', high_open=True)
+    vit = isinstance(encoder, ViTEncoder)
+    blocks = list(encoder.blocks) if vit else [b for st in encoder.stages for b in st.blocks]
+    for blk, r in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+        # a new module is in training mode: it takes the block's
+        blk.drop_path = (DropPath(r) if r > 0 else nn.Identity()).train(blk.training)
+    encoder.config = replace(encoder.config, drop_path_rate=rate)
+    return encoder
+
+
+def encoder_groups(enc: SwinEncoder | ViTEncoder) -> list[list]:
+    "An encoder's parameters by depth: one group per Swin stage (SA with the stage it follows), or four of a ViT."
+    if isinstance(enc, ViTEncoder):
+        n, groups = len(enc.blocks), [[] for _ in range(4)]
+        for name, p in enc.named_parameters():
+            i = int(name.split('.')[1]) * 4 // n if name.startswith('blocks.') else 3 if name.startswith('norm') else 0
+            groups[i].append(p)
+    else:
+        groups = [[] for _ in range(len(enc.stages))]
+        for name, p in enc.named_parameters():
+            if name.startswith('stages.'):
+                i = int(name.split('.')[1])
+            elif name.startswith('sa.'):
+                i = enc.config.sa_stage - 1
+            else:
+                i = 0  # patch embedding, mask token
+            groups[i].append(p)
+    return [g for g in groups if g]

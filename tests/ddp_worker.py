@@ -66,7 +66,7 @@ def _samples(learn) -> torch.Tensor:
 
 
 class FixedDraws(Callback):
-    "Replaces the teacher's patch dropout (after `PatchDropout`) and the student's cell mask (after the masking)."
+    "Replaces the teacher's patch dropout (after `NoisyTeacher`) and the student's cell mask (after the masking)."
     order = 16
 
     def __init__(self, drops: torch.Tensor, masks: torch.Tensor):
@@ -74,7 +74,7 @@ class FixedDraws(Callback):
 
     def before_batch(self):
         idx = _samples(self.learn)
-        self.learn.teacher_drop = torch.cat([self.drops[v, idx] for v in range(VIEWS)])
+        self.learn.yb = ({'teacher_drop': torch.cat([self.drops[v, idx] for v in range(VIEWS)])},)
         self.learn.fixed_mask = torch.cat([self.masks[v, idx] for v in range(VIEWS)])
 
 
@@ -124,15 +124,7 @@ class Record(Callback):
         if self.training:
             tags = (self.xb[0].flatten(1)[:, 0] * 100).round().long()
             self.steps.append(dict(epoch=self.epoch, samples=tags.tolist(), mask=self.yb[0]['cell_mask'].clone(),
-                                   drop=self.learn.teacher_drop_seen.clone()))
-
-
-class SeeDrop(Callback):
-    order = 19  # between PatchDropout (15) and AttentionGuidedMasking (20), which consumes it
-
-    def before_batch(self):
-        if self.training:
-            self.learn.teacher_drop_seen = self.learn.teacher_drop
+                                   drop=self.yb[0]['teacher_drop'].clone()))
 
 
 def draws(out: Path, bs: int, resume: Path | None = None, epochs: int = 2) -> None:
@@ -144,7 +136,7 @@ def draws(out: Path, bs: int, resume: Path | None = None, epochs: int = 2) -> No
     start = learn.resume(resume) if resume else 0
     rec = Record()
     with learn.distrib_ctx():
-        learn.fit(2, 1e-3, cbs=[SeeDrop(), rec] + ([CancelAfter(epochs)] if epochs < 2 else []), start_epoch=start)
+        learn.fit(2, 1e-3, cbs=[rec] + ([CancelAfter(epochs)] if epochs < 2 else []), start_epoch=start)
     results, norm = _metrics(out, bs) if resume is None and epochs == 2 else ({}, None)
     torch.save(dict(steps=rec.steps, world=world_size(), results=results, norm=norm), out / f'rank{rank()}.pt')
 
@@ -167,7 +159,8 @@ def _metrics(out: Path, bs: int) -> tuple[dict, torch.Tensor]:
     classifier's `FeatureNorm` statistics, which `FeatureStats` computes from the training crops shared out between
     the ranks."""
     from dagman_fast.distributed import DistributedLearner
-    from dagman_fast.finetune import DiceScore, cls_learner
+    from dagman_fast.classify import cls_learner
+    from dagman_fast.segment import DiceScore
     set_seed(0)
     g = torch.Generator().manual_seed(3)
     x = torch.rand(7, 1, CROP, CROP, CROP, generator=g)

@@ -229,7 +229,7 @@ def test_attention_map_is_the_sa_attention_upsampled(tmp_path):
     torch.testing.assert_close(m, ref)
     assert float(m.mean()) * 64 == pytest.approx(1.0, rel=0.05)  # a distribution over the 4^3 tokens, interpolated
     # a 28^3 volume (MedMNIST) is padded to 32^3 like the classifier does, and the map cropped back
-    from dagman_fast.finetune import ClsModel
+    from dagman_fast.classify import ClsModel
     small = torch.rand(1, 28, 28, 28)
     heads = attention_map(ClsModel(enc, 2), small, heads=True)
     assert heads.shape == (4, 28, 28, 28)  # sa_num_heads of tiny_config
@@ -251,10 +251,9 @@ def test_attention_map_is_the_sa_attention_upsampled(tmp_path):
 
 
 def _export(enc, path: Path) -> Path:
-    from dagman_fast.checkpoint import ENCODER_FORMAT, atomic_save
+    from dagman_fast.checkpoint import save_encoder
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(dict(format=ENCODER_FORMAT, config=enc.config.to_dict(), state_dict=enc.state_dict()), path)
-    return path
+    return save_encoder(enc, path)
 
 
 def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):

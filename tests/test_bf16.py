@@ -9,7 +9,8 @@ from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 from test_learner import LossLog, make_learner, quiet_fit
 
-from dagman_fast.callbacks import DeviceMixedPrecision, unwrap
+from dagman_fast.callback_base import unwrap
+from dagman_fast.train_utils import DeviceMixedPrecision
 
 
 class KeepGrads(Callback):

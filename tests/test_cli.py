@@ -46,7 +46,7 @@ def test_pretrain_resume_and_export(tmp_path, capsys):
     import torch
     from monai.networks.nets.swin_unetr import SwinTransformer
 
-    from dagman_fast.learner import load_encoder
+    from dagman_fast.checkpoint import load_encoder
     from dagman_fast.swin import monai_swin_kwargs
 
     out = tmp_path / 'run'
@@ -165,7 +165,7 @@ def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
 
     import torch
 
-    from dagman_fast.finetune import dice_per_class, load_segmenter
+    from dagman_fast.segment import dice_per_class, load_segmenter
     from tests.test_learner import make_learner, quiet_fit
     pre = make_learner(tmp_path / 'pre')
     quiet_fit(pre, 1)
@@ -188,7 +188,7 @@ def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
     from dagman_fast.data import CTPreprocess, SegVolumes
     vols = SegVolumes([valid], CTPreprocess(spacing=(2.0,) * 3, hu_range=(-200.0, 300.0), crop=(64,) * 3),
                       ['3,4', '7'], cache_dir=tmp_path / 'cache2', progress=False)
-    from dagman_fast.finetune import predict_volume
+    from dagman_fast.segment import predict_volume
     ref = vols[0]['label'][0]
     raw = np.asarray(nib.load(valid[1]).dataobj)
     assert int((ref == 1).sum()) == int(np.isin(raw, [3, 4]).sum()) and int((ref == 2).sum()) == int((raw == 7).sum())

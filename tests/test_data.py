@@ -364,8 +364,6 @@ def test_nodule_label_rules(tmp_path):
     assert int(everything(few).min()) >= 0
     with pytest.raises(ValueError, match="Did you mean 'paper'"):
         nodule_crops_dls(path, size=8, label_rule='papr')
-    with pytest.warns(FutureWarning, match='label_rule'):
-        assert len(everything(nodule_crops_dls(path, size=8, drop_indeterminate=True))) == 7
 
 
 def test_nodule_files_without_medians_or_with_bad_ratings(tmp_path):

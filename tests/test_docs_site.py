@@ -23,12 +23,12 @@ def test_show_doc_headings_get_nbdevs_anchors():
 
 
 def test_backticked_names_link_to_their_entries_outside_code():
-    index = {'dagman_learner': 'api/learner.md#dagman_learner', 'ClsModel': 'api/finetune.md#clsmodel'}
+    index = {'dagman_learner': 'api/learner.md#dagman_learner', 'ClsModel': 'api/classify.md#clsmodel'}
     md = ('Use `dagman_learner` and `ClsModel.features`, not `unknown`.\n\n```python\nx = `dagman_learner`\n```\n'
           'Already [`dagman_learner`](x.md).')
     out = docs.link_names(md, Path('tutorials/01_x.md'), index)
     assert '[`dagman_learner`](../api/learner.md#dagman_learner)' in out
-    assert '[`ClsModel.features`](../api/finetune.md#clsmodel)' in out  # a method: its class's entry
+    assert '[`ClsModel.features`](../api/classify.md#clsmodel)' in out  # a method: its class's entry
     assert '`unknown`' in out and '[`unknown`]' not in out
     assert 'x = `dagman_learner`' in out  # fenced code untouched
     assert '[`dagman_learner`](x.md)' in out and out.count('](../api/learner.md') == 1

@@ -10,8 +10,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 
-from dagman_fast.finetune import (ClsModel, cls_learner, cls_splitter, evaluate_classifier, sensitivity,
-                                  specificity)
+from dagman_fast.classify import cls_learner, cls_splitter, ClsModel, evaluate_classifier, sensitivity, specificity
 from dagman_fast.swin import SwinConfig, ViTConfig, build_encoder, to_monai
 
 CFG = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
@@ -195,7 +194,7 @@ def seg_dls(n=4, size=64, classes=3):
 def test_seg_model_equals_monai_swinunetr_with_the_same_weights():
     from monai.networks.nets import SwinUNETR
 
-    from dagman_fast.finetune import SegModel
+    from dagman_fast.segment import SegModel
     cfg = SwinConfig(img_size=64, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=None)
     model = SegModel(build_encoder(cfg), 3).eval()
     net = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=cfg.depths, num_heads=cfg.num_heads,
@@ -212,7 +211,7 @@ def test_seg_model_equals_monai_swinunetr_with_the_same_weights():
 def test_seg_learner_fine_tunes_and_the_dice_rises(tmp_path):
     from monai.metrics import compute_dice
 
-    from dagman_fast.finetune import predict_volume, seg_learner, seg_splitter
+    from dagman_fast.segment import predict_volume, seg_learner, seg_splitter
     from fastai.torch_core import set_seed
     set_seed(0)
     dls = seg_dls()
@@ -234,7 +233,7 @@ def test_seg_learner_fine_tunes_and_the_dice_rises(tmp_path):
 
 
 def test_seg_learner_bad_input():
-    from dagman_fast.finetune import seg_learner
+    from dagman_fast.segment import seg_learner
     vit = build_encoder(ViTConfig(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2))
     with pytest.raises(TypeError, match='SwinEncoder'):
         seg_learner(seg_dls(size=32), encoder=vit)
@@ -248,7 +247,7 @@ def test_seg_learner_bad_input():
 
 
 def test_few_shot_subsets_are_stratified_and_seeded():
-    from dagman_fast.finetune import few_shot_indices
+    from dagman_fast.classify import few_shot_indices
     labels = np.array([0] * 80 + [1] * 20 + [2] * 8)
     for frac in (0.25, 0.5):
         idx = few_shot_indices(labels, frac, seed=3)
@@ -264,7 +263,7 @@ def test_few_shot_subsets_are_stratified_and_seeded():
 
 
 def test_stratified_folds_partition_and_subset_loaders():
-    from dagman_fast.finetune import stratified_folds, subset_dls, summarize
+    from dagman_fast.classify import stratified_folds, subset_dls, summarize
     dls = make_dls(n=12, classes=2)
     labels = dls.train.dataset.tensors[1].numpy()
     folds = stratified_folds(labels, k=3, seed=0)
@@ -281,7 +280,7 @@ def test_stratified_folds_partition_and_subset_loaders():
 def test_classifier_round_trip_and_evaluation(tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from dagman_fast.finetune import evaluate_classifier, load_classifier, save_classifier
+    from dagman_fast.classify import evaluate_classifier, load_classifier, save_classifier
     dls = make_dls(classes=3)
     model = ClsModel(build_encoder(CFG), 3, pool='cls').eval()
     path = save_classifier(model, tmp_path / 'c.pth')

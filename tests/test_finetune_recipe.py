@@ -10,7 +10,9 @@ from fastai.data.core import DataLoaders
 from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 
-from dagman_fast.finetune import ClsLearner, balanced_class_weights, cls_learner, layer_decay_lrs
+from dagman_fast.classify import balanced_class_weights, cls_learner
+from dagman_fast.learner import FineTuneLearner
+from dagman_fast.schedule import layer_decay_lrs
 from dagman_fast.swin import SwinEncoder
 
 
@@ -57,7 +59,7 @@ class Spoil(Callback):
 
 def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     learn = _learner(tmp_path)
-    assert isinstance(learn, ClsLearner)
+    assert isinstance(learn, FineTuneLearner)
     learn.freeze()  # the recipe trains every layer from the first step, whatever state the learner is in
     enc0 = {k: v.clone() for k, v in learn.model.encoder.state_dict().items()}
     lrs = StepLRs()
@@ -99,7 +101,7 @@ def test_balanced_class_weights_make_each_class_count_alike(tmp_path):
 
 
 def test_set_drop_path_grows_with_depth_and_only_acts_in_training():
-    from dagman_fast.finetune import set_drop_path
+    from dagman_fast.swin import set_drop_path
     from dagman_fast.swin import DropPath
     torch.manual_seed(0)
     enc = SwinEncoder(tiny_config(img_size=32))
@@ -136,7 +138,7 @@ class Inputs(Callback):
 
 
 def test_augment3d_changes_training_batches_only_and_repeats_with_the_seed(tmp_path):
-    from dagman_fast.finetune import Augment3D, cls_augment
+    from dagman_fast.classify import Augment3D, cls_augment
     runs = []
     for _ in range(2):
         learn = _learner(tmp_path)  # set_seed(0) inside
@@ -169,7 +171,7 @@ def test_augment3d_changes_training_batches_only_and_repeats_with_the_seed(tmp_p
 
 def test_batch_augment_against_hand_made_references():
     "BatchAugment3D: flips exact, no-op when off, a 90-degree turn against torch.rot90, draws bounded and per volume."
-    from dagman_fast.finetune import BatchAugment3D
+    from dagman_fast.classify import BatchAugment3D
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 1, 5, 6, 7, generator=g)
     torch.testing.assert_close(BatchAugment3D(flip=0.0, prob=0.0)(x), x)  # nothing drawn: the volumes themselves
@@ -212,7 +214,7 @@ def test_batch_augment_against_hand_made_references():
 
 
 def test_cls_learner_defaults_are_the_recipe(tmp_path):
-    from dagman_fast.finetune import Augment3D
+    from dagman_fast.classify import Augment3D
     from dagman_fast.swin import DropPath
     learn = _learner(tmp_path)
     torch.testing.assert_close(learn.loss_func.func.weight, torch.ones(2))  # 'balanced' (4 and 4 here)
@@ -234,7 +236,7 @@ class Counted(DataLoader):
 
 
 def test_recipe_never_looks_at_the_test_split_and_keeps_the_validation_best(tmp_path):
-    from dagman_fast.finetune import evaluate_classifier
+    from dagman_fast.classify import evaluate_classifier
     learn = _learner(tmp_path)
     x = torch.rand(6, 1, 32, 32, 32)
     learn.dls.test = Counted(list(zip(x, torch.tensor([0, 1] * 3))), bs=3)
@@ -277,7 +279,7 @@ def test_cli_finetune_uses_the_recipe_by_default(tmp_path, capsys):
 
 
 def test_feature_norm_standardises_pooled_features_and_round_trips(tmp_path):
-    from dagman_fast.finetune import ClsModel, FeatureNorm, load_classifier, save_classifier
+    from dagman_fast.classify import ClsModel, FeatureNorm, load_classifier, save_classifier
     g = torch.Generator().manual_seed(0)
     # features as a collapsed encoder gives them: a large offset shared by every image, a thousandth that differs
     f = 0.5 + 1e-3 * torch.randn(16, 8, generator=g)

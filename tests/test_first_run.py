@@ -111,7 +111,7 @@ def test_skip_empty_validation_only_skips_empty_loaders():
     from fastai.learner import Learner
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dagman_fast.callbacks import SkipEmptyValidation
+    from dagman_fast.train_utils import SkipEmptyValidation
     x = torch.randn(16, 3)
     train = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
     empty = DataLoader(TensorDataset(x[:0], x[:0, :1]), batch_size=4)

@@ -15,9 +15,11 @@ from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
 
-from dagman_fast.learner import (CHECKPOINT_FORMAT, METHODS, AttentionGuidedMasking, DAGMaNCheckpoint, DAGMaNConfig,
-                                 DAGMaNModel, EMATeacher, PatchDropout, StepTimer, dagman_learner, load_checkpoint,
-                                 load_encoder)
+from dagman_fast.callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher
+from dagman_fast.checkpoint import CHECKPOINT_FORMAT, DAGMaNCheckpoint, load_checkpoint, load_encoder
+from dagman_fast.learner import dagman_learner
+from dagman_fast.model import METHODS, DAGMaNConfig
+from dagman_fast.train_utils import StepTimer
 from dagman_fast.losses import TokenBatchNorm
 from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
 
@@ -188,12 +190,6 @@ def test_total_loss_is_the_weighted_sum_of_the_terms(tmp_path, kw, weights):
     torch.testing.assert_close(total.detach(), sum(weights[k] * t[k] for k in t if k != 'koleo') + 0.1 * t['koleo'])
 
 
-def test_distill_weight_still_works_with_a_future_warning(tmp_path):
-    with pytest.warns(FutureWarning, match='loss_weights'):
-        m = make_learner(tmp_path, distill_weight=0.5).model
-    assert m.config.loss_weights == dict(aitd=0.5, ampd=0.5, gitd=0.5, amip=1.0)
-
-
 def test_defaults_are_the_papers(tmp_path):
     from dagman_fast.swin import PRESETS
     learn = make_learner(tmp_path)
@@ -243,7 +239,7 @@ def test_loss_switches_and_ampd_on_masked_cells_only(tmp_path):
 
 def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     learn = make_learner(tmp_path, patch_drop=0.25)
-    assert any(isinstance(c, PatchDropout) for c in learn.cbs)
+    assert any(isinstance(c, NoisyTeacher) for c in learn.cbs)
     seen = {}
     def hook(mod, args):  # returns None: the arguments stay as they are
         seen.setdefault('mask', args[1])
@@ -262,7 +258,7 @@ def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
     t = enc._apply_mask(enc.patch_embed(x), mask[:1], 'zero')[0]  # (d, h, w, c)
     assert t[mask[0]].abs().max() == 0 and t[~mask[0]].abs().max() > 0  # dropped: zero; kept: untouched
     plain = make_learner(tmp_path, noisy_teacher=False)
-    assert not any(isinstance(c, PatchDropout) for c in plain.cbs)
+    assert not any(isinstance(c, NoisyTeacher) for c in plain.cbs)
 
 
 def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
@@ -408,7 +404,7 @@ def test_every_method_trains_a_step(tmp_path, method):
     assert m.config.masking == spec.get('masking', 'attention')
     assert m.config.noisy_teacher == spec.get('noisy_teacher', True)
     assert m.config.losses == spec.get('losses', ('aitd', 'ampd', 'gitd', 'amip'))
-    assert any(isinstance(c, PatchDropout) for c in learn.cbs) == m.config.noisy_teacher
+    assert any(isinstance(c, NoisyTeacher) for c in learn.cbs) == m.config.noisy_teacher
     if 'sa_stage' in spec.get('encoder', {}):
         assert m.encoder_config.sa_stage == spec['encoder']['sa_stage']
     before = [p.clone() for p in m.student.parameters()]
@@ -498,7 +494,7 @@ def test_lr_find_writes_no_checkpoint_and_keeps_a_pending_resume(tmp_path):
     with again.no_bar(), again.no_logging():
         again.lr_find(num_it=4, show_plot=False)
     assert path.read_bytes() == good and (tmp_path / 'pretrain_log.csv').read_text() == log
-    assert next(c for c in again.cbs if isinstance(c, DAGMaNCheckpoint)).pending_rng is not None
+    assert next(c for c in again.cbs if isinstance(c, DAGMaNCheckpoint)).pending is not None
 
 
 def test_ct_loaders_and_learner_use_the_default_device(tmp_path):
@@ -673,7 +669,7 @@ def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
 
 
 def test_span_parses_epochs_shares_and_steps():
-    from dagman_fast.model import parse_span, span_steps
+    from dagman_fast.core import parse_span, span_steps
     assert parse_span(2) == ('epochs', 2.0) and parse_span('10%') == ('share', 0.1)
     assert parse_span('300 steps') == ('steps', 300.0) and parse_span('40steps') == ('steps', 40.0)
     assert span_steps(2, 5, 100) == 10 and span_steps('10%', 5, 100) == 10 and span_steps('7 steps', 5, 100) == 7
@@ -815,7 +811,7 @@ def test_distillation_weights_ramp_up_over_their_warmup(tmp_path):
 def test_tensorboard_gets_the_per_step_monitors(tmp_path):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from dagman_fast.callbacks import tensorboard_callback
+    from dagman_fast.train_utils import tensorboard_callback
     learn = make_learner(tmp_path)
     log = next(c for c in learn.cbs if type(c).__name__ == 'PretrainLog')
     log.step_every = 2

@@ -77,3 +77,36 @@ def test_all_exports_exist():
 def test_modules_import_standalone(module):
     "Each module imports first in a fresh interpreter (no hidden import-order dependence)."
     assert _run(f'import {module}; print("ok")').strip().endswith('ok')
+
+
+def _layers() -> dict:
+    "The README's table of layers: `{module: layer}`."
+    text = (ROOT / 'README.md').read_text()
+    table = text[text.index('| layer | modules |'):].split('\n\n')[0]
+    out = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip('|').split('|')]
+        for name in cells[1].split(','):
+            out[name.strip().strip('`')] = int(cells[0])
+    return out
+
+
+def _imports(path: Path) -> set:
+    "The sibling modules that `path` imports, at the top or inside functions."
+    import ast
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module.split('.')[0]} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('dagman_fast.'):
+            found.add(node.module.split('.')[1])
+    return found
+
+
+def test_every_import_points_down_the_readmes_layers():
+    layers = _layers()
+    mods = {p.stem: p for p in (ROOT / 'dagman_fast').glob('*.py') if not p.stem.startswith('_') and p.stem != 'all'}
+    assert set(mods) | {'kernels'} == set(layers), 'the README table and the modules differ'
+    wrong = [f'{m} (layer {layers[m]}) imports {d} (layer {layers[d]})' for m, p in mods.items()
+             for d in _imports(p) if d in layers and layers[d] >= layers[m]]
+    assert not wrong, wrong

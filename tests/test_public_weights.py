@@ -12,7 +12,7 @@ from conftest import randomize_
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwin
 
 from dagman_fast.checkpoint import SMIT_MERGE_ORDER, load_encoder, smit_to_monai
-from dagman_fast.finetune import cls_learner
+from dagman_fast.classify import cls_learner
 from dagman_fast.swin import PatchMerging, SwinEncoder
 
 TINY = dict(in_chans=1, embed_dim=12, window_size=(4, 4, 4), patch_size=(2, 2, 2), depths=(2, 2, 2, 2),
