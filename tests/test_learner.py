@@ -262,7 +262,7 @@ def test_patch_dropout_zeroes_an_exact_share_of_the_teachers_patches(tmp_path):
 
 
 def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
-    learn = make_learner(tmp_path, freeze_last_layer=1)
+    learn = make_learner(tmp_path, freeze_last_layer=1, head='mlp')  # DINO's head: layers before the last one
     last = lambda: [p.detach().clone() for p in learn.model.student.last_layers()]  # noqa: E731
     start = last()
     mlp0 = [p.detach().clone() for h in learn.model.student.heads.values() for p in h.mlp.parameters()]
@@ -748,13 +748,16 @@ def test_koleo_joins_the_total_loss_with_its_weight(tmp_path):
     assert {'aitd_s_cos', 'aitd_t_cos', 'gitd_s_std', 'ampd_t_std_rel'} <= set(m.monitors)
 
 
-def test_teacher_heads_batchnorm_uses_the_batch_statistics(tmp_path):
-    m = make_learner(tmp_path, head_bn=True).model.eval()
+@pytest.mark.parametrize('head', ['linear', 'mlp'])
+def test_teacher_heads_batchnorm_uses_the_batch_statistics(tmp_path, head):
+    m = make_learner(tmp_path, head_bn=True, head=head).model.eval()
     bns = [b for b in m.teacher.heads.modules() if isinstance(b, TokenBatchNorm)]
     assert bns and not m.teacher.training
-    f = torch.randn(6, m.teacher.heads['gitd'].mlp[0].in_features) * 1e-3 + 5
-    h = m.teacher.heads['gitd'].mlp[:2](f)  # Linear, then BatchNorm on this batch's statistics, in eval mode too
-    torch.testing.assert_close(h.mean(0), torch.zeros_like(h[0]), atol=1e-4, rtol=0)
+    gitd = m.teacher.heads['gitd']
+    f = torch.randn(6, gitd.last_layer.in_features if head == 'linear' else gitd.mlp[0].in_features) * 1e-2 + 5
+    # the linear head's BatchNorm on its input; the MLP's after its first Linear; on this batch's statistics, in eval
+    h = gitd.norm(f) if head == 'linear' else gitd.mlp[:2](f)
+    torch.testing.assert_close(h.mean(0), torch.zeros_like(h[0]), atol=1e-3, rtol=0)
     assert not any('running' in k for k in m.state_dict())  # nothing a NaN batch could poison
     one = torch.randn(1, bns[0].bn.num_features)
     torch.testing.assert_close(bns[0](one), one)  # one sample: no batch statistics, passed unchanged
