@@ -53,7 +53,7 @@ from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
 
 from dagman_fast.analysis import plot_pretrain_log
-from dagman_fast.cli import MEDMNIST_RUN, TINY_HEADS
+from dagman_fast.model import run_defaults
 from dagman_fast.data import medmnist3d_dls, medmnist3d_ssl_dls
 from dagman_fast.classify import cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices, subset_dls
 from dagman_fast.checkpoint import load_encoder
@@ -64,11 +64,12 @@ PUBLISHED = {'auc': (0.839, 'ResNet-18 + ACS (28)'), 'acc': (0.802, 'auto-sklear
 FLAG = 'adrenalmnist3d'
 ARMS = ('scratch', 'smit', 'dagman')
 # The settings `dagman pretrain --medmnist` uses (one source): short-run DINO, tiny-encoder heads, mask on stage 2.
-SHORT = {**{k: v for k, v in MEDMNIST_RUN.items() if not k.startswith('encoder.')}, **TINY_HEADS, 'mask_stage': 2}
+RUN = run_defaults('swin-tiny', 32, 'medmnist')  # what dagman pretrain --medmnist gives swin-tiny
+SHORT = {k: RUN[k] for k in ('out_dim', 'head_hidden', 'mask_stage')}
 
 
 def encoder_cfg():
-    return encoder_config('swin-tiny', img_size=32, sa_stage=2, drop_path_rate=MEDMNIST_RUN['encoder.drop_path_rate'])
+    return encoder_config('swin-tiny', img_size=32, sa_stage=2, drop_path_rate=RUN['drop_path_rate'])
 
 
 def pretrain(method: str, args, out: Path) -> tuple[Path, float]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from fastai.torch_core import set_seed
 
-from dagman_fast.cli import _parse_set as parse_set  # the same KEY=VALUE parsing as dagman pretrain --set
+from dagman_fast.recipes import parse_settings as parse_set  # the same KEY=VALUE parsing as dagman pretrain --set
 from dagman_fast.data import ct_ssl_dls
 from dagman_fast.learner import dagman_learner
 from dagman_fast.masking import count, patch_dropout_mask

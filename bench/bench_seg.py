@@ -74,7 +74,7 @@ def pretrain(out: Path, train_halves: list, args) -> Path:
         return enc
     data = [str(SHARED / 'lidc_idri' / 'LIDC-IDRI-0002_ds2.nii.gz'), train_halves[0][0]]  # no held-out voxel
     short = ['cross_view=False', 'ema_momentum=0.99', 'teacher_temp_warmup=10', 'encoder.drop_path_rate=0']
-    rc = dagman(['pretrain', '--data', *data, '--encoder', 'swin-tiny', '--crop', '64', '--bs', '2',
+    rc = dagman(['pretrain', '--data', *data, '--preset', 'swin-tiny', '--crop', '64', '--bs', '2',
                  '--epochs', str(args.pretrain_epochs), '--save-every', '25', '--out', str(out / 'pretrain'),
                  *[a for s in short for a in ('--set', s)]])
     if rc:

@@ -28,7 +28,7 @@ from .swin import SwinEncoder, ViTEncoder, pad_offsets, pad_to_encoder
 # %% auto #0
 __all__ = ['STAT_COLUMNS', 'window_attention_probs', 'global_attention_probs', 'attention_distance', 'attention_entropy',
            'grid_positions', 'AttentionStats', 'attention_stats', 'stage_columns', 'AttentionStatsLog',
-           'plot_head_diversity', 'organ_crops', 'pooled_features', 'cluster_distances', 'cluster_report',
+           'plot_head_diversity', 'organ_crops', 'pooled_features', 'cluster_distances', 'cluster_report', 'encoder_of',
            'attention_map', 'plot_attention_maps', 'plot_pretrain_log']
 
 # %% ../nbs/07_analysis.ipynb #ac068e02
@@ -449,7 +449,7 @@ def _scatter(emb, y, names, png: Path, title: str, rep: dict):
 
 
 # %% ../nbs/07_analysis.ipynb #0b3dc067
-def _encoder_of(model):
+def encoder_of(model):
     "The encoder inside a classifier, learner, DAGMaN model (its EMA teacher) or file; an encoder as it is."
     from fastai.learner import Learner
     if isinstance(model, (str, os.PathLike)):
@@ -480,7 +480,7 @@ def attention_map(model, volume: torch.Tensor, heads: bool = False) -> torch.Ten
             the map again.
         heads: per head `(nh, d, h, w)` instead of the mean over heads `(d, h, w)`.
     Each map is a distribution over the tokens (summing to 1 over the token grid), interpolated to the voxels."""
-    encoder = _encoder_of(model)
+    encoder = encoder_of(model)
     x = volume[None] if volume.ndim == 4 else volume
     if x.ndim != 5 or x.shape[0] != 1:
         raise ValueError(f'volume must be (c, d, h, w) or (1, c, d, h, w); got {tuple(volume.shape)}')

@@ -11,7 +11,7 @@ from typing import Sequence
 
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
-           'check_ratio', 'parse_span', 'span_steps', 'ema_cosine']
+           'check_ratio', 'RunError', 'parse_span', 'span_steps', 'ema_cosine']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -77,6 +77,16 @@ def check_ratio(value, name: str, low_open: bool = False, high_open: bool = Fals
     if not (lo_ok and hi_ok):
         raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}; got {value}")
     return value
+
+# %% ../nbs/00_core.ipynb #8d276784
+class RunError(Exception):
+    """An error the caller of a run can fix, said in one line that names the argument (as the `dagman` command spells
+    it, `--crop`): `status` 2 for a bad argument or option, 1 for bad data or environment (a file, the disk). The
+    command prints it as `dagman: error: MESSAGE` and exits with `status`; Python callers catch it like any error."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
 
 # %% ../nbs/00_core.ipynb #220c1d38
 SPAN_HELP = "epochs (a number), a share of the run ('10%') or steps ('300 steps')"

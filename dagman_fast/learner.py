@@ -89,16 +89,18 @@ class DAGMaNLearner(DistributedLearner):
         return ckcb.resume(path)
 
 
-def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_teacher: bool | None = None,
+def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noisy_teacher: bool | None = None,
                    losses: Sequence[str] | None = None, method: str = 'dagman', encoder=None, *, lr: float = 5e-4,
                    wd: float = 0.05, amp: str | bool | None = None, checkpoint: str | None = 'checkpoint.pth',
                    checkpoint_every: int = 1, log: str | None = 'pretrain_log.csv', path=None, cbs=None,
-                   scale_lr: bool = False, wd_final: float | None = None, **cfg) -> DAGMaNLearner:
+                   scale_lr: bool = False, wd_final: float | None = None, defaults: dict | None = None,
+                   **cfg) -> DAGMaNLearner:
     """A fastai `Learner` that pretrains an encoder with DAGMaN (or one of the baselines in `METHODS`) on `dls`.
 
     Args:
         dls: `DataLoaders` of view tuples, e.g. from `ct_ssl_dls` (`dls.n_inp` views per batch, no target).
-        arch: 'swin' (default encoder `swin-smit`) or 'vit' (`vit-base`), when `encoder` is not given.
+        arch: 'swin' (default encoder `swin-smit`) or 'vit' (`vit-base`), when `encoder` is not given (with an
+            `encoder` of the other kind it is an error, not ignored).
         masking, noisy_teacher, losses: override the method's (see `DAGMaNConfig`).
         method: a name in `METHODS`: 'dagman' (the paper), the baselines 'smit', 'ibot3d', 'mst', 'attmask', or an
             ablation ('sa-only', 'nt-only', 'sa-stage-1'..'sa-stage-4', 'no-aitd', 'no-ampd', 'no-gitd', 'no-amip').
@@ -113,6 +115,9 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
         checkpoint_every: write it every this many epochs (and after the last).
         log: file name of the per-epoch CSV log in `path` (None: no log).
         path: the run's folder (default: `dls.path`).
+        defaults: `DAGMaNConfig` and encoder fields below the method's and the user's (`**cfg`): the settings of a
+            run's size, `run_defaults(preset, crop, kind)`. Precedence: `**cfg` > the method > `defaults` > the
+            config's own defaults (and the `encoder` config's fields).
         **cfg: any other `DAGMaNConfig` field, e.g. `mask_ratio=0.6, loss_weights={'amip': 0.5}`, or a field of the
             encoder's config, e.g. `sa_stage=2, drop_path_rate=0.0`.
 
@@ -120,7 +125,13 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     """
     spec = dict(METHODS[check_option(method, tuple(METHODS), 'method')])
     enc_over = spec.pop('encoder', {})
-    arch = spec.pop('arch', arch)
+    method_arch = spec.pop('arch', None)
+    if arch is not None and encoder is not None and not isinstance(encoder, str):
+        if arch != ('vit' if isinstance(encoder, ViTConfig) else 'swin'):
+            raise ValueError(f'arch={arch!r} with an encoder config of type {type(encoder).__name__}: give one of them')
+    elif arch is not None and isinstance(encoder, str) and not encoder.startswith(arch):
+        raise ValueError(f'arch={arch!r} with encoder={encoder!r}: give one of them')
+    arch = method_arch or arch or 'swin'
     check_option(arch, ('swin', 'vit'), 'arch')
     for name, v in (('masking', masking), ('noisy_teacher', noisy_teacher), ('losses', losses)):
         if v is not None:
@@ -130,15 +141,17 @@ def dagman_learner(dls, arch: str = 'swin', masking: str | None = None, noisy_te
     base = encoder_config(encoder) if isinstance(encoder, str) else encoder
     valid = {f.name for f in fields(DAGMaNConfig)}
     enc_fields = {f.name for f in fields(base)}
-    bad = set(cfg) - valid - enc_fields
+    defaults = dict(defaults or {})
+    bad = (set(cfg) | set(defaults)) - valid - enc_fields
     if bad:
         raise TypeError(f'dagman_learner got unknown option(s) {sorted(bad)}; DAGMaNConfig fields are '
                         f'{sorted(valid)}; {type(base).__name__} fields are {sorted(enc_fields)}')
     user_enc = {k: cfg.pop(k) for k in list(cfg) if k in enc_fields}
-    config = DAGMaNConfig(**{**spec, **cfg})
+    run_enc = {k: defaults.pop(k) for k in list(defaults) if k in enc_fields}
+    config = DAGMaNConfig(**{**defaults, **spec, **cfg})
     crop = getattr(dls.train.dataset, 'crop', None) or tuple(dls.one_batch()[0].shape[2:])
     enc_over = {k: v for k, v in enc_over.items() if k in enc_fields}  # e.g. sa_stage means nothing to a ViT
-    ecfg = replace(base, **{**enc_over, **user_enc, 'img_size': tuple(crop)})
+    ecfg = replace(base, **{**run_enc, **enc_over, **user_enc, 'img_size': tuple(crop)})
     if ('vit' if isinstance(ecfg, ViTConfig) else 'swin') != arch and method == 'attmask':
         raise ValueError(f"method 'attmask' runs on a ViT; got a {type(ecfg).__name__}")
     model = DAGMaNModel(ecfg, config)
@@ -179,11 +192,11 @@ class FineTuneLearner(DistributedLearner):
     """The `Learner` of `cls_learner` and `seg_learner`: fastai's, data parallel under `torchrun` (see
     `DistributedLearner`); `fine_tune` keeps fastai's meaning, and `fine_tune_recipe` is the transformer recipe."""
 
-    def fine_tune_recipe(self, epochs: int, lr: float | None = None, layer_decay: float = 0.75, warmup: float = 0.1,
+    def fine_tune_recipe(self, epochs: int, lr: float | None = None, layer_decay: float = 0.75, pct_start: float = 0.1,
                          lr_min: float = 1e-6, monitor: str | None = None, fname: str = 'best', cbs=None) -> None:
         """Fine-tune the way transformers are (BEiT, MAE): every layer trains from the first step, with layer-wise
         learning-rate decay over the parameter groups (`layer_decay_lrs`: the head at `lr`, each Swin stage below it
-        `layer_decay` times the one above), a linear warm-up over the first `warmup` of the steps then a cosine to
+        `layer_decay` times the one above), a linear warm-up over the share `pct_start` of the steps (fastai's name in `fit_one_cycle`) then a cosine to
         `lr_min` (the head's; each group keeps its scale) with fastai's schedulers, AdamW (the learner's
         optimiser); the epoch with the best validation `monitor` (default: the first metric, AUC for `cls_learner`;
         else the validation loss) is kept by fastai's `SaveModelCallback` and loaded at the end, so the test split is
@@ -198,7 +211,7 @@ class FineTuneLearner(DistributedLearner):
             self.create_opt()
         lrs = layer_decay_lrs(len(self.opt.hypers), self.lr if lr is None else lr, layer_decay)
         # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
-        sched = ParamScheduler(warmup_cosine_scheds(lrs, warmup, lr_min * lrs / lrs.max()))
+        sched = ParamScheduler(warmup_cosine_scheds(lrs, pct_start, lr_min * lrs / lrs.max()))
         comp = np.less if 'loss' in monitor else np.greater
         keep = _KeepBest(monitor=monitor, comp=comp, fname=fname)
         self.fit(epochs, cbs=[sched, keep] + list(cbs or []))

@@ -21,7 +21,8 @@ from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
 
 # %% auto #0
 __all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
-           'DAGMaNConfig', 'DAGMaNModel', 'DAGMaNLoss']
+           'TINY_HEADS', 'SHORT_RUN', 'DEMO_CROPS', 'RUN_KINDS', 'DAGMaNConfig', 'default_preset', 'run_defaults',
+           'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
@@ -217,6 +218,36 @@ METHOD_HELP = {
     **{f'sa-stage-{k}': f'ablation: the SA module (and the mask) after stage {k}' for k in (1, 2, 3, 4)},
     **{f'no-{t}': f'ablation: all losses but {t.upper()}' for t in LOSSES},
 }
+
+# %% ../nbs/04a_model.ipynb #254aaf1c
+# A tiny encoder gets heads of its size; a demo or a MedMNIST run (a few hundred steps) no drop path; views under
+# 64^3 get the SA module and the mask after stage 2, where a 32^3 view still has a 4^3 grid. Measured in BENCHMARKS.md
+# ("The demo learns on two shipped CTs", "Downstream: AdrenalMNIST3D").
+TINY_HEADS = dict(out_dim=1024, head_hidden=512)
+SHORT_RUN = dict(drop_path_rate=0.0)
+DEMO_CROPS = 80  # random crops per epoch in the demo, over its two shipped CTs
+RUN_KINDS = ('ct', 'demo', 'medmnist')
+
+
+def default_preset(arch: str = 'swin', cuda: bool | None = None) -> str:
+    "The encoder preset of a run that names none: the paper's size on CUDA, the tiny one on the CPU."
+    check_option(arch, ('swin', 'vit'), 'arch')
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return {('swin', True): 'swin-smit', ('swin', False): 'swin-tiny', ('vit', True): 'vit-base',
+            ('vit', False): 'vit-tiny'}[arch, bool(cuda)]
+
+
+def run_defaults(preset: str, crop: int, kind: str = 'ct') -> dict:
+    """The settings a run of this encoder `preset`, view `crop` and `kind` ('ct', 'demo' on the shipped CTs,
+    'medmnist') gets unless its method or the user sets them: `DAGMaNConfig` and encoder fields by name, as
+    `dagman_learner(defaults=...)` takes them."""
+    check_option(kind, RUN_KINDS, 'kind')
+    out = dict(TINY_HEADS) if preset.endswith('-tiny') else {}
+    if crop < 64 and (preset.startswith('swin') or kind == 'medmnist'):
+        out.update(sa_stage=2, mask_stage=2)
+    if kind in ('demo', 'medmnist'):
+        out.update(SHORT_RUN)
+    return out
 
 # %% ../nbs/04a_model.ipynb #c3290693
 class _Branch(nn.Module):

@@ -224,7 +224,7 @@ def test_pretrain_on_medmnist_then_finetune(tmp_path, capsys):
     _fake_medmnist(tmp_path)
     run = tmp_path / 'pre'
     assert main(['pretrain', '--medmnist', 'adrenalmnist3d', '--root', str(tmp_path), '--bs', '4', '--epochs', '1',
-                 '--encoder', 'swin-tiny', '--out', str(run)]) == 0
+                 '--preset', 'swin-tiny', '--out', str(run)]) == 0
     cfg = json.loads((run / 'config.json').read_text())
     # 32^3 views: SA and mask one stage earlier (a 4^3 grid), the short-run DINO settings
     assert cfg['encoder']['img_size'] in (32, [32, 32, 32]) and cfg['encoder']['sa_stage'] == 2
@@ -283,3 +283,34 @@ def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path,
     for term in ('aitd', 'ampd', 'gitd', 'amip', 'koleo'):
         assert f'{term} {float(rows[0][term]):.3g} -> {float(rows[-1][term]):.3g}' in line, (term, line)
     assert not (out / 'synthetic_data').exists() and (out / 'pretrain_log.png').exists()
+
+
+def test_the_user_beats_the_method_which_beats_the_run_defaults(tmp_path):
+    "One precedence for the command and `dagman_learner`: `--set` > `--method` > the run defaults (a 32^3 demo)."
+    import json
+    common = ['pretrain', '--synthetic', '2', '--crop', '32', '--bs', '1', '--epochs', '1', '--set', 'out_dim=64',
+              '--cache-dir', str(tmp_path / 'cache')]
+    stage = {}
+    for name, extra in [('dagman', []), ('smit', ['--method', 'smit']),
+                        ('smit-user', ['--method', 'smit', '--set', 'encoder.sa_stage=3'])]:
+        assert main([*common, *extra, '--out', str(tmp_path / name)]) == 0
+        cfg = json.loads((tmp_path / name / 'config.json').read_text())
+        stage[name] = (cfg['encoder']['sa_stage'], cfg['dagman']['out_dim'], cfg['dagman']['head_hidden'])
+    # the demo's stage 2; smit's no SA module; the user's stage 3; the user's out_dim over the tiny heads' 1024,
+    # whose head_hidden (512) stays
+    assert stage == {'dagman': (2, 64, 512), 'smit': (None, 64, 512), 'smit-user': (3, 64, 512)}, stage
+
+
+def test_each_subcommand_is_one_library_call_with_the_same_argument_names():
+    import inspect
+
+    from dagman_fast import recipes, tasks
+    from dagman_fast.cli import build_parser
+    subs = build_parser()._subparsers._group_actions[0].choices
+    assert set(subs) == {'show-batch', 'preprocess', 'pretrain', 'finetune', 'evaluate', 'analyze', 'export'}
+    for name, s in subs.items():
+        mod, fn = s.get_default('func')
+        params = {k for k, p in inspect.signature(getattr({'recipes': recipes, 'tasks': tasks}[mod], fn)).parameters.items()
+                  if p.kind != p.VAR_KEYWORD}
+        dests = {a.dest for a in s._actions} - {'help', 'debug'}
+        assert dests - {'set'} == params, (name, sorted(dests ^ params))

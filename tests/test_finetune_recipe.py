@@ -64,7 +64,7 @@ def test_recipe_schedule_groups_and_best_epoch(tmp_path):
     enc0 = {k: v.clone() for k, v in learn.model.encoder.state_dict().items()}
     lrs = StepLRs()
     with learn.no_bar(), learn.no_logging():
-        learn.fine_tune_recipe(5, lr=1e-2, layer_decay=0.5, warmup=0.2, lr_min=1e-6, monitor='valid_loss',
+        learn.fine_tune_recipe(5, lr=1e-2, layer_decay=0.5, pct_start=0.2, lr_min=1e-6, monitor='valid_loss',
                                cbs=[lrs, Spoil(4)])
     steps = np.array(lrs.lrs)  # (10 steps, 5 groups: four Swin stages and the head)
     assert steps.shape == (10, 5)

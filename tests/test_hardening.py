@@ -8,7 +8,9 @@ import os
 
 import pytest
 
-from dagman_fast.cli import CLIError, _coerce, _environment_error, _parse_set, main
+from dagman_fast.cli import _environment_error, main
+from dagman_fast.core import RunError
+from dagman_fast.recipes import coerce_setting, parse_settings
 
 
 def run_cli(capsys, *argv):
@@ -29,7 +31,7 @@ def assert_one_line_error(err: str, *words):
         assert w in last, (w, last)
 
 
-TINY = ['pretrain', '--synthetic', '2', '--encoder', 'swin-tiny', '--crop', '32', '--bs', '1']
+TINY = ['pretrain', '--synthetic', '2', '--preset', 'swin-tiny', '--crop', '32', '--bs', '1']
 STAGE3 = ['--set', 'encoder.sa_stage=3', '--set', 'mask_stage=3']  # not the small-view default of 32^3 crops
 
 
@@ -48,7 +50,7 @@ STAGE3 = ['--set', 'encoder.sa_stage=3', '--set', 'mask_stage=3']  # not the sma
     ('encoder.use_checkpoint', '(1, 2)', 'bool | tuple', (1, 2)), ('encoder.use_checkpoint', '[2]', 'bool | tuple', (2,)),
 ])
 def test_set_values_parse_by_the_fields_type(key, text, kind, expected):
-    v = _coerce(key, text, kind)
+    v = coerce_setting(key, text, kind)
     assert v == expected and type(v) is type(expected)
 
 
@@ -68,8 +70,8 @@ def test_set_values_parse_by_the_fields_type(key, text, kind, expected):
     ('encoder.use_checkpoint=all', ['encoder.use_checkpoint', 'stage numbers']),
 ])
 def test_set_refuses_wrong_types_and_unknown_keys(item, words):
-    with pytest.raises(CLIError) as e:
-        _parse_set([item])
+    with pytest.raises(RunError) as e:
+        parse_settings([item])
     assert e.value.status == 2
     assert all(w in str(e.value) for w in words), str(e.value)
 
@@ -142,21 +144,21 @@ def test_an_out_that_is_a_file_or_unwritable(tmp_path, capsys):
 def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     f = tmp_path / 'afile'
     f.write_text('x')
-    with pytest.raises(CLIError):
+    with pytest.raises(RunError):
         main(['--debug', 'pretrain', '--out', str(f)])
-    with pytest.raises(CLIError):
+    with pytest.raises(RunError):
         main(['pretrain', '--out', str(f), '--debug'])
     monkeypatch.setenv('DAGMAN_DEBUG', '1')
-    with pytest.raises(CLIError):
+    with pytest.raises(RunError):
         main(['pretrain', '--out', str(f)])
 
 
 def test_an_internal_error_is_one_line_that_says_how_to_see_more(tmp_path, capsys, monkeypatch):
-    import dagman_fast.cli as cli
+    import dagman_fast.recipes as recipes
 
-    def boom(args):
+    def boom(checkpoint, **kw):
         raise KeyError('stage')
-    monkeypatch.setattr(cli, '_export', boom)
+    monkeypatch.setattr(recipes, 'export', boom)
     rc, _, err = run_cli(capsys, 'export', str(tmp_path / 'x.pth'))
     assert rc == 1
     assert_one_line_error(err, 'KeyError', '--debug')
@@ -338,7 +340,7 @@ def test_the_loader_reports_what_the_search_skipped(tmp_path):
 def test_the_cli_takes_several_data_folders(tmp_path, capsys):
     _ct(tmp_path / 'a' / 'p1.nii.gz', (40, 40, 40))
     _ct(tmp_path / 'b' / 'p2' / 'ct.nii.gz', (40, 40, 40))
-    rc, out, err = run_cli(capsys, 'pretrain', '--data', str(tmp_path / 'a'), str(tmp_path / 'b'), '--encoder',
+    rc, out, err = run_cli(capsys, 'pretrain', '--data', str(tmp_path / 'a'), str(tmp_path / 'b'), '--preset',
                            'swin-tiny', '--crop', '32', '--bs', '1', '--epochs', '1', '--out', str(tmp_path / 'r'),
                            '--cache-dir', str(tmp_path / 'c'))
     assert rc == 0, err

@@ -245,7 +245,7 @@ def test_pretrain_takes_the_scans_of_the_index(tmp_path, capsys):
     (data / 'corrupt.nii.gz').write_bytes(b'not a volume')
     rc, out, err = run_cli(capsys, 'preprocess', data, '--cache-dir', cache, '--crop', 32, '--workers', 1)
     assert rc == 0, err
-    common = ('--encoder', 'swin-tiny', '--bs', 1, '--epochs', 1, '--cache-dir', cache)
+    common = ('--preset', 'swin-tiny', '--bs', 1, '--epochs', 1, '--cache-dir', cache)
     rc, out, err = run_cli(capsys, 'pretrain', *common, '--crop', 64, '--out', tmp_path / 'r0')
     assert rc == 2 and 'no index for --crop 64 --spacing 2; it holds indexes for: --crop 32 --spacing 2' in err
     rc, out, err = run_cli(capsys, 'pretrain', *common, '--crop', 32, '--out', tmp_path / 'r1')
