@@ -221,7 +221,7 @@ def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
 def _preprocess(args) -> int:
     import torch
 
-    from dagman_fast.data import preprocess_scans
+    from dagman_fast.preprocess import preprocess_scans
     lo, hi = args.hu_range
     if not -1e5 < lo < hi < 1e5:  # also refuses nan and inf
         raise CLIError(f'--hu-range {lo:g} {hi:g}: expected two finite numbers LO < HI')
@@ -249,7 +249,7 @@ def _indexed_scans(cache_dir: str, crop: int, spacing: float) -> int:
     """How many usable scans `dagman preprocess` indexed in `cache_dir` for this crop and spacing (skipped ones not
     counted): 0 when it holds no index; a `CLIError` when it holds indexes for other settings only (the user meant one
     of them)."""
-    from dagman_fast.data import read_ct_index
+    from dagman_fast.preprocess import read_ct_index
     rows = read_ct_index(cache_dir, crop=crop, spacing=spacing)
     if rows:
         ok = sum(r['status'] == 'ok' for r in rows)
@@ -308,14 +308,14 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
     no rank waits for the whole preprocessing of another. Bad scans are left to the loaders, which report them as
     `--on-error` says."""
     from dagman_fast.core import as_triple
-    from dagman_fast.data import CTVolumes, _preprocess, find_ct_scans
+    from dagman_fast.data import CTVolumes, ct_preprocess, find_ct_scans
     from dagman_fast.distributed import barrier, world_size
     with warnings.catch_warnings():  # the loaders say it all again, once, afterwards
         warnings.simplefilter('ignore')
         share = find_ct_scans(source, 'skip', [])[_rank()::world_size()]
         try:
             if share:
-                CTVolumes(share, _preprocess(as_triple(crop, 'crop'), spacing, HU_WINDOW, 0.0), cache_dir,
+                CTVolumes(share, ct_preprocess(as_triple(crop, 'crop'), spacing, HU_WINDOW, 0.0), cache_dir,
                           on_error='skip', progress=_rank() == 0)
         except ValueError:  # no usable scan in this share: the loaders will say which and why
             pass
@@ -520,7 +520,7 @@ def _check_cls_data(args) -> None:
 
 
 def _cls_dls(args):
-    from dagman_fast.data import medmnist3d_dls, nodule_crops_dls
+    from dagman_fast.classify import medmnist3d_dls, nodule_crops_dls
     _check_cls_data(args)
     if args.medmnist:
         return medmnist3d_dls(args.medmnist, root=args.root, size=args.size or 28, bs=args.bs or 32)
@@ -764,7 +764,7 @@ def _finetune_seg(args) -> int:
     import torch
     from fastai.torch_core import set_seed
 
-    from dagman_fast.data import seg_pairs_dls
+    from dagman_fast.segment import seg_pairs_dls
     from dagman_fast.distributed import setup_distributed
     from dagman_fast.segment import save_segmenter, seg_learner
     from dagman_fast.swin import build_encoder, encoder_config
@@ -844,7 +844,8 @@ def _seg_report(model, volumes, out: Path, args) -> dict:
 
 
 def _evaluate_seg(args) -> int:
-    from dagman_fast.data import CTPreprocess, SegVolumes, label_groups
+    from dagman_fast.data import CTPreprocess, label_groups
+    from dagman_fast.segment import SegVolumes
     from dagman_fast.segment import load_segmenter
     _check_task_args(args, seg=True)
     model = load_segmenter(args.classifier)
@@ -925,14 +926,14 @@ def _analysis_data(args):
     from monai.transforms import CenterSpatialCrop
 
     from dagman_fast.analysis import organ_crops
-    from dagman_fast.data import _preprocess
+    from dagman_fast.data import ct_preprocess
     xs, ys = [], []
     for i, (scan, lab) in enumerate(zip(paths, args.label_map)):
         x, y, names = organ_crops(scan, lab, args.labels, size=args.size, n_per_organ=args.n_per_organ,
                                   names=args.label_names, spacing=args.spacing, hu_range=args.hu_range,
                                   seed=args.seed + 1000 * i)
         xs.append(x), ys.append(y)
-    first = _preprocess(args.size, args.spacing, args.hu_range, 0.0).transform()({'image': str(paths[0])})['image']
+    first = ct_preprocess(args.size, args.spacing, args.hu_range, 0.0).transform()({'image': str(paths[0])})['image']
     return torch.cat(xs), torch.cat(ys), names, CenterSpatialCrop(args.map_size)(torch.as_tensor(first))
 
 
