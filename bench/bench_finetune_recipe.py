@@ -44,8 +44,7 @@ import torch
 from fastai.data.load import DataLoader
 from fastai.torch_core import set_seed
 
-from dagman_fast.data import medmnist3d_dls
-from dagman_fast.classify import cls_learner, evaluate_classifier
+from dagman_fast.classify import cls_learner, evaluate_classifier, medmnist3d_dls
 from dagman_fast.checkpoint import load_encoder
 
 from bench_medmnist import _features, fit_head  # noqa: E402  (bench/ is on the path when run as a script)

@@ -54,8 +54,9 @@ from fastai.torch_core import set_seed
 
 from dagman_fast.analysis import plot_pretrain_log
 from dagman_fast.model import run_defaults
-from dagman_fast.data import medmnist3d_dls, medmnist3d_ssl_dls
-from dagman_fast.classify import cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices, subset_dls
+from dagman_fast.data import medmnist3d_ssl_dls
+from dagman_fast.classify import (cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices,
+                                  medmnist3d_dls, subset_dls)
 from dagman_fast.checkpoint import load_encoder
 from dagman_fast.learner import dagman_learner
 from dagman_fast.swin import build_encoder, encoder_config

@@ -150,7 +150,8 @@ def main():
     args = ap.parse_args()
     import torch
 
-    from dagman_fast.data import ct_ssl_dls, find_ct_scans, preprocess_scans
+    from dagman_fast.data import ct_ssl_dls, find_ct_scans
+    from dagman_fast.preprocess import preprocess_scans
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix='dagman_bench_preprocess_'))
     data, cache = root / 'ct', root / 'cache'

@@ -20,14 +20,14 @@ __all__ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 
            'monai_swin_kwargs', 'to_monai']
 
 # %% ../nbs/09_all.ipynb #fabad7a1
-from .data import (CTPreprocess, CTVolumes, SegVolumes, TwoViews, ct_ssl_dls, find_ct_scans, label_groups,
-                              medmnist3d_dls, medmnist3d_ssl_dls, nodule_crops_dls, nodule_labels, seg_pairs_dls,
-                              preprocess_scans, read_ct_index, show_batch_3d, synthetic_ct)
+from .data import (CTPreprocess, CTVolumes, TwoViews, ct_ssl_dls, find_ct_scans, label_groups,
+                              medmnist3d_ssl_dls, show_batch_3d, synthetic_ct)
+from .preprocess import preprocess_scans, read_ct_index
 from .classify import (cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices,
-                                  load_classifier, plot_roc, save_classifier, stratified_folds, subset_dls,
-                                  summarize)
+                                  load_classifier, medmnist3d_dls, nodule_crops_dls, nodule_labels, plot_roc,
+                                  save_classifier, stratified_folds, subset_dls, summarize)
 from .segment import (dice_per_class, evaluate_segmenter, load_segmenter, plot_overlay, predict_volume,
-                                 save_segmenter, seg_learner, SegModel)
+                                 save_segmenter, seg_learner, seg_pairs_dls, SegModel, SegVolumes)
 from .kernels.window_attention import ATTN_IMPLS, window_attention
 from .callbacks import AttentionGuidedMasking, EMATeacher, NoisyTeacher, PretrainLog
 from .train_utils import DeviceMixedPrecision, StepTimer, tensorboard_callback

@@ -19,7 +19,7 @@ from fastai.callback.core import Callback
 from .callbacks import PretrainLog
 from .callback_base import before, unwrap
 from .core import HU_WINDOW, as_triple
-from .data import _preprocess, label_groups
+from .data import ct_preprocess, label_groups
 from .checkpoint import resolve_encoder
 from .classify import CLASSIFIER_FORMAT, ClsModel, load_classifier
 from .model import DAGMaNModel
@@ -338,7 +338,7 @@ def organ_crops(image, label_map, label_values, size=32, n_per_organ: int = 8, n
         for p in (image, label_map):
             if not Path(p).exists():
                 raise FileNotFoundError(f'{p}: no such file')
-        prep = _preprocess(size, spacing, hu_range, 0.0)  # checks spacing and hu_range too
+        prep = ct_preprocess(size, spacing, hu_range, 0.0)  # checks spacing and hu_range too
         d = prep.transform(groups)({'image': str(image), 'label': str(label_map)})
         img, lab = torch.as_tensor(d['image']).float(), torch.as_tensor(d['label']).long()
     else:

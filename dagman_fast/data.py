@@ -24,13 +24,13 @@ import torch
 from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
-from .core import HU_WINDOW, NODULE_HU_WINDOW, SPACING, as_triple, check_option, check_ratio
+from .core import HU_WINDOW, SPACING, as_triple, check_option, check_ratio
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'NODULE_LABEL_RULES',
-           'find_ct_scans', 'synthetic_ct', 'demo_ct_scans', 'CTPreprocess', 'label_groups', 'CTVolumes', 'TwoViews',
-           'ct_ssl_dls', 'read_ct_index', 'preprocess_scans', 'show_batch_3d', 'medmnist3d_dls', 'medmnist3d_ssl_dls',
-           'nodule_labels', 'nodule_crops_dls', 'SegVolumes', 'seg_pairs_dls']
+__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'find_ct_scans',
+           'synthetic_ct', 'demo_ct_scans', 'CTPreprocess', 'label_groups', 'sizes_text', 'file_stamp',
+           'failure_reason', 'read_index_rows', 'cache_file_name', 'CTVolumes', 'TwoViews', 'ct_preprocess',
+           'split_indices', 'ct_ssl_dls', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -302,10 +302,10 @@ class _SourceInfo(MapTransform):
         from monai.data.utils import affine_to_spacing
         img = d[self.keys[0]]
         spacing = affine_to_spacing(torch.as_tensor(img.affine), r=3)
-        return {**d, 'source_shape': _xs(img.shape[1:]), 'source_spacing': _xs(float(v) for v in spacing)}
+        return {**d, 'source_shape': sizes_text(img.shape[1:]), 'source_spacing': sizes_text(float(v) for v in spacing)}
 
 
-def _xs(values) -> str:
+def sizes_text(values) -> str:
     "Sizes as one CSV-friendly field: `(64, 64, 30)` -> `'64x64x30'`, spacings to 4 significant digits."
     return 'x'.join(f'{v:.4g}' if isinstance(v, float) else str(int(v)) for v in values)
 
@@ -419,7 +419,7 @@ def _positive(x):
     return x > 0
 
 
-def _stamp(p: Path) -> str:
+def file_stamp(p: Path) -> str:
     "Size and modification time of a file, or of every file of a DICOM folder: an edited scan gets a new cache key."
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     st = [f.stat() for f in files]
@@ -433,16 +433,18 @@ def _root_cause(e: BaseException) -> str:
     return f'{type(e).__name__}: {e}'
 
 
-def _reason(path: str, e: BaseException) -> str:
+def failure_reason(path: str, e: BaseException) -> str:
     "Why `path` could not be preprocessed, in one line, without the path our own checks put first."
     return ' '.join(_root_cause(e).split(f'{path}: ', 1)[-1].split())
 
 
+# The index of a cache folder: `preprocess_scans` writes it, `CTVolumes` and `ct_ssl_dls(None, ...)` read it; its
+# format and its reader are here because `data` may not import `preprocess`, a layer above.
 INDEX_COLUMNS = ('path', 'stamp', 'status', 'reason', 'shape', 'source_shape', 'source_spacing', 'cache')
 INDEX_FILE, JOURNAL_FILE = 'index.csv', 'index.journal.csv'
 
 
-def _read_index(folder: Path) -> dict[str, dict]:
+def read_index_rows(folder: Path) -> dict[str, dict]:
     """The rows `preprocess_scans` wrote in a cache folder (`CACHE_DIR/<key>`), by path: the index of the last finished
     run, then the journal of an unfinished one (later rows win). A last line cut short by a kill is left out, and so
     is any row that does not parse: that scan is simply preprocessed again."""
@@ -459,7 +461,7 @@ def _read_index(folder: Path) -> dict[str, dict]:
     return rows
 
 
-def _cache_name(ds, item: dict) -> str:
+def cache_file_name(ds, item: dict) -> str:
     "The file `PersistentDataset` `ds` caches `item` in (MONAI's `_cachecheck` names it the same way)."
     return ds.hash_func(item).decode('utf-8') + getattr(ds, 'transform_hash', '') + '.pt'
 
@@ -500,7 +502,7 @@ class CTVolumes(Dataset):
         self._ds = PersistentDataset(items, transform=self._transform(), cache_dir=self.cache_dir)
         self.skipped: list[tuple[str, str]] = []
         self.index: list[int] = []
-        indexed, todo = _read_index(self.cache_dir), []
+        indexed, todo = read_index_rows(self.cache_dir), []
         for i, item in enumerate(items):
             row = indexed.get(item['image'])
             if row is None or row['stamp'] != item['stamp']:  # not indexed, or the scan changed since
@@ -508,7 +510,7 @@ class CTVolumes(Dataset):
             elif row['status'] == 'skipped':
                 self._bad(item['image'], f"{row['reason']} (listed as skipped in {self.cache_dir / INDEX_FILE})",
                           on_error)
-            elif row['cache'] == _cache_name(self._ds, item) and (self.cache_dir / row['cache']).is_file():
+            elif row['cache'] == cache_file_name(self._ds, item) and (self.cache_dir / row['cache']).is_file():
                 self.index.append(i)
             else:  # another item (a label map with it) or a removed cache file: verified as if not indexed
                 todo.append(i)
@@ -516,7 +518,7 @@ class CTVolumes(Dataset):
             try:
                 self._ds[i]
             except Exception as e:
-                self._bad(items[i]['image'], _reason(items[i]['image'], e), on_error, e)
+                self._bad(items[i]['image'], failure_reason(items[i]['image'], e), on_error, e)
             else:
                 self.index.append(i)
         self.index.sort()
@@ -532,7 +534,7 @@ class CTVolumes(Dataset):
 
     def _items(self, scans) -> list[dict]:
         # Absolute paths: the cache entry (its name hashes the item) and the index then hold wherever the run starts.
-        return [{'image': str(Path(p).absolute()), 'stamp': _stamp(Path(p))} for p in scans]
+        return [{'image': str(Path(p).absolute()), 'stamp': file_stamp(Path(p))} for p in scans]
 
     def _transform(self):
         return self.prep.transform()
@@ -593,9 +595,10 @@ class TwoViews(Dataset):
         return tuple(self._view(vol) for _ in range(self.views))
 
 # %% ../nbs/01_data.ipynb #f32b32db
-def _preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreprocess:
-    """Check the user's arguments before any scan is read, and bundle the preprocessing ones (one place for both
-    CT loaders)."""
+def ct_preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreprocess:
+    """The `CTPreprocess` of a loader's arguments, checked before any scan is read: `spacing` (mm, a number or 3),
+    `hu_range` (low < high) and `valid_pct` (in [0, 1)); volumes are padded up to `crop` (3 ints), or to `pad_to`
+    when given. One place for every CT loader, the cache index and the command line."""
     check_ratio(valid_pct, 'valid_pct', high_open=True)
     spacing = tuple(float(v) for v in (spacing if isinstance(spacing, (list, tuple)) else (spacing,) * 3))
     if len(spacing) != 3 or min(spacing) <= 0:
@@ -605,7 +608,7 @@ def _preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreprocess
     return CTPreprocess(spacing=spacing, hu_range=tuple(float(h) for h in hu_range), crop=pad_to or crop)
 
 
-def _split(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
+def split_indices(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
     "Train and valid indices of `n` items, `valid_pct` held out by a seeded permutation (seed None: 0)."
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed or 0)).tolist()
     n_valid = min(int(round(valid_pct * n)), n - 1)
@@ -640,14 +643,14 @@ def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 
     if isinstance(crops_per_scan, bool) or not isinstance(crops_per_scan, int) or crops_per_scan < 1:
         raise ValueError(f'crops_per_scan must be an integer >= 1; got {crops_per_scan!r}')
     pad_to = None if view_region is None else tuple(max(c, r) for c, r in zip(crop, as_triple(view_region, 'view_region')))
-    prep = _preprocess(crop, spacing, hu_range, valid_pct, pad_to)
+    prep = ct_preprocess(crop, spacing, hu_range, valid_pct, pad_to)
     found_skipped: list = []
     if source is None:
         source = _indexed_source(cache_dir, prep, on_error, found_skipped)
     scans = find_ct_scans(source, on_error, found_skipped)
     vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
     vols.skipped[:0] = found_skipped  # entries the search left out come first
-    train, valid = _split(len(vols), valid_pct, seed)
+    train, valid = split_indices(len(vols), valid_pct, seed)
     dls = _views_dls(vols, (train * crops_per_scan, valid), bs, num_workers, crop=crop, views=views,
                      flip_prob=flip_prob, intensity=intensity, region=view_region)
     dls.skipped, dls.prep = vols.skipped, prep
@@ -660,7 +663,7 @@ def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list)
         raise ValueError('source=None takes the scans from the index of cache_dir (written by preprocess_scans or '
                          'dagman preprocess); give cache_dir, or the scans')
     folder = Path(cache_dir) / prep.key()
-    rows = _read_index(folder)
+    rows = read_index_rows(folder)
     if not rows:
         raise FileNotFoundError(f'{folder / INDEX_FILE}: no index for these settings ({_settings_text(prep)}); run '
                                 f'`dagman preprocess DATA --cache-dir {cache_dir} {_settings_text(prep)}` first, or give '
@@ -694,7 +697,7 @@ def _views_dls(vols, split: tuple, bs: int, num_workers: int, **views_kw):
     dls.show_batch = lambda max_n=2, mask=None, path=None: show_batch_3d(dls.one_batch(), mask, max_n, path)
     return dls
 
-# %% ../nbs/01_data.ipynb #b5e3f25b
+
 def _settings_text(prep: CTPreprocess) -> str:
     "The command-line options that give `prep`: `--crop 64 --spacing 2` (and `--hu-range` when not the default)."
     crop, sp = prep.crop, prep.spacing
@@ -703,249 +706,6 @@ def _settings_text(prep: CTPreprocess) -> str:
     if tuple(prep.hu_range) != HU_WINDOW:
         text += f' --hu-range {prep.hu_range[0]:g} {prep.hu_range[1]:g}'
     return text
-
-
-def read_ct_index(cache_dir, crop=128, spacing=SPACING, hu_range=HU_WINDOW) -> list[dict]:
-    """The index `preprocess_scans` wrote in `cache_dir` for these settings: one dict per scan with the keys
-    `INDEX_COLUMNS` (all strings), in order; rows of an unfinished run included; `[]` when there is none."""
-    return list(_read_index(Path(cache_dir) / _preprocess(as_triple(crop, 'crop'), spacing, hu_range, 0.0).key()).values())
-
-
-_WORKER: dict = {}  # the state of a preprocessing worker process, set once by `_worker_init`
-
-
-def _worker_init(settings: str, cache_dir: str, tmp_dir: str) -> None:
-    "A preprocessing worker: one torch thread (the workers are the parallelism), its transform built once."
-    torch.set_num_threads(1)
-    # MONAI writes each cache file in a temporary folder, then moves it into the cache: in the cache's own filesystem
-    # the move is an atomic rename, so a killed worker never leaves a half-written cache file (across filesystems
-    # `shutil.move` copies, and a kill mid-copy would).
-    tempfile.tempdir = tmp_dir
-    prep = CTPreprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(settings).items()})
-    _WORKER.update(transform=prep.transform(), cache_dir=Path(cache_dir))
-
-
-def _index_row(path: str, stamp: str, status: str, reason: str = '', **info) -> dict:
-    return {'path': path, 'stamp': stamp, 'status': status, 'reason': reason, 'shape': '', 'source_shape': '',
-            'source_spacing': '', 'cache': '', **info}
-
-
-def _preprocess_one(path: str, stamp: str) -> tuple[dict, bool]:
-    """Preprocess one scan into the cache (in a worker): its index row, and whether it was computed (False: its cache
-    file was already there, e.g. written just before a run was killed)."""
-    from monai.data import PersistentDataset
-    item = {'image': path, 'stamp': stamp}  # the item `CTVolumes` makes: the same cache file
-    ds = PersistentDataset([item], transform=_WORKER['transform'], cache_dir=_WORKER['cache_dir'])
-    name = _cache_name(ds, item)
-    computed = not (_WORKER['cache_dir'] / name).is_file()
-    try:
-        out = ds[0]
-    except Exception as e:  # whatever the checks or the readers refuse: the scan is listed, the run goes on
-        return _index_row(path, stamp, 'skipped', _reason(path, e)), computed
-    return _index_row(path, stamp, 'ok', shape=_xs(out['image'].shape[1:]), cache=name,
-                      source_shape=out.get('source_shape', ''), source_spacing=out.get('source_spacing', '')), computed
-
-
-def _worker_pool(workers: int, prep: CTPreprocess, cache_dir: Path):
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-    # Not fork: the parent may hold threads (torch's, a progress bar's) that a forked child would inherit locked.
-    # The forkserver imports this module once, and every worker starts from that copy.
-    ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
-    if ctx.get_start_method() == 'forkserver':
-        ctx.set_forkserver_preload([__name__])
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                               initargs=(json.dumps(asdict(prep)), str(cache_dir), str(cache_dir / '.tmp')))
-    try:
-        pool.submit(int).result()  # a worker that cannot even start would otherwise look like a crash on each scan
-    except BrokenProcessPool:
-        pool.shutdown(wait=False)
-        raise RuntimeError('the preprocessing worker processes die as they start: a script that calls '
-                           "preprocess_scans must do so under `if __name__ == '__main__':` (worker processes import "
-                           'the main script)') from None
-    return pool
-
-
-def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
-    """Yield `(row, computed)` for every `(path, stamp)` of `jobs`, `workers` processes at a time.
-
-    A worker that dies (a reader crashing on a corrupt file, the kernel killing it for memory) breaks the whole pool
-    (`BrokenProcessPool`): the scans that were in flight are tried again one at a time in a fresh pool, and a scan
-    that kills its worker alone is listed as skipped."""
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
-    from concurrent.futures.process import BrokenProcessPool
-    queue, suspects, inflight = deque(jobs), deque(), {}
-    pool = _worker_pool(workers, prep, cache_dir)
-    try:
-        while queue or suspects or inflight:
-            if suspects:  # alone, so that a second death names its scan
-                if not inflight:
-                    job = suspects.popleft()
-                    inflight[pool.submit(_preprocess_one, *job)] = (job, True)
-            else:
-                while queue and len(inflight) < 2 * workers:  # a short queue keeps memory flat
-                    job = queue.popleft()
-                    inflight[pool.submit(_preprocess_one, *job)] = (job, False)
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            broken = False
-            while done:
-                for f in done:
-                    job, alone = inflight.pop(f)
-                    try:
-                        result = f.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        if alone:
-                            yield _index_row(*job, 'skipped', 'the worker process died while preprocessing it (a '
-                                             'reader crashed on the file, or it ran out of memory)'), True
-                        else:
-                            suspects.append(job)
-                    else:
-                        yield result
-                done = wait(inflight)[0] if broken else set()  # the others in flight fail with the pool
-            if broken:
-                warnings.warn(f'a preprocessing worker died; trying the {len(suspects)} scan(s) it may have been '
-                              'reading one at a time', stacklevel=2)
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = _worker_pool(workers, prep, cache_dir)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _write_index(folder: Path, rows) -> Path:
-    "Write the index atomically: a temporary file in the same folder, then `os.replace` (a reader never sees half)."
-    path, tmp = folder / INDEX_FILE, folder / f'.{INDEX_FILE}.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
-        w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator='\n')
-        w.writeheader()
-        w.writerows(rows)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before it replaces the old index
-    os.replace(tmp, path)
-    return path
-
-
-def _lock(folder: Path):
-    "An exclusive lock on the cache folder for one preprocess run; two runs would interleave their journals."
-    try:
-        import fcntl
-    except ImportError:  # not on Windows: no lock there
-        return None
-    f = open(folder / '.lock', 'w')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise RuntimeError(f'{folder}: another preprocess run is filling this cache; wait for it to finish') from None
-    return f
-
-
-def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_WINDOW, workers: int = 1,
-                     progress: bool = True) -> dict:
-    """Fill the cache of `CTVolumes` (MONAI `PersistentDataset` files) for every scan of `source` ahead of training,
-    in `workers` processes, and index it: `ct_ssl_dls(..., cache_dir=cache_dir)` with the same `crop`, `spacing`
-    and `hu_range` then reads no scan it lists.
-
-    Resumable: each scan's row is appended to `CACHE_DIR/<key>/index.journal.csv` (flushed) as soon as it is done,
-    so a run killed at any point redoes none of them; at the end the index `CACHE_DIR/<key>/index.csv` is rewritten
-    atomically and the journal removed. A scan already indexed with the same stamp (size and modification time) is not
-    redone; one whose stamp changed is. A bad scan (what `CTVolumes` would refuse: unreadable, corrupt, too small,
-    not CT, a DICOM folder with missing slices...) is listed as `skipped` with its reason and never stops the run.
-
-    Args:
-        source: what `find_ct_scans` takes (folders, scan files, CSVs, a list of them); entries it cannot use are
-            indexed as skipped, but a top-level path that does not exist is an error.
-        cache_dir: the cache folder (a subfolder per settings key, as for `ct_ssl_dls`).
-        crop, spacing, hu_range: the preprocessing settings, as `ct_ssl_dls` takes them (they make the key).
-        workers: worker processes (one torch thread each), at least 1.
-        progress: show a fastprogress bar.
-
-    Returns:
-        a dict: `index` (the index path), `settings` (its `settings.json`), `key`, `scans` (entries of `source`),
-        `ok`, `skipped` (`[(path, reason)]`), `processed` (done by this run), `reused` (done before), `seconds`.
-
-    The index (`INDEX_COLUMNS`) has one row per scan: `path` (absolute), `stamp`, `status` ('ok' or 'skipped'),
-    `reason`, `shape` (preprocessed `DxHxW`), `source_shape`, `source_spacing` (mm) and `cache` (the file name).
-    Rows of scans indexed by earlier runs over other sources are kept: the index lists the whole cache.
-    """
-    import time
-
-    from fastprogress.fastprogress import progress_bar
-    t0 = time.perf_counter()
-    prep = _preprocess(as_triple(crop, 'crop'), spacing, hu_range, 0.0)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f'workers must be an integer >= 1; got {workers!r}')
-    items = list(source) if isinstance(source, (list, tuple)) else [source]
-    for item in items:  # a mistyped argument is an error, not an index of one skipped entry
-        if not Path(item).exists() and not Path(item).is_symlink():
-            raise FileNotFoundError(f'{item}: does not exist (expected a folder of CT scans, a scan file or a CSV '
-                                    'with a path column)')
-    folder = Path(cache_dir) / prep.key()
-    (folder / '.tmp').mkdir(parents=True, exist_ok=True)
-    lock = _lock(folder)
-    try:
-        shutil.rmtree(folder / '.tmp', ignore_errors=True)  # what killed workers left half-written
-        (folder / '.tmp').mkdir()
-        settings = folder / 'settings.json'
-        tmp = folder / '.settings.json.tmp'
-        tmp.write_text(json.dumps(asdict(prep), indent=1) + '\n')
-        os.replace(tmp, settings)
-        with warnings.catch_warnings():  # the entries left out are indexed (and returned): no warning per entry
-            warnings.simplefilter('ignore')
-            found: list = []
-            scans = find_ct_scans(source, 'skip', found)
-        rows = _read_index(folder)
-        _write_index(folder, rows.values())  # the last run's journal folded in: the new journal starts empty
-        current, jobs, stale = [], [], set()
-        for path, reason in found:
-            path = str(Path(path).absolute())
-            current.append(path)
-            rows[path] = _index_row(path, '', 'skipped', reason)
-        for p in scans:
-            path = str(Path(p).absolute())
-            current.append(path)
-            try:
-                stamp = _stamp(Path(p))
-            except OSError as e:  # removed or unreadable since the search
-                rows[path] = _index_row(path, '', 'skipped', f'cannot be read ({e.strerror or e})')
-                continue
-            row = rows.get(path)
-            if row is not None and row['stamp'] == stamp and (row['status'] == 'skipped'
-                                                              or (folder / row['cache']).is_file()):
-                continue
-            if row is not None and row['cache']:
-                stale.add(row['cache'])  # the cache file of an older version of the scan
-            jobs.append((path, stamp))
-        current = list(dict.fromkeys(current))
-        reused, computed = len(current) - len(jobs), 0
-        with open(folder / JOURNAL_FILE, 'w', newline='', encoding='utf-8') as journal:
-            w = csv.DictWriter(journal, INDEX_COLUMNS, lineterminator='\n')
-            w.writeheader()
-            journal.flush()
-            done = _pool_rows(jobs, workers, prep, folder) if jobs else iter(())
-            for row, new in (progress_bar(done, total=len(jobs)) if progress and jobs else done):
-                w.writerow(row)
-                journal.flush()  # in the OS's hands: a killed run keeps it (an fsync per scan would cost more)
-                rows[row['path']] = row
-                computed += new
-        ours = set(current)
-        for path in [p for p, r in rows.items() if p not in ours and r['stamp'] and not Path(p).exists()]:
-            stale.add(rows.pop(path)['cache'])  # a scan deleted since an earlier run: its row and cache file go
-        keep = {r['cache'] for r in rows.values()}
-        for name in stale - keep - {''}:
-            (folder / name).unlink(missing_ok=True)  # in a stable order: other runs' scans as they were, then this source's in search order
-        index = _write_index(folder, [r for p, r in rows.items() if p not in ours] + [rows[p] for p in current])
-        (folder / JOURNAL_FILE).unlink()
-    finally:
-        if lock is not None:
-            lock.close()
-    bad = [(p, rows[p]['reason']) for p in current if rows[p]['status'] == 'skipped']
-    return dict(index=index, settings=settings, key=prep.key(), scans=len(current), ok=len(current) - len(bad),
-                skipped=bad, processed=len(jobs), reused=reused, computed=computed,
-                seconds=time.perf_counter() - t0)
-
 
 # %% ../nbs/01_data.ipynb #bd1aebb6
 def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None = None):
@@ -990,21 +750,7 @@ def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None
 MEDMNIST3D = ('organmnist3d', 'nodulemnist3d', 'adrenalmnist3d', 'fracturemnist3d', 'vesselmnist3d', 'synapsemnist3d')
 
 
-def _labelled_dls(splits: dict, bs: int, num_workers: int, classes: int):
-    "fastai DataLoaders (train shuffled, valid) over `{split: (images (n, 1, d, h, w) float, labels (n,) long)}`."
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    from fastai.torch_core import default_device  # batches go to the GPU when there is one
-    ds = {k: torch.utils.data.TensorDataset(*v) for k, v in splits.items()}
-    dls = DataLoaders(DataLoader(ds['train'], bs=bs, shuffle=True, num_workers=num_workers),
-                      DataLoader(ds['valid'], bs=bs, num_workers=num_workers), device=default_device())
-    if 'test' in ds:
-        dls.test = DataLoader(ds['test'], bs=bs, num_workers=num_workers, device=default_device())
-    dls.n_inp, dls.c = 1, classes
-    return dls
-
-
-def _medmnist_file(flag: str, root, size: int, download: bool) -> Path:
+def medmnist_file(flag: str, root, size: int, download: bool) -> Path:
     "The official `.npz` of a MedMNIST 3-D set in `root`, fetched by the `medmnist` package only when asked."
     check_option(flag, MEDMNIST3D, 'flag')
     if size not in (28, 64):
@@ -1019,25 +765,8 @@ def _medmnist_file(flag: str, root, size: int, download: bool) -> Path:
     return path
 
 
-def medmnist3d_dls(flag: str, root, size: int = 28, bs: int = 32, download: bool = False, num_workers: int = 0):
-    """fastai `DataLoaders` for a MedMNIST v2 3-D set (Yang et al., Scientific Data 2023) with its official splits:
-    `train`, `valid` (the official val split) and `dls.test`. Images are `(1, size, size, size)` in [0, 1], labels
-    class indices; `dls.c` is the number of classes.
-
-    Args:
-        flag: one of `MEDMNIST3D`.
-        root: folder with the official `.npz` files (`{flag}.npz` for 28, `{flag}_64.npz` for 64).
-        download: let the `medmnist` package fetch a missing file (needs network access).
-    """
-    path = _medmnist_file(flag, root, size, download)
-    with np.load(path) as f:
-        splits = {ours: (torch.from_numpy(f[f'{theirs}_images'].astype(np.float32) / 255.0)[:, None],
-                         torch.from_numpy(f[f'{theirs}_labels'].astype(np.int64)).flatten())
-                  for ours, theirs in (('train', 'train'), ('valid', 'val'), ('test', 'test'))}
-    classes = int(max(int(v[1].max()) for v in splits.values())) + 1
-    return _labelled_dls(splits, bs, num_workers, classes)
-
-
+# Pretraining data, hence here and not in `classify` beside the labelled `medmnist3d_dls`: its views are made as
+# `ct_ssl_dls` makes them (`_views_dls`, `split_indices`), and `classify`, a layer above, takes `medmnist_file` from here.
 def medmnist3d_ssl_dls(flag: str, root, size: int = 28, crop: int = 32, bs: int = 32, views: int = 2,
                        split: str = 'train', shift: int = 2, flip_prob: float = 0.5, intensity: float = 0.1,
                        valid_pct: float = 0.0, seed: int | None = None, download: bool = False, num_workers: int = 0):
@@ -1055,178 +784,10 @@ def medmnist3d_ssl_dls(flag: str, root, size: int = 28, crop: int = 32, bs: int 
     if crop < size:
         raise ValueError(f'crop {crop} is smaller than the {size}^3 images; take crop >= size')
     check_option(split, ('train', 'val', 'test', 'train+val'), 'split')
-    path = _medmnist_file(flag, root, size, download)
+    path = medmnist_file(flag, root, size, download)
     with np.load(path) as f:
         images = np.concatenate([f[f'{s}_images'] for s in split.split('+')])
     lo, hi = (crop - size) // 2 + shift, crop - size - (crop - size) // 2 + shift
     vols = torch.nn.functional.pad(torch.from_numpy(images.astype(np.float32) / 255.0)[:, None], (lo, hi) * 3)
-    return _views_dls(vols, _split(len(vols), valid_pct, seed), bs, num_workers, crop=crop, views=views,
+    return _views_dls(vols, split_indices(len(vols), valid_pct, seed), bs, num_workers, crop=crop, views=views,
                       flip_prob=flip_prob, intensity=intensity)
-
-
-NODULE_LABEL_RULES = ('paper', 'drop-indeterminate')
-
-
-def nodule_labels(median, rule: str = 'paper') -> np.ndarray:
-    """Benign (0) / malignant (1) labels from the radiologists' median malignancy rating (1-5); -1 marks a nodule
-    the rule leaves out.
-
-    Args:
-        median: (n,) median malignancy per nodule (a half when an even number of readers split, e.g. 3.5).
-        rule: 'paper' (DAGMaN's LIDC task: median 1-3 benign, above 3 malignant, every nodule kept; a median of 3.5
-            rounds up to malignant) or 'drop-indeterminate' (NoduleMNIST3D's convention: below 3 benign, above 3
-            malignant, exactly 3 left out).
-    """
-    check_option(rule, NODULE_LABEL_RULES, 'label_rule')
-    median = np.asarray(median, dtype=np.float64)
-    bad = ~((median >= 1) & (median <= 5))
-    if bad.any():
-        raise ValueError(f'malignancy medians must be in 1..5; got {median[bad][:5].tolist()} at nodule(s) '
-                         f'{np.flatnonzero(bad)[:5].tolist()}')
-    labels = (median > 3).astype(np.int64)
-    if rule == 'drop-indeterminate':
-        labels[median == 3] = -1
-    return labels
-
-
-def nodule_crops_dls(path, size: int = 32, hu_range=NODULE_HU_WINDOW, min_readers: int = 1,
-                     label_rule: str = 'paper', valid_pct: float = 0.34, bs: int = 4, seed: int = 0,
-                     num_workers: int = 0):
-    """fastai `DataLoaders` for labelled nodule crops in the layout of `lidc_idri_0001-0003_nodules.npz`
-    (`images_{size}` HU, `malignancy_median`, `n_readers`), lung-windowed to [0, 1], labels 0 benign / 1 malignant.
-
-    Args:
-        min_readers: keep nodules marked by at least this many radiologists (2 for a LUNA16-like set).
-        label_rule: how the median malignancy becomes a label (`nodule_labels`): 'paper' (1-3 benign, 4-5
-            malignant, all nodules kept) or 'drop-indeterminate' (median 3 left out). A file without
-            `malignancy_median` falls back to its `labels` (-1 indeterminate), which only 'drop-indeterminate' can use.
-        valid_pct: share of the kept nodules held out (at least one when there are two or more).
-
-    No label below 0 ever reaches a batch. `dls.label_rule` and `dls.counts` (nodules per class, train + valid)
-    say what was used.
-    """
-    check_option(label_rule, NODULE_LABEL_RULES, 'label_rule')
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f'nodule crops file {path} not found')
-    with np.load(path) as f:
-        key = f'images_{size}'
-        if key not in f:
-            raise ValueError(f'{path}: no {key!r}; sizes present: {sorted(k for k in f if k.startswith("images_"))}')
-        hu, readers = f[key].astype(np.float32), f['n_readers']
-        if 'malignancy_median' in f:
-            labels = nodule_labels(f['malignancy_median'], label_rule)
-        elif label_rule == 'drop-indeterminate' and 'labels' in f:
-            labels = f['labels'].astype(np.int64)
-        else:
-            raise ValueError(f"{path}: label_rule={label_rule!r} needs 'malignancy_median' (the median rating of each "
-                             f"nodule); the file has {sorted(f)}")
-    if not len(hu) == len(labels) == len(readers):
-        raise ValueError(f'{path}: {len(hu)} images, {len(labels)} labels and {len(readers)} reader counts; '
-                         f'expected one of each per nodule')
-    keep = (readers >= min_readers) & (labels >= 0)  # -1: left out by the rule, never a class
-    if keep.sum() < 2:
-        raise ValueError(f'{path}: {int(keep.sum())} nodule(s) left after min_readers={min_readers} and '
-                         f'label_rule={label_rule!r}; need at least 2 (one to train, one to validate)')
-    lo, hi = hu_range
-    x = torch.from_numpy((np.clip(hu[keep], lo, hi) - lo) / (hi - lo))[:, None]
-    y = torch.from_numpy(labels[keep])
-    assert int(y.min()) >= 0, 'a left-out nodule reached the labels'
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_valid = min(len(x) - 1, max(1, int(round(valid_pct * len(x)))))
-    splits = {'valid': (x[order[:n_valid]], y[order[:n_valid]]), 'train': (x[order[n_valid:]], y[order[n_valid:]])}
-    dls = _labelled_dls(splits, bs, num_workers, classes=2)  # benign / malignant, whichever are present
-    dls.label_rule, dls.counts = label_rule, {c: int((y == c).sum()) for c in (0, 1)}
-    return dls
-
-# %% ../nbs/01_data.ipynb #92458bf1
-class SegVolumes(CTVolumes):
-    "`CTVolumes` for (image, label map) pairs: items are dicts `{'image': (1, d, h, w), 'label': (1, d, h, w)}`."
-
-    def __init__(self, pairs: Sequence, prep: CTPreprocess, label_values: Sequence, cache_dir=None,
-                 on_error: str = 'raise', progress: bool = True):
-        self._pairs, self._label_values = [(Path(i), Path(l)) for i, l in pairs], label_groups(label_values)
-        super().__init__([i for i, _ in self._pairs], prep, cache_dir, on_error, progress)
-
-    def _items(self, scans):
-        # The kept labels are part of each item, hence of its cache key: other labels never reuse a stale entry.
-        return [{'image': str(i), 'label': str(l), 'stamp': _stamp(i) + _stamp(l), 'labels': str(self._label_values)}
-                for i, l in self._pairs]
-
-    def _transform(self):
-        return self.prep.transform(self._label_values)
-
-    def __getitem__(self, i) -> dict:
-        return self._ds[self.index[i]]
-
-
-class _SegCrops(Dataset):
-    "One random crop per item, centred on foreground or background with equal chance (MONAI), and random flips."
-
-    def __init__(self, volumes: Dataset, crop, flip_prob: float = 0.5, repeats: int = 1):
-        from monai import transforms as T
-        self.volumes, self.repeats = volumes, repeats
-        self.tf = T.Compose([
-            T.RandCropByPosNegLabeld(['image', 'label'], label_key='label', spatial_size=as_triple(crop, 'crop'),
-                                     pos=1, neg=1, num_samples=1),
-            *(T.RandFlipd(['image', 'label'], prob=flip_prob, spatial_axis=a) for a in range(3)),
-        ])
-
-    def __len__(self):
-        return len(self.volumes) * self.repeats
-
-    def __getitem__(self, i):
-        self.tf.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ())))
-        d = self.tf(self.volumes[i % len(self.volumes)])[0]
-        return torch.as_tensor(d['image']).float(), torch.as_tensor(d['label'])[0].long()
-
-
-def seg_pairs_dls(pairs, label_values: Sequence, crop=96, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 2,
-                  valid_pct: float = 0.2, valid_pairs=None, samples_per_volume: int = 1, cache_dir=None,
-                  on_error: str = 'raise', seed: int = 0, num_workers: int = 0, progress: bool = True):
-    """fastai `DataLoaders` of (image crop `(1, *crop)`, class map `crop`) from NIfTI image / label-map pairs.
-
-    Args:
-        pairs: `[(image_path, label_path), ...]` on the same grid.
-        label_values: the classes in order: `label_values[i]` (a label value, or a group of values merged into one
-            class) becomes class `i + 1`, everything else background 0. E.g. `[1, 5]` keeps spleen and liver of
-            TotalSegmentator, `[(2, 3)]` both kidneys as one class. `dls.c` is the class count with background.
-        valid_pct: share of `pairs` held out for validation (ignored with `valid_pairs`).
-        valid_pairs: explicit validation pairs (e.g. other patients) instead of a random share of `pairs`.
-        samples_per_volume: random crops of each training volume per epoch (validation: one per volume).
-
-    `dls.valid_volumes` holds the whole preprocessed validation volumes (dicts with `image`, `label` and `name`) for
-    whole-volume evaluation (`predict_volume`).
-    """
-    from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
-    from fastai.torch_core import default_device  # batches go to the GPU when there is one
-    groups = label_groups(label_values)
-    crop = as_triple(crop, 'crop')
-    prep = _preprocess(crop, spacing, hu_range, 0.0 if valid_pairs else valid_pct)
-    pairs, valid_pairs = list(pairs), list(valid_pairs or [])
-    missing = [str(p) for pair in pairs + valid_pairs for p in pair if not Path(p).exists()]
-    if missing:
-        raise FileNotFoundError(f'{len(missing)} image/label path(s) do not exist, e.g. {missing[:3]}')
-    if not pairs:
-        raise ValueError('seg_pairs_dls needs at least one (image, label) pair to train on')
-    if samples_per_volume < 1:
-        raise ValueError(f'samples_per_volume must be at least 1; got {samples_per_volume}')
-    vols = SegVolumes(pairs + valid_pairs, prep, groups, cache_dir, on_error, progress)
-    if valid_pairs:  # kept items index the pairs given: the first len(pairs) train
-        idx = ([i for i, j in enumerate(vols.index) if j < len(pairs)],
-               [i for i, j in enumerate(vols.index) if j >= len(pairs)])
-        if not idx[0]:
-            raise ValueError(f'no training pair is left: all {len(pairs)} were skipped ({vols.skipped[:3]})')
-    else:
-        idx = _split(len(vols), valid_pct, seed)
-    subsets = [torch.utils.data.Subset(vols, ix) for ix in idx]
-    dls = DataLoaders(DataLoader(_SegCrops(subsets[0], crop, repeats=samples_per_volume), bs=bs, shuffle=True,
-                                 num_workers=num_workers),
-                      DataLoader(_SegCrops(subsets[1], crop, flip_prob=0.0), bs=bs, num_workers=num_workers),
-                      device=default_device())
-    dls.n_inp, dls.c, dls.volumes, dls.skipped = 1, len(groups) + 1, vols, vols.skipped
-    dls.label_groups, dls.prep = groups, prep
-    pair = lambda i: tuple(map(str, vols._pairs[vols.index[i]]))
-    dls.valid_volumes = [{**vols[i], 'name': Path(pair(i)[0]).name, 'pair': pair(i)} for i in idx[1]]
-    return dls

@@ -224,7 +224,7 @@ def _check_run_config(preset: str, crop: int, cfg: dict) -> None:
 def _indexed_scans(cache_dir, crop: int, spacing: float) -> int:
     """How many usable scans `preprocess` indexed in `cache_dir` for this crop and spacing: 0 when it holds no index;
     a `RunError` when it holds indexes for other settings only (the user meant one of them)."""
-    from dagman_fast.data import read_ct_index
+    from dagman_fast.preprocess import read_ct_index
     rows = read_ct_index(cache_dir, crop=crop, spacing=spacing)
     if rows:
         ok = sum(r['status'] == 'ok' for r in rows)
@@ -429,7 +429,7 @@ def preprocess(data, cache_dir, *, workers: int | None = None, crop: int | None 
     `pretrain`'s (128 on CUDA, else 64). Returns `preprocess_scans`'s summary."""
     import torch
 
-    from dagman_fast.data import preprocess_scans
+    from dagman_fast.preprocess import preprocess_scans
     lo, hi = map(float, hu_range)
     if not -1e5 < lo < hi < 1e5:  # also refuses nan and inf
         raise RunError(f'--hu-range {lo:g} {hi:g}: expected two finite numbers LO < HI')

@@ -185,7 +185,8 @@ def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
     model = load_segmenter(out / 'segmenter.pth')  # weights only
     assert model.n_classes == 3 and model.data['labels'] == ['3,4', '7']
     # Its Dice is the Dice of its own prediction against the hand-built reference (same 2 mm grid, merged labels).
-    from dagman_fast.data import CTPreprocess, SegVolumes
+    from dagman_fast.data import CTPreprocess
+    from dagman_fast.segment import SegVolumes
     vols = SegVolumes([valid], CTPreprocess(spacing=(2.0,) * 3, hu_range=(-200.0, 300.0), crop=(64,) * 3),
                       ['3,4', '7'], cache_dir=tmp_path / 'cache2', progress=False)
     from dagman_fast.segment import predict_volume

@@ -170,7 +170,7 @@ def test_workers_draw_different_views(tmp_path):
 
 
 def test_medmnist3d_official_splits(shared_data):
-    from dagman_fast.data import medmnist3d_dls
+    from dagman_fast.classify import medmnist3d_dls
     for size in (28, 64):
         dls = medmnist3d_dls('adrenalmnist3d', shared_data / 'medmnist', size=size, bs=4)
         x, y = dls.valid.one_batch()
@@ -184,7 +184,7 @@ def test_medmnist3d_official_splits(shared_data):
 
 
 def test_nodule_crops(shared_data):
-    from dagman_fast.data import nodule_crops_dls
+    from dagman_fast.classify import nodule_crops_dls
     path = shared_data / 'lidc_idri' / 'lidc_idri_0001-0003_nodules.npz'
     dls = nodule_crops_dls(path, size=64, min_readers=1, label_rule='drop-indeterminate')
     n = len(dls.train.dataset) + len(dls.valid.dataset)
@@ -237,7 +237,7 @@ def test_views_as_subcrops_of_one_region(tmp_path):
 
 def test_seg_pairs_select_and_remap_labels(tmp_path):
     "Label values are kept in the given order as classes 1..K, everything else is background; crops pair up."
-    from dagman_fast.data import seg_pairs_dls
+    from dagman_fast.segment import seg_pairs_dls
     hu = _phantom()
     lab = np.zeros(hu.shape, np.uint8)
     lab[10:20, 8:32, 12:28] = 7  # the organ we want as class 1
@@ -282,7 +282,7 @@ def test_folder_with_two_dicom_series_is_refused(shared_data, tmp_path):
 
 
 def test_seg_cache_is_keyed_by_the_kept_labels_and_grids_must_match(tmp_path):
-    from dagman_fast.data import seg_pairs_dls
+    from dagman_fast.segment import seg_pairs_dls
     hu = _phantom()
     lab = np.zeros(hu.shape, np.uint8)
     lab[10:20, 8:32, 12:28], lab[20:30, 8:32, 12:28] = 1, 5
@@ -343,7 +343,7 @@ def _nodule_file(path, medians, readers=None, labels=True, size=8):
 
 
 def test_nodule_label_rules(tmp_path):
-    from dagman_fast.data import nodule_crops_dls, nodule_labels
+    from dagman_fast.classify import nodule_crops_dls, nodule_labels
     medians = [1, 2, 2.5, 3, 3, 3.5, 4, 4.5, 5, 3]
     assert nodule_labels(medians, 'paper').tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 0]
     assert nodule_labels(medians, 'drop-indeterminate').tolist() == [0, 0, 0, -1, -1, 1, 1, 1, 1, -1]
@@ -367,7 +367,7 @@ def test_nodule_label_rules(tmp_path):
 
 
 def test_nodule_files_without_medians_or_with_bad_ratings(tmp_path):
-    from dagman_fast.data import nodule_crops_dls
+    from dagman_fast.classify import nodule_crops_dls
     path = _nodule_file(tmp_path / 'old.npz', [1, 3, 5, 2], labels=True)
     with np.load(path) as f:
         arrays = {k: f[k] for k in f if k != 'malignancy_median'}

@@ -22,8 +22,8 @@ import pytest
 from monai.data import PersistentDataset
 
 from dagman_fast.cli import main
-from dagman_fast.data import (INDEX_COLUMNS, JOURNAL_FILE, ct_ssl_dls, preprocess_scans, read_ct_index,
-                              synthetic_ct)
+from dagman_fast.data import INDEX_COLUMNS, JOURNAL_FILE, ct_ssl_dls, synthetic_ct
+from dagman_fast.preprocess import preprocess_scans, read_ct_index
 
 N_GOOD, SIZE, CROP = 200, 10, 8
 # Each bad file, and the words its reason must contain (what the existing checks say about it).
