@@ -276,7 +276,7 @@ def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path,
                  '--set', 'head_hidden=32', '--cache-dir', str(tmp_path / 'cache')]) == 0
     text = capsys.readouterr().out
     assert 'the two small chest CTs the package ships' in text and '2 volume(s) used, 0 skipped' in text, text
-    assert 'demo settings: 1 steps of 8 x 2 views per epoch' in text, text
+    assert 'demo run: 1 steps of 8 x 2 views per epoch' in text, text
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['encoder']['sa_stage'] == 2 and cfg['dagman']['mask_stage'] == 2 and cfg['encoder']['drop_path_rate'] == 0
     rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
