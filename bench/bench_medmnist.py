@@ -58,7 +58,8 @@ from dagman_fast.data import medmnist3d_dls, medmnist3d_ssl_dls
 from dagman_fast.classify import cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices, subset_dls
 from dagman_fast.checkpoint import load_encoder
 from dagman_fast.learner import dagman_learner
-from dagman_fast.swin import build_encoder, encoder_config
+from dagman_fast.encoder_configs import encoder_config
+from dagman_fast.swin import build_encoder
 
 PUBLISHED = {'auc': (0.839, 'ResNet-18 + ACS (28)'), 'acc': (0.802, 'auto-sklearn')}
 FLAG = 'adrenalmnist3d'

@@ -162,7 +162,7 @@ def _parse_set(items) -> dict:
     from dataclasses import fields
 
     from dagman_fast.model import DAGMaNConfig
-    from dagman_fast.swin import SwinConfig, ViTConfig
+    from dagman_fast.encoder_configs import SwinConfig, ViTConfig
     method = {f.name: f.type for f in fields(DAGMaNConfig)}
     enc = {f.name: f.type for c in (ViTConfig, SwinConfig) for f in fields(c)}
     out = {}
@@ -199,7 +199,7 @@ def _check_out(out: Path, what: str = '--out') -> Path:
 def _check_run_config(encoder: str, crop: int, overrides: dict) -> None:
     "The encoder, crop and method settings of a run, checked before any scan is read or any model is built."
     from dagman_fast.model import DAGMaNConfig
-    from dagman_fast.swin import encoder_config
+    from dagman_fast.encoder_configs import encoder_config
     enc = {k[len('encoder.'):]: v for k, v in overrides.items() if k.startswith('encoder.')}
     try:
         cfg = encoder_config(encoder, **{**enc, 'img_size': crop})
@@ -438,7 +438,7 @@ def _pretrain(args) -> int:
         overrides = {**SHORT_RUN, **overrides}
         _say(f'demo settings: {len(dls.train)} steps of {bs} x 2 views per epoch, {SHORT_RUN}')
     enc_over = {k[len('encoder.'):]: overrides.pop(k) for k in list(overrides) if k.startswith('encoder.')}
-    from dagman_fast.swin import encoder_config
+    from dagman_fast.encoder_configs import encoder_config
     cbs = []
     if args.attn_stats_every:
         from dagman_fast.analysis import AttentionStatsLog
@@ -492,7 +492,7 @@ def _export(args) -> int:
     import torch
 
     from dagman_fast.checkpoint import load_encoder
-    from dagman_fast.swin import to_monai
+    from dagman_fast.monai_interop import to_monai
     enc = load_encoder(args.checkpoint)
     out = Path(args.out)
     _check_out(out.parent, '--out folder')
@@ -636,7 +636,8 @@ def _finetune(args) -> int:
 
     from dagman_fast.distributed import setup_distributed
     from dagman_fast.classify import cls_learner, few_shot_indices, save_classifier, subset_dls
-    from dagman_fast.swin import build_encoder, encoder_config
+    from dagman_fast.encoder_configs import encoder_config
+    from dagman_fast.swin import build_encoder
     if not 0 < args.fraction <= 1:
         raise CLIError(f'--fraction must be in (0, 1]; got {args.fraction}')
     _check_schedule(args, 'recipe')
@@ -767,7 +768,8 @@ def _finetune_seg(args) -> int:
     from dagman_fast.data import seg_pairs_dls
     from dagman_fast.distributed import setup_distributed
     from dagman_fast.segment import save_segmenter, seg_learner
-    from dagman_fast.swin import build_encoder, encoder_config
+    from dagman_fast.encoder_configs import encoder_config
+    from dagman_fast.swin import build_encoder
     _check_task_args(args, seg=True)
     if args.fraction < 1:
         raise CLIError('--fraction (few-shot) is for classification; give fewer --seg volumes instead')
@@ -1049,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_show_batch)
 
     from dagman_fast.model import METHOD_HELP, METHODS
-    from dagman_fast.swin import PRESETS
+    from dagman_fast.encoder_configs import PRESETS
     width = max(map(len, METHODS))
     s = sub.add_parser('preprocess', help='preprocess CT scans into a cache and its index ahead of pretraining',
                        description='Fill the cache that dagman pretrain --cache-dir reads, in worker processes, and '
