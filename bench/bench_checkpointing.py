@@ -66,7 +66,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from dagman_fast.model import DAGMaNConfig, DAGMaNModel
-    from dagman_fast.swin import encoder_config
+    from dagman_fast.encoder_configs import encoder_config
 
     torch.manual_seed(0)
     use_checkpoint = ast.literal_eval(args.setting)

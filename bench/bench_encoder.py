@@ -52,7 +52,8 @@ def worker(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from dagman_fast.swin import build_encoder, to_monai
+    from dagman_fast.monai_interop import to_monai
+    from dagman_fast.swin import build_encoder
 
     torch.manual_seed(0)
     ours = build_encoder(args.preset, sa_stage=None, drop_path_rate=0.0, attn_impl=args.attn_impl).train()

@@ -31,7 +31,8 @@ import torch
 from einops import rearrange
 
 from dagman_fast.kernels.window_attention import window_attention_qkv
-from dagman_fast.swin import build_encoder, shift_attention_mask, window_order
+from dagman_fast.swin import build_encoder
+from dagman_fast.windows import shift_attention_mask, window_order
 
 CUDA = torch.cuda.is_available()
 DEVICE = 'cuda' if CUDA else 'cpu'

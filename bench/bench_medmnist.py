@@ -59,7 +59,8 @@ from dagman_fast.classify import (cls_learner, cls_metrics, ClsModel, evaluate_c
                                   medmnist3d_dls, subset_dls)
 from dagman_fast.checkpoint import load_encoder
 from dagman_fast.learner import dagman_learner
-from dagman_fast.swin import build_encoder, encoder_config
+from dagman_fast.encoder_configs import encoder_config
+from dagman_fast.swin import build_encoder
 
 PUBLISHED = {'auc': (0.839, 'ResNet-18 + ACS (28)'), 'acc': (0.802, 'auto-sklearn')}
 FLAG = 'adrenalmnist3d'

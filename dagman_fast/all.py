@@ -41,8 +41,9 @@ from .schedule import warmup_cosine_scheds
 from .model import METHOD_HELP, METHODS, PAPER_LOSS_WEIGHTS, DAGMaNConfig, DAGMaNModel
 from .losses import DINOHead, DistillLoss, amip_loss
 from .masking import MASKINGS, MaskGenerator, patch_dropout_mask, upsample_mask
-from .swin import (PRESETS, EncoderOutput, SemanticAttention, SwinConfig, SwinEncoder, ViTConfig, ViTEncoder,
-                              build_encoder, encoder_config, from_monai, monai_swin_kwargs, to_monai)
+from .encoder_configs import PRESETS, SwinConfig, ViTConfig, encoder_config
+from .swin import EncoderOutput, SemanticAttention, SwinEncoder, ViTEncoder, build_encoder
+from .monai_interop import from_monai, monai_swin_kwargs, to_monai
 
 # nbdev adds the names in `_all_` to the module's generated `__all__` (imports are not added on their own)
 _all_ = ['CTPreprocess', 'CTVolumes', 'SegVolumes', 'TwoViews', 'ct_ssl_dls', 'find_ct_scans', 'label_groups',

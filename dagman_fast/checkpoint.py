@@ -27,8 +27,9 @@ from . import __version__
 from .callback_base import DAGMaNCallback, after, in_lr_find, unwrap
 from .core import strip_prefixes
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
+from .encoder_configs import SwinConfig, ViTConfig, encoder_config_from_dict
 from .model import DAGMaNModel
-from .swin import SwinConfig, SwinEncoder, ViTConfig, ViTEncoder, build_encoder, encoder_config_from_dict
+from .swin import SwinEncoder, ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['CHECKPOINT_FORMAT', 'ENCODER_FORMAT', 'LOW_SPACE', 'SMIT_MERGE_ORDER', 'LAYOUTS', 'atomic_save', 'remove_orphans',
@@ -341,7 +342,7 @@ def load_encoder(source, config: SwinConfig | ViTConfig | dict | None = None, st
             raise ValueError(f'{path or "the dict"} holds no state dict of tensors; expected one of: {LAYOUTS}')
         layout = _layout(sd)
         if layout != 'ours':
-            from .swin import from_monai
+            from .monai_interop import from_monai
             name = 'SMIT' if layout == 'smit' else 'MONAI'
             try:
                 if layout == 'smit':

@@ -124,7 +124,7 @@ def _preprocess_parser(sub) -> None:
 
 def _pretrain_parser(sub) -> None:
     from dagman_fast.model import METHOD_HELP, METHODS, TINY_HEADS
-    from dagman_fast.swin import PRESETS
+    from dagman_fast.encoder_configs import PRESETS
     width = max(map(len, METHODS))
     s = sub.add_parser('pretrain', help='self-supervised pretraining (DAGMaN, a baseline or an ablation) on CT scans',
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -186,7 +186,7 @@ def _pretrain_parser(sub) -> None:
 
 
 def _finetune_parser(sub) -> None:
-    from dagman_fast.swin import PRESETS
+    from dagman_fast.encoder_configs import PRESETS
     s = sub.add_parser('finetune', help='fine-tune (or linearly probe) an encoder: 3-D classification or segmentation',
                        description='Classification (--medmnist / --nodules) with a pretrained encoder (or a random '
                                    'one): writes OUT/classifier.pth, OUT/results.json (AUC, accuracy, sensitivity, '

@@ -26,9 +26,9 @@ from .checkpoint import DAGMaNCheckpoint, save_encoder
 from .callback_base import unwrap
 from .core import check_option
 from .distributed import DistributedLearner, rank, world_size
+from .encoder_configs import ViTConfig, encoder_config
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
 from .schedule import layer_decay_lrs, warmup_cosine_scheds
-from .swin import ViTConfig, encoder_config
 from .train_utils import (DeviceMixedPrecision, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
                                      StopOnNaN)
 

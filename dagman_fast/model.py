@@ -14,10 +14,11 @@ import torch.nn as nn
 from einops import rearrange
 
 from .core import as_triple, check_option, check_ratio, parse_span, span_steps
+from .encoder_configs import SwinConfig, ViTConfig, _JSONConfig
 from .losses import (CENTERINGS, DINOHead, DistillLoss, LinearHead, ReconHead, amip_loss, feature_stats,
                      koleo_loss)
 from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
-from .swin import SwinConfig, ViTConfig, ViTEncoder, _JSONConfig, build_encoder
+from .swin import ViTEncoder, build_encoder
 
 # %% auto #0
 __all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',

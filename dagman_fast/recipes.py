@@ -78,7 +78,7 @@ def coerce_setting(key: str, text: str, kind: str):
 
 def _field_types() -> tuple[dict, dict]:
     from dagman_fast.model import DAGMaNConfig
-    from dagman_fast.swin import SwinConfig, ViTConfig
+    from dagman_fast.encoder_configs import SwinConfig, ViTConfig
     return ({f.name: f.type for f in fields(DAGMaNConfig)},
             {f.name: f.type for c in (ViTConfig, SwinConfig) for f in fields(c)})
 
@@ -201,7 +201,7 @@ def finite(x):
 def _check_run_config(preset: str, crop: int, cfg: dict) -> None:
     "The preset, crop and method settings of a run, checked before any scan is read or any model is built."
     from dagman_fast.model import DAGMaNConfig
-    from dagman_fast.swin import encoder_config
+    from dagman_fast.encoder_configs import encoder_config
     _, enc_types = _field_types()
     enc = {k: v for k, v in cfg.items() if k in enc_types}
     try:
@@ -476,7 +476,7 @@ def export(checkpoint, *, out='encoder.pth', monai: bool = False) -> Path:
     import torch
 
     from dagman_fast.checkpoint import load_encoder, save_encoder
-    from dagman_fast.swin import to_monai
+    from dagman_fast.monai_interop import to_monai
     enc = load_encoder(checkpoint)
     out = Path(out)
     check_out(out.parent, '--out folder')

@@ -22,7 +22,7 @@ Transformer, eq. 4, in 3-D), exactly what the eager reference computes on the ro
 - fp32 (IEEE dot products), fp16 and, on the GPU, bf16 inputs; softmax and accumulations in fp32.
 
 The reference it is tested against is `window_attention_reference` on `window_order` / `shift_attention_mask`
-(`dagman_fast.swin`). Runs on CUDA tensors, or on the CPU when `TRITON_INTERPRET=1` is set before Triton is
+(`dagman_fast.windows`). Runs on CUDA tensors, or on the CPU when `TRITON_INTERPRET=1` is set before Triton is
 imported (tests only: the interpreter is slow and cannot time anything).
 """
 from __future__ import annotations

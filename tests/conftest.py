@@ -11,7 +11,9 @@ import pytest
 import torch
 from monai.networks.nets.swin_unetr import SwinTransformer as MonaiSwinTransformer
 
-from dagman_fast.swin import SwinConfig, SwinEncoder, monai_swin_kwargs, to_monai
+from dagman_fast.encoder_configs import SwinConfig
+from dagman_fast.monai_interop import monai_swin_kwargs, to_monai
+from dagman_fast.swin import SwinEncoder
 
 # The contract for the five fp32 output maps (MONAI equivalence, impl equivalence).
 MAP_TOL = dict(atol=1e-5, rtol=1e-5)

@@ -16,7 +16,8 @@ from conftest import tiny_config
 from dagman_fast.analysis import (AttentionStats, attention_distance, attention_entropy, attention_map, attention_stats,
                                   cluster_distances, cluster_report, grid_positions, organ_crops, plot_attention_maps,
                                   plot_head_diversity, window_attention_probs)
-from dagman_fast.swin import SwinEncoder, ViTEncoder, encoder_config
+from dagman_fast.encoder_configs import encoder_config
+from dagman_fast.swin import SwinEncoder, ViTEncoder
 
 
 def uniform_attention_(encoder) -> SwinEncoder:
@@ -56,7 +57,8 @@ def test_distance_and_entropy_of_toy_attention():
 def test_window_probabilities_are_those_the_block_uses():
     "probs @ v reproduces the block's own attention output: the recorded probabilities are the forward's."
     from dagman_fast.kernels.window_attention import window_attention_qkv
-    from dagman_fast.swin import WindowAttention, shift_attention_mask
+    from dagman_fast.swin import WindowAttention
+    from dagman_fast.windows import shift_attention_mask
     torch.manual_seed(0)
     attn = WindowAttention(16, 2, (2, 2, 2))
     torch.nn.init.normal_(attn.relative_position_bias_table)

@@ -47,7 +47,7 @@ def test_pretrain_resume_and_export(tmp_path, capsys):
     from monai.networks.nets.swin_unetr import SwinTransformer
 
     from dagman_fast.checkpoint import load_encoder
-    from dagman_fast.swin import monai_swin_kwargs
+    from dagman_fast.monai_interop import monai_swin_kwargs
 
     out = tmp_path / 'run'
     common = ['pretrain', '--out', str(out), '--synthetic', '2', '--crop', '32', '--bs', '1',

@@ -233,7 +233,8 @@ MEDMNIST = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
                                       ['--epochs', '2']], ids=['fastai', 'recipe'])
 def test_torchrun_finetune_gathers_the_metrics_and_rank0_scores_the_test_split(tmp_path, schedule):
     from dagman_fast.checkpoint import save_encoder
-    from dagman_fast.swin import build_encoder, encoder_config
+    from dagman_fast.encoder_configs import encoder_config
+    from dagman_fast.swin import build_encoder
     save_encoder(build_encoder(encoder_config('swin-tiny', img_size=32)), tmp_path / 'encoder.pth')
     # fastai's fine_tune: a frozen epoch, then all layers (DDP wraps the model anew per fit); the recipe (the
     # default): rank 0 saves the best validation epoch and every rank loads it at the end

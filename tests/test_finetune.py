@@ -11,7 +11,9 @@ from fastai.data.load import DataLoader
 from sklearn.metrics import confusion_matrix, recall_score, roc_auc_score
 
 from dagman_fast.classify import cls_learner, cls_splitter, ClsModel, evaluate_classifier, sensitivity, specificity
-from dagman_fast.swin import SwinConfig, ViTConfig, build_encoder, to_monai
+from dagman_fast.encoder_configs import SwinConfig, ViTConfig
+from dagman_fast.monai_interop import to_monai
+from dagman_fast.swin import build_encoder
 
 CFG = SwinConfig(img_size=32, embed_dim=12, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), sa_stage=3, sa_num_heads=4,
                  drop_path_rate=0.1)

@@ -18,7 +18,8 @@ from fastai.data.load import DataLoader
 from conftest import map_loss, tiny_encoder
 from dagman_fast.learner import dagman_learner
 from dagman_fast.model import DAGMaNConfig, DAGMaNModel
-from dagman_fast.swin import SwinConfig, SwinEncoder, ViTConfig, encoder_config
+from dagman_fast.encoder_configs import SwinConfig, ViTConfig, encoder_config
+from dagman_fast.swin import SwinEncoder
 
 CROP = 32
 HEADS = dict(out_dim=64, head_hidden=32, head_bottleneck=16)

@@ -232,14 +232,14 @@ def test_a_temporary_cache_is_removed_with_its_dataset(tmp_path):
     (dict(mlp_ratio=0), ['mlp_ratio']),
 ])
 def test_swin_config_refuses_impossible_sizes(overrides, words):
-    from dagman_fast.swin import SwinConfig
+    from dagman_fast.encoder_configs import SwinConfig
     with pytest.raises(ValueError) as e:
         SwinConfig(**overrides)
     assert all(w in str(e.value) for w in words), str(e.value)
 
 
 def test_vit_config_refuses_impossible_sizes():
-    from dagman_fast.swin import ViTConfig
+    from dagman_fast.encoder_configs import ViTConfig
     for kw in (dict(depth=10000), dict(depth=0), dict(embed_dim=0), dict(patch_size=-16)):
         with pytest.raises(ValueError):
             ViTConfig(**kw)

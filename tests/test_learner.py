@@ -21,7 +21,8 @@ from dagman_fast.learner import dagman_learner
 from dagman_fast.model import METHODS, DAGMaNConfig
 from dagman_fast.train_utils import StepTimer
 from dagman_fast.losses import TokenBatchNorm
-from dagman_fast.swin import SwinConfig, ViTConfig, monai_swin_kwargs, to_monai
+from dagman_fast.encoder_configs import SwinConfig, ViTConfig
+from dagman_fast.monai_interop import monai_swin_kwargs, to_monai
 
 CROP = 32
 HEADS = dict(out_dim=64, head_hidden=32, head_bottleneck=16)
@@ -191,7 +192,7 @@ def test_total_loss_is_the_weighted_sum_of_the_terms(tmp_path, kw, weights):
 
 
 def test_defaults_are_the_papers(tmp_path):
-    from dagman_fast.swin import PRESETS
+    from dagman_fast.encoder_configs import PRESETS
     learn = make_learner(tmp_path)
     c = learn.model.config
     assert c.loss_weights == dict(aitd=0.1, ampd=0.1, gitd=0.1, amip=1.0)

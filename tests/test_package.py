@@ -20,9 +20,9 @@ def _run(code: str) -> str:
 
 
 def test_import_is_light():
-    "Importing the package, the encoder and `all` pulls in neither torchvision nor any fastai.vision module."
+    "Importing the package, the encoder, its MONAI conversion and `all` pulls in neither torchvision nor fastai.vision."
     out = _run('import json, sys\n'
-               'import dagman_fast, dagman_fast.swin, dagman_fast.all\n'
+               'import dagman_fast, dagman_fast.swin, dagman_fast.monai_interop, dagman_fast.all\n'
                'print(json.dumps(sorted(sys.modules)))')
     mods = json.loads(out.strip().splitlines()[-1])
     assert 'dagman_fast.swin' in mods and 'dagman_fast.all' in mods  # the probe did import what it should
@@ -59,11 +59,15 @@ def test_kernels_importable_in_process():
 
 
 def test_all_exports_exist():
-    "Every name in `dagman_fast.all.__all__` and `dagman_fast.swin.__all__` resolves."
+    "Every name in the `__all__` of `dagman_fast.all` and of the encoder's modules resolves."
     import dagman_fast.all
+    import dagman_fast.encoder_configs
+    import dagman_fast.monai_interop
     import dagman_fast.swin
+    import dagman_fast.windows
 
-    for mod in (dagman_fast.all, dagman_fast.swin):
+    for mod in (dagman_fast.all, dagman_fast.windows, dagman_fast.encoder_configs, dagman_fast.swin,
+                dagman_fast.monai_interop):
         missing = [n for n in mod.__all__ if not hasattr(mod, n)]
         assert missing == [], f'{mod.__name__}.__all__ names missing attributes: {missing}'
     assert {'SwinEncoder', 'build_encoder', 'to_monai', 'from_monai'} <= set(dagman_fast.all.__all__)
@@ -71,7 +75,10 @@ def test_all_exports_exist():
 
 @pytest.mark.parametrize('module', [
     'dagman_fast.core',  # helpers
+    'dagman_fast.windows',  # window geometry
+    'dagman_fast.encoder_configs',  # encoder configs
     'dagman_fast.swin',  # encoder
+    'dagman_fast.monai_interop',  # MONAI weights
     'dagman_fast.kernels.window_attention',  # kernels
 ])
 def test_modules_import_standalone(module):

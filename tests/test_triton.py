@@ -21,11 +21,13 @@ pytest.importorskip('triton')
 
 from einops import rearrange  # noqa: E402
 
+from dagman_fast.encoder_configs import SwinConfig  # noqa: E402
 from dagman_fast.kernels.topk_mask import attention_mask_triton  # noqa: E402
 from dagman_fast.kernels.window_attention import window_attention, window_attention_reference  # noqa: E402
 from dagman_fast.kernels.window_attention_triton import window_attention_grid  # noqa: E402
 from dagman_fast.masking import MaskGenerator, attention_mask  # noqa: E402
-from dagman_fast.swin import SwinConfig, SwinEncoder, shift_attention_mask, window_order  # noqa: E402
+from dagman_fast.swin import SwinEncoder  # noqa: E402
+from dagman_fast.windows import shift_attention_mask, window_order  # noqa: E402
 
 DEVICE = 'cpu' if INTERPRET else 'cuda'
 gpu = pytest.mark.skipif(INTERPRET, reason='needs a GPU (compiled kernels), not the interpreter')

@@ -14,7 +14,7 @@ from einops import rearrange
 from dagman_fast.kernels.window_attention import (ATTN_IMPLS, AUTO_RECOMPUTE_BYTES, resolve_attn_impl, window_attention,
                                                   window_attention_qkv, window_attention_reference,
                                                   window_attention_sdpa)
-from dagman_fast.swin import shift_attention_mask
+from dagman_fast.windows import shift_attention_mask
 
 OUT_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
