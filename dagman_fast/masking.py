@@ -18,8 +18,8 @@ __all__ = ['MASKINGS', 'ATTENTION_MASKINGS', 'count', 'random_mask', 'attention_
            'upsample_mask', 'patch_dropout_mask']
 
 # %% ../nbs/03_masking.ipynb #eaef45cb
-MASKINGS = ('attention', 'high', 'low', 'random', 'block')
-ATTENTION_MASKINGS = ('attention', 'high', 'low')  # the policies that need the teacher's attention
+MASKINGS = ('attention', 'attention-no-hints', 'low', 'random', 'block')
+ATTENTION_MASKINGS = ('attention', 'attention-no-hints', 'low')  # the policies that need the teacher's attention
 
 
 def count(frac: float, n: int) -> int:

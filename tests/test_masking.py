@@ -63,7 +63,7 @@ def test_exact_masked_count(policy, grid):
     for ratio in RATIOS:
         for hint_ratio, hint_pool in [(0.1, 0.1), (0.2, 0.3), (0.0, 0.5), (0.5, 0.05)]:
             gen = MaskGenerator(policy, ratio, hint_ratio, hint_pool, generator=torch.Generator().manual_seed(1))
-            attn = distinct_attn(b, n) if policy in ('attention', 'high', 'low') else None
+            attn = distinct_attn(b, n) if policy in ('attention', 'attention-no-hints', 'low') else None
             mask = gen(b, grid, attn)
             k, n_hint, _ = ref_counts(policy, ratio, hint_ratio, hint_pool, n)
             assert mask.dtype == torch.bool
@@ -91,21 +91,21 @@ def test_attention_hint_count_example():
 
 
 @pytest.mark.parametrize('grid', GRIDS)
-@pytest.mark.parametrize('policy,ratio', [('high', r) for r in (0.1, 0.5, 0.7, 1.0)] + [('low', r) for r in (0.1, 0.5, 0.7)])
+@pytest.mark.parametrize('policy,ratio', [('attention-no-hints', r) for r in (0.1, 0.5, 0.7, 1.0)] + [('low', r) for r in (0.1, 0.5, 0.7)])
 def test_high_and_low_mask_exactly_the_top_or_bottom_k(grid, policy, ratio):
     n = math.prod(grid)
-    attn = distinct_attn(4, n, seed=3 if policy == 'high' else 4)
+    attn = distinct_attn(4, n, seed=3 if policy == 'attention-no-hints' else 4)
     mask = MaskGenerator(policy, ratio)(4, grid, attn)
     k = frac_floor(ratio, n)
     for row, m in zip(attn, mask):
         order = ranked(row)  # most attended first
-        expected = set(order[:k]) if policy == 'high' else set(order[n - k:]) if k else set()
+        expected = set(order[:k]) if policy == 'attention-no-hints' else set(order[n - k:]) if k else set()
         assert set(torch.nonzero(m).flatten().tolist()) == expected
 
 
 def test_high_and_low_differ_and_are_disjoint_at_small_ratio():
     attn = distinct_attn(2, 64)
-    hi = MaskGenerator('high', 0.3)(2, 4, attn)
+    hi = MaskGenerator('attention-no-hints', 0.3)(2, 4, attn)
     lo = MaskGenerator('low', 0.3)(2, 4, attn)
     assert not (hi & lo).any()
 
@@ -266,7 +266,7 @@ def test_block_mask_rejects_bad_aspect():
 
 def _make(policy, seed, b=4, grid=(4, 4, 4)):
     n = math.prod(grid)
-    attn = distinct_attn(b, n, seed=123) if policy in ('attention', 'high', 'low') else None
+    attn = distinct_attn(b, n, seed=123) if policy in ('attention', 'attention-no-hints', 'low') else None
     gen = MaskGenerator(policy, 0.5, 0.2, 0.4, generator=torch.Generator().manual_seed(seed))
     return gen(b, grid, attn)
 
@@ -353,14 +353,14 @@ def test_unknown_policy_suggests_closest():
         MaskGenerator('nonsense')  # lists the options
 
 
-@pytest.mark.parametrize('policy', ['attention', 'high', 'low'])
+@pytest.mark.parametrize('policy', ['attention', 'attention-no-hints', 'low'])
 def test_attention_policy_needs_attn(policy):
     with pytest.raises(ValueError, match=policy) as e:
         MaskGenerator(policy)(2, 4)
     assert 'None' in str(e.value)
 
 
-@pytest.mark.parametrize('policy', ['attention', 'high', 'low'])
+@pytest.mark.parametrize('policy', ['attention', 'attention-no-hints', 'low'])
 @pytest.mark.parametrize('shape', [(2, 63), (3, 64), (64,), (2, 4, 16)])
 def test_attention_of_wrong_shape(policy, shape):
     with pytest.raises(ValueError) as e:
