@@ -274,6 +274,16 @@ def _say_losses(log: Path, terms) -> None:
         say(f'losses, first epoch -> last: {text}')
 
 
+def _check_medmnist(medmnist, data, root, crops_per_scan) -> None:
+    if medmnist and data:
+        raise RunError('give --data or --medmnist, not both')
+    if medmnist and not root:
+        raise RunError('--medmnist needs --root, the folder of the official .npz files')
+    if medmnist and crops_per_scan:  # a MedMNIST volume is the view's size: each once per epoch
+        raise RunError('--crops-per-scan is for CT scans (random crops of each scan per epoch); a --medmnist split '
+                       'gives each volume once per epoch')
+
+
 def _checkpoint_to_resume(out: Path, resume) -> Path | None:
     ckpt = out / 'models' / 'checkpoint.pth' if resume == 'last' else Path(resume) if resume else None
     if ckpt is not None and not ckpt.is_file():
@@ -344,7 +354,7 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     import torch
     from fastai.torch_core import set_seed
 
-    from dagman_fast.analysis import AttentionStatsLog, plot_pretrain_log
+    from dagman_fast.analysis import AttentionStatsLog
     from dagman_fast.distributed import rank, setup_distributed
     from dagman_fast.learner import dagman_learner
     from dagman_fast.model import METHODS, default_preset, run_defaults
@@ -352,13 +362,7 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     world = setup_distributed()  # under torchrun / accelerate launch: join the group before any data is read
     out = Path(out)
     ckpt = _checkpoint_to_resume(out, resume)
-    if medmnist and data:
-        raise RunError('give --data or --medmnist, not both')
-    if medmnist and not root:
-        raise RunError('--medmnist needs --root, the folder of the official .npz files')
-    if medmnist and crops_per_scan:  # a MedMNIST volume is the view's size: each once per epoch
-        raise RunError('--crops-per-scan is for CT scans (random crops of each scan per epoch); a --medmnist split '
-                       'gives each volume once per epoch')
+    _check_medmnist(medmnist, data, root, crops_per_scan)
     check_out(out)
     set_seed(seed)  # Python (fastai's shuffling), NumPy and PyTorch
     cuda = torch.cuda.is_available()
@@ -398,8 +402,14 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
         return 3
     checked = check_replicas(learn)
     end_distributed()  # every rank; what follows is rank 0's alone, with no group left to time out
-    if rank() != 0:
-        return 0
+    if rank() == 0:
+        _finish_pretrain(out, learn, dls, world, bs, checked)
+    return 0
+
+
+def _finish_pretrain(out: Path, learn, dls, world: int, bs: int, checked: bool) -> None:
+    "Rank 0 after the fit: the encoder, the logs' plots, the first and last epoch's losses, where everything went."
+    from dagman_fast.analysis import plot_pretrain_log
     if checked:
         _write_run_config(out, learn, world, bs, replicas_identical=True)
     enc = learn.export_encoder(out / 'encoder.pth')
@@ -411,7 +421,6 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     say(f'{len(dls.volumes)} volume(s) used, {len(dls.skipped)} skipped; encoder saved to {enc} (+ '
         f'{enc.with_suffix(".json").name}); log {log} (per step: {steps.name}), plot {out / "pretrain_log.png"}, '
         f'checkpoint {out / "models" / "checkpoint.pth"}')
-    return 0
 
 
 def one_line(e: BaseException) -> str:
