@@ -552,6 +552,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'dagman_fast.recipes.finite': ('recipes.html#finite', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.one_line': ('recipes.html#one_line', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.parse_settings': ('recipes.html#parse_settings', 'dagman_fast/recipes.py'),
+                                     'dagman_fast.recipes.plain_progress': ('recipes.html#plain_progress', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.preprocess': ('recipes.html#preprocess', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.pretrain': ('recipes.html#pretrain', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.require_tensorboard': ( 'recipes.html#require_tensorboard',

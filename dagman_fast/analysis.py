@@ -539,6 +539,8 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
     PNG to `path` when given; returns the matplotlib figure."""
     import math
 
+    from matplotlib.ticker import MaxNLocator
+
     if not isinstance(log, list):
         with open(log, newline='') as f:
             log = list(csv.DictReader(f))
@@ -557,23 +559,34 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
         if uniform and out_dim:
             ax.axhline(math.log(out_dim), ls='--', c='grey', lw=1, label=f'log({out_dim}): uniform')
         ax.set(xlabel=unit, ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         if ax.lines:
             ax.legend(fontsize=7)
+
+    def has(k):
+        return k in log[0] and any(v == v for v in col(k))
 
     stages = [k[len('attn_dist_'):] for k in log[0]
               if k.startswith('attn_dist_') and not k.startswith('attn_dist_var_')]
     fig, axes = _figure(2, 4 if stages else 3, (21 if stages else 16, 7))
     heads = [n for n in ('aitd', 'ampd', 'gitd') if n in log[0]]
     draw(axes[0, 0], heads, 'distillation losses', 'cross-entropy (nats)', uniform=True)
-    draw(axes[0, 1], ['amip', 'valid_loss'], 'masked reconstruction (L1) and validation loss')
+    draw(axes[0, 1], ['amip', 'valid_loss'],
+         'masked reconstruction (L1)' + (' and validation loss' if has('valid_loss') else ''))
     draw(axes[0, 2], [k for k in log[0] if k.endswith('_entropy')], 'teacher entropy: per sample, of the batch mean',
          'nats', uniform=True)
     draw(axes[1, 0], [f'{n}_gap' for n in heads], 'teacher entropy gap (0: one target for all)', 'nats')
     draw(axes[1, 1], [f'{n}_{w}_cos' for n in heads for w in 'st'], 'feature cosine between samples (1: identical)',
          'cosine')
+    # the mask ratio (about 0.6) on the left axis, the SA dissimilarity (about 0.002) on its own axis at the right
     # (head_diversity: the name of sa_cls_dissimilarity in older logs)
-    draw(axes[1, 2], ['sa_cls_dissimilarity', 'head_diversity', 'mask_ratio'],
-         "dissimilarity of the heads' SA [CLS] maps; mask ratio")
+    draw(axes[1, 2], ['mask_ratio'], 'mask ratio; SA [CLS] map dissimilarity', 'mask ratio')
+    twin = axes[1, 2].twinx()
+    for k in ('sa_cls_dissimilarity', 'head_diversity'):
+        if has(k):
+            twin.plot(ep, col(k), marker='s', ms=2, c='tab:red', label=k)
+            twin.set_ylabel('dissimilarity', color='tab:red')
+            twin.legend(fontsize=7, loc='lower right')
     if stages:  # AttentionStatsLog: every few epochs, so the points of the epochs it ran
         for ax, key, label in ((axes[0, 3], 'dist', 'voxels'), (axes[1, 3], 'ent', 'nats')):
             for s in stages:
@@ -584,6 +597,7 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
                     ax.errorbar(e, m, yerr=[x ** 0.5 for x in v], marker='o', ms=3, capsize=2, label=s)
             what = 'distance' if key == 'dist' else 'entropy'
             ax.set(xlabel=unit, ylabel=label, title=f"teacher's attention {what} per stage (mean, std over heads)")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if ax.lines:
                 ax.legend(fontsize=7)
     return _finish(fig, path)

@@ -98,7 +98,7 @@ def _show_batch_parser(sub) -> None:
     s.add_argument('--bs', type=_int_min(1), default=2, help='samples shown (default 2)')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
-    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--seed', type=int, default=0, help='seed of the random crops shown (default 0)')
     s.add_argument('--out', default='batch.png', help='PNG to write (default batch.png)')
     s.set_defaults(func=('recipes', 'show_batch'))
 
@@ -172,7 +172,8 @@ def _pretrain_parser(sub) -> None:
                    help='random crops of each scan per epoch (default 1; 40 in the demo on its two scans)')
     s.add_argument('--synthetic', type=_int_min(1), default=None, metavar='N',
                    help='the demo on N synthetic volumes instead of the two shipped CTs (when no --data)')
-    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--seed', type=int, default=0,
+                   help='seed of the weights, masks, crops and augmentation (default 0)')
     s.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='a DAGMaNConfig field, e.g. --set mask_ratio=0.6 --set patch_drop=0.2, or an encoder field '
                         'with an encoder. prefix, e.g. --set encoder.drop_path_rate=0 (repeatable); beats the method')
@@ -279,7 +280,8 @@ def _analyze_parser(sub) -> None:
                    help='CT: the attention maps are drawn on a centred crop of this side (default 96)')
     s.add_argument('--n-stats', type=_int_min(1), default=8,
                    help='images the attention statistics average over (default 8)')
-    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--seed', type=int, default=0,
+                   help='seed of the clustering, the projections and the images sampled (default 0)')
     s.add_argument('--out', default='dagman_analysis', help='output folder (default dagman_analysis)')
     s.set_defaults(func=('tasks', 'analyze'))
 
@@ -376,9 +378,10 @@ def main(argv=None) -> int:
     bad arguments, 1 for bad data or environment, 3 for a run that diverged; `--debug` (or `DAGMAN_DEBUG=1`) shows
     the traceback instead. Under `torchrun` each process is a `main`: argument errors are said by rank 0 only, other
     errors by the process that met them (`[rank N]`), and `torchrun` itself exits with status 1 when any fails."""
-    from dagman_fast.recipes import one_line
+    from dagman_fast.recipes import one_line, plain_progress
     args = build_parser().parse_args(argv)
     debug = _debug(args)
+    plain_progress()  # in a log file: fastai's table of epochs without the bars
     try:
         return _call(args)
     except RunError as e:  # the arguments: the same on every rank of a data-parallel run, so said once

@@ -21,8 +21,8 @@ from .core import HU_WINDOW, SPACING, RunError, as_triple
 
 # %% auto #0
 __all__ = ['coerce_setting', 'parse_settings', 'say', 'check_out', 'run_cache_dir', 'check_replicas', 'end_distributed',
-           'require_tensorboard', 'add_tensorboard', 'finite', 'pretrain', 'one_line', 'preprocess', 'show_batch',
-           'export']
+           'require_tensorboard', 'add_tensorboard', 'finite', 'plain_progress', 'pretrain', 'one_line', 'preprocess',
+           'show_batch', 'export']
 
 # %% ../nbs/07b_recipes.ipynb #52a6dc27
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
@@ -197,6 +197,42 @@ def finite(x):
         return [finite(v) for v in x]
     return None if isinstance(x, float) and x != x else x
 
+# %% ../nbs/07b_recipes.ipynb #b8e52aa6
+def plain_progress(stream=None) -> bool:
+    """Off a terminal (a log file, a pipe, a batch job's output), replace fastprogress's bars by nothing and keep
+    fastai's table of epochs; True when it did. fastprogress draws its bars with carriage returns wherever the
+    output goes (its `printing()` tests `stdout.isatty` without calling it) and prints a probe `█` for each bar,
+    which leaves lines of bar characters in a log. The `dagman` command calls it before any work."""
+    stream = sys.stdout if stream is None else stream
+    if getattr(stream, 'isatty', lambda: False)():
+        return False
+    import fastai.callback.progress as fai
+    import fastprogress.fastprogress as fp
+
+    class _NoBar(fp.ProgressBar):  # iterates and times, draws nothing
+        def on_iter_begin(self):
+            pass
+
+        def on_update(self, val, text):
+            pass
+
+        def on_iter_end(self):
+            pass
+
+    class _TableOnly(fp.ConsoleMasterBar):  # fastai's table of epochs, without the bars
+        def __init__(self, gen, total=None, hide_graph=False, order=None, clean_on_interrupt=False,
+                     total_time=False):
+            fp.MasterBar.__init__(self, gen, _NoBar, total)
+            self.total_time = total_time
+
+        def add_child(self, child):
+            self.child = child
+
+    for mod in (fp, fai):  # fastai bound the names when it was imported; the library imports them when it runs
+        mod.progress_bar, mod.master_bar = _NoBar, _TableOnly
+    return True
+
+
 # %% ../nbs/07b_recipes.ipynb #48b6a220
 def _check_run_config(preset: str, crop: int, cfg: dict) -> None:
     "The preset, crop and method settings of a run, checked before any scan is read or any model is built."
@@ -268,10 +304,12 @@ def _say_losses(log: Path, terms) -> None:
         return
     with open(log, newline='') as f:
         rows = list(csv.DictReader(f))
-    pairs = [(t, rows[0].get(t), rows[-1].get(t)) for t in terms] if len(rows) > 1 else []
+    pairs = [(t, rows[0].get(t), rows[-1].get(t)) for t in ['train_loss', *terms]] if len(rows) > 1 else []
     text = ', '.join(f'{t} {float(a):.3g} -> {float(b):.3g}' for t, a, b in pairs if a and b)
     if text:
-        say(f'losses, first epoch -> last: {text}')
+        say(f'losses, mean of the first epoch -> of the last: {text}')
+        say("(the table's train_loss is fastai's running average, smoothed over the last steps; the log's is the "
+            'mean of the epoch)')
 
 
 def _check_medmnist(medmnist, data, root, crops_per_scan) -> None:

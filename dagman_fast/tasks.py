@@ -137,9 +137,13 @@ def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
         say('--preset is ignored: the encoder comes from --encoder')
     size = int(dls.train.dataset[0][0].shape[-1])  # one item: no batch loaded, no random state used
     encoder = o['encoder'] or _random_encoder(o['preset'], -(-size // 32) * 32)  # padded to a multiple of 32
+    # results.json records the values used, not the None that stood for their defaults
+    o.update(size=size, bs=dls.train.bs, class_weights=o['class_weights'] or 'balanced',
+             drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
+             label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
     learn = cls_learner(dls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=out,
                         class_weights=None if o['class_weights'] == 'none' else 'balanced',
-                        augment=not o['no_augment'], drop_path=0.1 if o['drop_path'] is None else o['drop_path'])
+                        augment=not o['no_augment'], drop_path=o['drop_path'])
     if not _fit(learn, world, dls.train.bs, o['tensorboard'], **train):  # rank 0 saves and scores alone
         return {}
     save_classifier(learn.model, out / 'classifier.pth', data={k: o[k] for k in CLS_DATA})

@@ -122,6 +122,10 @@ def test_finetune_and_evaluate(tmp_path, capsys):
     res = json.loads((out / 'results.json').read_text())
     assert res['n_train'] == 12 and res['test']['n'] == 8 and res['valid']['n'] == 6
     assert set(res['test']) >= {'auc', 'accuracy', 'sensitivity', 'specificity'}
+    used = {k: res['config'][k] for k in ('bs', 'size', 'class_weights', 'drop_path', 'label_rule', 'seed')}
+    assert used == dict(bs=4, size=28, class_weights='balanced', drop_path=0.1, label_rule=None, seed=0)  # not None
+    printed = capsys.readouterr().out
+    assert 'better model at epoch 0: auc ' in printed and 'Better model found' not in printed  # one short line
     for name in ('classifier.pth', 'roc_test.png', 'roc_valid.png'):
         assert (out / name).exists(), name
     torch.load(out / 'classifier.pth', weights_only=True)
@@ -280,9 +284,13 @@ def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path,
     cfg = json.loads((out / 'config.json').read_text())
     assert cfg['encoder']['sa_stage'] == 2 and cfg['dagman']['mask_stage'] == 2 and cfg['encoder']['drop_path_rate'] == 0
     rows = list(csv.DictReader(open(out / 'pretrain_log.csv')))
-    line = next(ln for ln in text.splitlines() if ln.startswith('losses, first epoch -> last: '))
-    for term in ('aitd', 'ampd', 'gitd', 'amip', 'koleo'):
+    line = next(ln for ln in text.splitlines() if ln.startswith('losses, mean of the first epoch -> of the last: '))
+    for term in ('train_loss', 'aitd', 'ampd', 'gitd', 'amip', 'koleo'):
         assert f'{term} {float(rows[0][term]):.3g} -> {float(rows[-1][term]):.3g}' in line, (term, line)
+    assert "the table's train_loss is fastai's running average" in text  # why the table and the CSV differ
+    # off a terminal: fastai's table of epochs, no progress bars, no stray bar characters
+    assert '█' not in text and '\r' not in text and any(ln.startswith('epoch') for ln in text.splitlines()), text
+    assert all(float(r['lr']) > 0 for r in rows)  # one step an epoch: the warm-up's first step is not at lr 0
     assert not (out / 'synthetic_data').exists() and (out / 'pretrain_log.png').exists()
 
 

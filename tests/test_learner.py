@@ -608,9 +608,9 @@ def test_fit_warmup_cosine_is_the_papers_schedule(tmp_path):
     assert total == 20 and set(moms) == {0.9} and set(sqr) == {0.999}  # constant betas
     for i, got in enumerate(lrs):  # fastai evaluates the schedule at i / total
         p = i / total
-        want = lr * p / 0.2 if p < 0.2 else 1e-6 + (lr - 1e-6) * (1 + math.cos(math.pi * (p - 0.2) / 0.8)) / 2
+        want = lr * (i + 1) / 4 if p < 0.2 else 1e-6 + (lr - 1e-6) * (1 + math.cos(math.pi * (p - 0.2) / 0.8)) / 2
         assert got == pytest.approx(want, rel=1e-6, abs=1e-12), i
-    assert max(lrs) == pytest.approx(lr, rel=0.05) and lrs.index(max(lrs)) in (3, 4)
+    assert lrs[0] == pytest.approx(lr / 4) and lrs.index(max(lrs)) in (3, 4)  # no step at lr 0; the peak at step 4
     with pytest.raises(ValueError, match='warmup'):
         learn.fit_warmup_cosine(4, warmup=4)
 
@@ -661,7 +661,18 @@ def test_attention_stats_log_adds_per_stage_columns_every_n_epochs(tmp_path):
     for k, v in ref.items():
         assert float(rows[-1][k]) == pytest.approx(v, rel=1e-4), k
     fig = plot_pretrain_log(tmp_path / 'pretrain_log.csv', tmp_path / 'log.png')
-    assert len(fig.axes) == 8 and (tmp_path / 'log.png').exists()  # the attention panels beside the usual six
+    assert len(fig.axes) == 9 and (tmp_path / 'log.png').exists()  # attention panels beside the six, one twin axis
+    assert 'masked reconstruction (L1) and validation loss' in [ax.get_title() for ax in fig.axes]
+    no_valid = [{k: v for k, v in r.items() if k != 'valid_loss'} for r in rows]  # a run without a validation split
+    titles = [ax.get_title() for ax in plot_pretrain_log(no_valid).axes]
+    assert 'masked reconstruction (L1)' in titles and not any('validation' in t for t in titles)
+    twin = fig.axes[-1]  # the SA dissimilarity (about 0.002) on its own axis, not beside the mask ratio (0.6)
+    assert [ln.get_label() for ln in twin.lines] == ['sa_cls_dissimilarity']
+    mask_ax = next(ax for ax in fig.axes if ax.get_ylabel() == 'mask ratio')
+    assert [ln.get_label() for ln in mask_ax.lines] == ['mask_ratio']
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)  # whole epochs only
     with pytest.raises(ValueError, match='every >= 1'):
         AttentionStatsLog(every=0)
 
