@@ -98,3 +98,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip('real data not found: ../shared/data beside the checkout (see its README for the sources)')
     return SHARED_DATA
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'shared: needs the real data in ../shared/data (skips with a reason without it)')
+    config.addinivalue_line('markers', 'slow: an end-to-end run of minutes; `-m "not slow"` leaves it out')
+
+
+def pytest_collection_modifyitems(config, items):
+    "Every test that reads the real data is marked `shared`, so `-m shared` runs exactly those (CI, with the data)."
+    for item in items:
+        if 'shared_data' in getattr(item, 'fixturenames', ()):
+            item.add_marker(pytest.mark.shared)

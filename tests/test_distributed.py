@@ -228,6 +228,7 @@ def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_run_logs(sca
 MEDMNIST = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
 
 
+@pytest.mark.shared
 @pytest.mark.skipif(not (MEDMNIST / 'adrenalmnist3d.npz').exists(), reason='needs ../shared/data/medmnist')
 @pytest.mark.parametrize('schedule', [['--schedule', 'fastai', '--epochs', '1', '--freeze-epochs', '1'],
                                       ['--epochs', '2']], ids=['fastai', 'recipe'])
