@@ -204,6 +204,10 @@ def docstring_sections(doc: str) -> str:
                     break
                 block.append(lines[j])
                 j += 1
+            if not block:  # nbdev dropped the indentation (a docstring that starts with its section): to a blank line
+                while j < len(lines) and lines[j].strip():
+                    block.append(lines[j])
+                    j += 1
         if not (m and block):
             out.append(lines[i])
             i += 1

@@ -67,6 +67,9 @@ def check_text(drv, page: str) -> list[str]:
     sigs = drv.execute_script("return Array.from(document.querySelectorAll('h3 + div pre code, h4 + div pre code'))"
                               ".map(c => c.textContent)")
     problems += [f'{page}: a signature shows NoneType: {s[:120]!r}' for s in sigs if 'NoneType' in s]
+    raw = drv.execute_script("return Array.from(document.querySelectorAll('article p'))"
+                             ".map(p => p.textContent).filter(t => /^(Args|Arguments|Parameters):\s*\S/.test(t))")
+    problems += [f'{page}: an Args section shown as a paragraph, not a table: {t[:80]!r}' for t in raw]
     for p, entry, names in ARG_TABLES:
         if p == page:
             got = _entry_args(drv, entry)

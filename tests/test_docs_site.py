@@ -135,3 +135,8 @@ def test_notebooks_show_no_test_imports():
             src = ''.join(cell['source'])
             if cell['cell_type'] == 'code' and 'fastcore.test' in src:
                 assert '#| hide' in src.splitlines(), f'{nb.name}: a visible fastcore.test import'
+
+
+def test_an_args_section_without_its_indentation():
+    out = docs.docstring_sections('Args:\nx: the tokens.\nmask: a mask,\n  or None.\n\nMore text.')
+    assert '| `x` | the tokens. |' in out and '| `mask` | a mask, or None. |' in out and out.endswith('More text.')
