@@ -21,20 +21,11 @@ from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 from .windows import Triple, WindowPlan, permute_tokens, relative_position_index, window_plan
 
 # %% auto #0
-__all__ = ['build_encoder', 'SwinEncoder', 'ViTEncoder', 'EncoderOutput', 'PatchEmbed', 'DropPath', 'WindowAttention', 'Mlp',
+__all__ = ['PatchEmbed', 'EncoderOutput', 'ViTEncoder', 'SwinEncoder', 'build_encoder', 'DropPath', 'WindowAttention', 'Mlp',
            'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
            'pad_offsets', 'pad_to_encoder', 'set_drop_path', 'encoder_groups']
 
 # %% ../nbs/02_swin.ipynb #084097da
-def build_encoder(preset: str | SwinConfig | ViTConfig = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
-    """An encoder from a preset name in `PRESETS` (or a config), with fields replaced by `overrides`.
-
-    Example: `build_encoder('swin-tiny', attn_impl='reference', sa_stage=None)`.
-    """
-    cfg = encoder_config(preset, **overrides) if isinstance(preset, str) else replace(preset, **overrides)
-    return SwinEncoder(cfg) if isinstance(cfg, SwinConfig) else ViTEncoder(cfg)
-
-
 def _channels_first_norm(t: torch.Tensor, normalize: bool) -> torch.Tensor:
     "`(b, d, h, w, c)` -> `(b, c, d, h, w)`, layer-normalised over c without weights when `normalize` (MONAI's proj_out)."
     if normalize:
@@ -78,6 +69,99 @@ class _EncoderBase(nn.Module):
                              f'got {tuple(mask.shape)}')
         value = self.mask_token.to(t.dtype) if fill == 'token' else t.new_zeros(())
         return torch.where(mask.unsqueeze(-1), value, t)
+
+
+class PatchEmbed(nn.Module):
+    "Non-overlapping patches: `Conv3d(kernel = stride = patch)` then an optional LayerNorm (MONAI's `PatchEmbed`)."
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: Sequence[int], norm: bool = True):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "`x: (b, c, D, H, W)` -> `(b, d, h, w, embed_dim)`."
+        t = rearrange(self.proj(x), 'b c d h w -> b d h w c')
+        return t if self.norm is None else self.norm(t)
+
+
+@dataclass
+class EncoderOutput:
+    """What `SwinEncoder.forward` and `ViTEncoder.forward` return.
+
+    Attributes:
+        features: per-stage maps `(b, c, d, h, w)`. Swin: 5 maps (the patch embedding, then each stage after its
+            merging), layer-normalised without weights as MONAI's `normalize=True`. ViT: 1 map, the patch tokens
+            after the final LayerNorm.
+        tokens: `(b, 1 + n, c)` normalised tokens of the SA module (ViT: of the last block), [CLS] first.
+        attn: `(b, n)` [CLS] -> patch attention of the last SA (ViT: last) block, mean over heads.
+        attn_heads: `(b, nh, n)` the same per head.
+        grid: `(d, h, w)` of the `n` tokens.
+    """
+    features: list
+    tokens: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    attn_heads: torch.Tensor | None = None
+    grid: tuple | None = None
+
+    @property
+    def cls(self) -> torch.Tensor | None:
+        "`(b, c)` the normalised [CLS] token."
+        return None if self.tokens is None else self.tokens[:, 0]
+
+    @property
+    def patch_tokens(self) -> torch.Tensor | None:
+        "`(b, n, c)` the normalised patch tokens of the SA module."
+        return None if self.tokens is None else self.tokens[:, 1:]
+
+
+class ViTEncoder(_EncoderBase):
+    "A plain 3-D ViT (the AttMask baseline's backbone) returning the same `EncoderOutput` as `SwinEncoder`."
+
+    def __init__(self, config: ViTConfig | None = None, **overrides):
+        super().__init__()
+        cfg = replace(config or PRESETS['vit-base'], **overrides)
+        self.config = cfg
+        patch = as_triple(cfg.patch_size, 'patch_size')
+        self.grid = tuple(s // p for s, p in zip(as_triple(cfg.img_size, 'img_size'), patch))
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, norm=False)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], cfg.embed_dim))
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(ViTBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                                             drop_path=dpr[i], attn_impl=cfg.attn_impl) for i in range(cfg.depth))
+        for blk in self.blocks[:-1]:  # the last block is never checkpointed (see forward): it keeps the GELU recompute
+            blk.mlp.recompute_gelu = not cfg.use_checkpoint  # a checkpointed block recomputes everything anyway
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        for p in (self.mask_token, self.cls_token, self.pos_embed):
+            trunc_normal_(p, std=0.02)
+        self.apply(SwinEncoder._init_weights)
+
+    def _grid_multiple(self) -> Triple:
+        return self.config.grid_multiple
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
+        "As `SwinEncoder.forward`; `features` holds the one normalised token map."
+        self._check_input(x)
+        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
+        b, d, h, w, c = t.shape
+        pos = torch.cat([self.pos_embed[:, :1], _resize_pos_embed(self.pos_embed[:, 1:], self.grid, (d, h, w))], 1)
+        t = torch.cat([self.cls_token.expand(b, -1, -1), t.reshape(b, d * h * w, c)], 1) + pos
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if self.config.use_checkpoint and torch.is_grad_enabled() and not last:
+                t = checkpoint(blk, t, use_reentrant=False)
+            else:
+                t = blk(t, return_cls_attn=True) if last else blk(t)
+        t, cls_attn = t
+        tokens = self.norm(t)
+        fmap = rearrange(tokens[:, 1:], 'b (d h w) c -> b c d h w', d=d, h=h, w=w)
+        heads = cls_attn[:, :, 1:]
+        return EncoderOutput([fmap], tokens, heads.mean(1), heads, (d, h, w))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward(x).features
 
 
 class SwinEncoder(_EncoderBase):
@@ -170,97 +254,13 @@ class SwinEncoder(_EncoderBase):
         return EncoderOutput(feats, sa.tokens, sa.attn, sa.attn_heads, tuple(feats[self.config.sa_stage].shape[2:]))
 
 
-class ViTEncoder(_EncoderBase):
-    "A plain 3-D ViT (the AttMask baseline's backbone) returning the same `EncoderOutput` as `SwinEncoder`."
+def build_encoder(preset: str | SwinConfig | ViTConfig = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
+    """An encoder from a preset name in `PRESETS` (or a config), with fields replaced by `overrides`.
 
-    def __init__(self, config: ViTConfig | None = None, **overrides):
-        super().__init__()
-        cfg = replace(config or PRESETS['vit-base'], **overrides)
-        self.config = cfg
-        patch = as_triple(cfg.patch_size, 'patch_size')
-        self.grid = tuple(s // p for s, p in zip(as_triple(cfg.img_size, 'img_size'), patch))
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, norm=False)
-        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], cfg.embed_dim))
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(ViTBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                                             drop_path=dpr[i], attn_impl=cfg.attn_impl) for i in range(cfg.depth))
-        for blk in self.blocks[:-1]:  # the last block is never checkpointed (see forward): it keeps the GELU recompute
-            blk.mlp.recompute_gelu = not cfg.use_checkpoint  # a checkpointed block recomputes everything anyway
-        self.norm = nn.LayerNorm(cfg.embed_dim)
-        for p in (self.mask_token, self.cls_token, self.pos_embed):
-            trunc_normal_(p, std=0.02)
-        self.apply(SwinEncoder._init_weights)
-
-    def _grid_multiple(self) -> Triple:
-        return self.config.grid_multiple
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
-        "As `SwinEncoder.forward`; `features` holds the one normalised token map."
-        self._check_input(x)
-        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
-        b, d, h, w, c = t.shape
-        pos = torch.cat([self.pos_embed[:, :1], _resize_pos_embed(self.pos_embed[:, 1:], self.grid, (d, h, w))], 1)
-        t = torch.cat([self.cls_token.expand(b, -1, -1), t.reshape(b, d * h * w, c)], 1) + pos
-        for i, blk in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            if self.config.use_checkpoint and torch.is_grad_enabled() and not last:
-                t = checkpoint(blk, t, use_reentrant=False)
-            else:
-                t = blk(t, return_cls_attn=True) if last else blk(t)
-        t, cls_attn = t
-        tokens = self.norm(t)
-        fmap = rearrange(tokens[:, 1:], 'b (d h w) c -> b c d h w', d=d, h=h, w=w)
-        heads = cls_attn[:, :, 1:]
-        return EncoderOutput([fmap], tokens, heads.mean(1), heads, (d, h, w))
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.forward(x).features
-
-
-@dataclass
-class EncoderOutput:
-    """What `SwinEncoder.forward` and `ViTEncoder.forward` return.
-
-    Attributes:
-        features: per-stage maps `(b, c, d, h, w)`. Swin: 5 maps (the patch embedding, then each stage after its
-            merging), layer-normalised without weights as MONAI's `normalize=True`. ViT: 1 map, the patch tokens
-            after the final LayerNorm.
-        tokens: `(b, 1 + n, c)` normalised tokens of the SA module (ViT: of the last block), [CLS] first.
-        attn: `(b, n)` [CLS] -> patch attention of the last SA (ViT: last) block, mean over heads.
-        attn_heads: `(b, nh, n)` the same per head.
-        grid: `(d, h, w)` of the `n` tokens.
+    Example: `build_encoder('swin-tiny', attn_impl='reference', sa_stage=None)`.
     """
-    features: list
-    tokens: torch.Tensor | None = None
-    attn: torch.Tensor | None = None
-    attn_heads: torch.Tensor | None = None
-    grid: tuple | None = None
-
-    @property
-    def cls(self) -> torch.Tensor | None:
-        "`(b, c)` the normalised [CLS] token."
-        return None if self.tokens is None else self.tokens[:, 0]
-
-    @property
-    def patch_tokens(self) -> torch.Tensor | None:
-        "`(b, n, c)` the normalised patch tokens of the SA module."
-        return None if self.tokens is None else self.tokens[:, 1:]
-
-
-class PatchEmbed(nn.Module):
-    "Non-overlapping patches: `Conv3d(kernel = stride = patch)` then an optional LayerNorm (MONAI's `PatchEmbed`)."
-
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: Sequence[int], norm: bool = True):
-        super().__init__()
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
-        self.norm = nn.LayerNorm(embed_dim) if norm else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "`x: (b, c, D, H, W)` -> `(b, d, h, w, embed_dim)`."
-        t = rearrange(self.proj(x), 'b c d h w -> b d h w c')
-        return t if self.norm is None else self.norm(t)
+    cfg = encoder_config(preset, **overrides) if isinstance(preset, str) else replace(preset, **overrides)
+    return SwinEncoder(cfg) if isinstance(cfg, SwinConfig) else ViTEncoder(cfg)
 
 # %% ../nbs/02_swin.ipynb #fea20097
 class DropPath(nn.Module):

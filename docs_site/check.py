@@ -42,7 +42,8 @@ PAGES = [
 # (page, entry id, argument names its argument table or list must show)
 ARG_TABLES = [('api/learner.html', 'dagman_learner', ['dls', 'arch', 'encoder', 'checkpoint', '**cfg'])]
 # (page, the entry that must come before, the entry after): public entry points first
-ORDER = [('api/swin.html', 'build_encoder', 'droppath'), ('api/swin.html', 'swinencoder', 'windowattention')]
+ORDER = [('api/swin.html', 'build_encoder', 'swinencoder'), ('api/swin.html', 'swinencoder', 'patchembed'),
+         ('api/swin.html', 'patchembed', 'droppath')]
 FORBIDDEN = ['fastcore.test']  # text no page may show (the notebooks' test imports are hidden)
 
 
