@@ -21,9 +21,246 @@ from .kernels.window_attention import resolve_attn_impl, window_attention_qkv
 from .windows import Triple, WindowPlan, permute_tokens, relative_position_index, window_plan
 
 # %% auto #0
-__all__ = ['DropPath', 'WindowAttention', 'Mlp', 'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput',
-           'SemanticAttention', 'EncoderOutput', 'PatchEmbed', 'SwinEncoder', 'ViTEncoder', 'build_encoder',
+__all__ = ['PatchEmbed', 'EncoderOutput', 'ViTEncoder', 'SwinEncoder', 'build_encoder', 'DropPath', 'WindowAttention', 'Mlp',
+           'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
            'pad_offsets', 'pad_to_encoder', 'set_drop_path', 'encoder_groups']
+
+# %% ../nbs/02_swin.ipynb #084097da
+def _channels_first_norm(t: torch.Tensor, normalize: bool) -> torch.Tensor:
+    "`(b, d, h, w, c)` -> `(b, c, d, h, w)`, layer-normalised over c without weights when `normalize` (MONAI's proj_out)."
+    if normalize:
+        t = F.layer_norm(t, t.shape[-1:])
+    return rearrange(t, 'b d h w c -> b c d h w')
+
+
+class _EncoderBase(nn.Module):
+    "Input checks and the mask-token replacement both encoders share."
+
+    def _grid_multiple(self) -> Triple:
+        raise NotImplementedError
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f'expected a torch.Tensor of shape (b, c, d, h, w); got {type(x).__name__}')
+        if x.ndim != 5:
+            raise ValueError(f'expected a 5-D input (b, c, d, h, w); got shape {tuple(x.shape)}. '
+                             'Add the missing batch or channel axis (e.g. x[None] or x[:, None]).')
+        c = self.config.in_channels
+        if x.shape[1] != c:
+            raise ValueError(f'expected {c} input channel(s) (b, {c}, d, h, w); got shape {tuple(x.shape)}')
+        m = self._grid_multiple()
+        if any(s % k for s, k in zip(x.shape[2:], m)):
+            raise ValueError(f'spatial shape {tuple(x.shape[2:])} must be divisible by {m} per axis '
+                             f'(patch size times 2 per merging); pad or crop first')
+
+    def _apply_mask(self, t: torch.Tensor, mask, fill: str = 'token') -> torch.Tensor:
+        "Replace the patch embeddings `t: (b, d, h, w, c)` where `mask` is True by the mask token (`fill='zero'`: 0)."
+        if mask is None:
+            return t
+        check_option(fill, ('token', 'zero'), 'mask_fill')
+        b, d, h, w, _ = t.shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f'mask must be a bool tensor of shape (b, d, h, w) = {(b, d, h, w)} on the patch grid '
+                            f'(or (b, {d * h * w})); got {getattr(mask, "dtype", type(mask).__name__)}')
+        if tuple(mask.shape) == (b, d * h * w):
+            mask = mask.view(b, d, h, w)
+        if tuple(mask.shape) != (b, d, h, w):
+            raise ValueError(f'mask must have the patch-grid shape (b, d, h, w) = {(b, d, h, w)} (or (b, {d * h * w})); '
+                             f'got {tuple(mask.shape)}')
+        value = self.mask_token.to(t.dtype) if fill == 'token' else t.new_zeros(())
+        return torch.where(mask.unsqueeze(-1), value, t)
+
+
+class PatchEmbed(nn.Module):
+    "Non-overlapping patches: `Conv3d(kernel = stride = patch)` then an optional LayerNorm (MONAI's `PatchEmbed`)."
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: Sequence[int], norm: bool = True):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
+        self.norm = nn.LayerNorm(embed_dim) if norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        "`x: (b, c, D, H, W)` -> `(b, d, h, w, embed_dim)`."
+        t = rearrange(self.proj(x), 'b c d h w -> b d h w c')
+        return t if self.norm is None else self.norm(t)
+
+
+@dataclass
+class EncoderOutput:
+    """What `SwinEncoder.forward` and `ViTEncoder.forward` return.
+
+    Attributes:
+        features: per-stage maps `(b, c, d, h, w)`. Swin: 5 maps (the patch embedding, then each stage after its
+            merging), layer-normalised without weights as MONAI's `normalize=True`. ViT: 1 map, the patch tokens
+            after the final LayerNorm.
+        tokens: `(b, 1 + n, c)` normalised tokens of the SA module (ViT: of the last block), [CLS] first.
+        attn: `(b, n)` [CLS] -> patch attention of the last SA (ViT: last) block, mean over heads.
+        attn_heads: `(b, nh, n)` the same per head.
+        grid: `(d, h, w)` of the `n` tokens.
+    """
+    features: list
+    tokens: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    attn_heads: torch.Tensor | None = None
+    grid: tuple | None = None
+
+    @property
+    def cls(self) -> torch.Tensor | None:
+        "`(b, c)` the normalised [CLS] token."
+        return None if self.tokens is None else self.tokens[:, 0]
+
+    @property
+    def patch_tokens(self) -> torch.Tensor | None:
+        "`(b, n, c)` the normalised patch tokens of the SA module."
+        return None if self.tokens is None else self.tokens[:, 1:]
+
+
+class ViTEncoder(_EncoderBase):
+    "A plain 3-D ViT (the AttMask baseline's backbone) returning the same `EncoderOutput` as `SwinEncoder`."
+
+    def __init__(self, config: ViTConfig | None = None, **overrides):
+        super().__init__()
+        cfg = replace(config or PRESETS['vit-base'], **overrides)
+        self.config = cfg
+        patch = as_triple(cfg.patch_size, 'patch_size')
+        self.grid = tuple(s // p for s, p in zip(as_triple(cfg.img_size, 'img_size'), patch))
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, norm=False)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], cfg.embed_dim))
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(ViTBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+                                             drop_path=dpr[i], attn_impl=cfg.attn_impl) for i in range(cfg.depth))
+        for blk in self.blocks[:-1]:  # the last block is never checkpointed (see forward): it keeps the GELU recompute
+            blk.mlp.recompute_gelu = not cfg.use_checkpoint  # a checkpointed block recomputes everything anyway
+        self.norm = nn.LayerNorm(cfg.embed_dim)
+        for p in (self.mask_token, self.cls_token, self.pos_embed):
+            trunc_normal_(p, std=0.02)
+        self.apply(SwinEncoder._init_weights)
+
+    def _grid_multiple(self) -> Triple:
+        return self.config.grid_multiple
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
+        "As `SwinEncoder.forward`; `features` holds the one normalised token map."
+        self._check_input(x)
+        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
+        b, d, h, w, c = t.shape
+        pos = torch.cat([self.pos_embed[:, :1], _resize_pos_embed(self.pos_embed[:, 1:], self.grid, (d, h, w))], 1)
+        t = torch.cat([self.cls_token.expand(b, -1, -1), t.reshape(b, d * h * w, c)], 1) + pos
+        for i, blk in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if self.config.use_checkpoint and torch.is_grad_enabled() and not last:
+                t = checkpoint(blk, t, use_reentrant=False)
+            else:
+                t = blk(t, return_cls_attn=True) if last else blk(t)
+        t, cls_attn = t
+        tokens = self.norm(t)
+        fmap = rearrange(tokens[:, 1:], 'b (d h w) c -> b c d h w', d=d, h=h, w=w)
+        heads = cls_attn[:, :, 1:]
+        return EncoderOutput([fmap], tokens, heads.mean(1), heads, (d, h, w))
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.forward(x).features
+
+
+class SwinEncoder(_EncoderBase):
+    """3-D Swin transformer encoder with an optional semantic-attention module (DAGMaN, SMIT-128 backbone).
+
+    Args:
+        config: a `SwinConfig` (default: the `swin-smit` preset); keyword `overrides` replace its fields.
+
+    Example: for a 128^3 crop, `swin-smit` gives maps 64^3x48, 32^3x96, 16^3x192, 8^3x384 (where SA runs on 512
+    tokens) and 4^3x768.
+    """
+
+    def __init__(self, config: SwinConfig | None = None, **overrides):
+        super().__init__()
+        cfg = replace(config or PRESETS['swin-smit'], **overrides)
+        self.config = cfg
+        patch, window = as_triple(cfg.patch_size, 'patch_size'), as_triple(cfg.window_size, 'window_size')
+        n = len(cfg.depths)
+        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, cfg.patch_norm)
+        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()  # grows with depth, as MONAI and timm
+        self.stages = nn.ModuleList(
+            SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], window, mlp_ratio=cfg.mlp_ratio,
+                      qkv_bias=cfg.qkv_bias, drop_path=dpr[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])],
+                      merging=cfg.merging, attn_impl=cfg.attn_impl, use_checkpoint=i + 1 in cfg.checkpoint_stages)
+            for i in range(n))
+        self.sa = None
+        if cfg.sa_stage is not None:
+            img = as_triple(cfg.img_size, 'img_size')
+            grid = tuple(max(1, s // (p * 2 ** cfg.sa_stage)) for s, p in zip(img, patch))
+            self.sa = SemanticAttention(cfg.embed_dim * 2 ** cfg.sa_stage, cfg.sa_num_heads, grid, depth=cfg.sa_depth,
+                                        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, attn_impl=cfg.attn_impl)
+        trunc_normal_(self.mask_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _grid_multiple(self) -> Triple:
+        return self.config.grid_multiple
+
+    @property
+    def feature_channels(self) -> list[int]:
+        "Channels of the maps `forward_features` returns."
+        e = self.config.embed_dim
+        return [e] + [e * 2 ** (i + 1) for i in range(len(self.config.depths))]
+
+    def _run(self, x, mask=None, normalize=True, with_sa=True, mask_fill='token'):
+        self._check_input(x)
+        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
+        feats, sa_out = [_channels_first_norm(t, normalize)], None
+        for i, stage in enumerate(self.stages, 1):
+            t = stage(t)
+            if self.sa is not None and with_sa and i == self.config.sa_stage:
+                sa_out = self.sa(t)
+                if self.config.sa_mode == 'inline':
+                    t = sa_out.residual.view(t.shape)
+            feats.append(_channels_first_norm(t, normalize))
+        return feats, sa_out
+
+    def forward_features(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
+        """The per-stage maps, as MONAI's `SwinTransformer.forward(x, normalize)` returns them.
+
+        Args:
+            x: `(b, in_channels, D, H, W)`, each of D, H, W divisible by `patch_size * 2 ** len(depths)`.
+
+        Returns:
+            `len(depths) + 1` maps `(b, c, d, h, w)`: the patch embedding, then each stage after its merging.
+        """
+        return self._run(x, normalize=normalize, with_sa=self.config.sa_mode == 'inline')[0]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
+        """Encode `x`, replacing the patch embeddings where `mask` is True by the learned mask token.
+
+        Args:
+            x: `(b, in_channels, D, H, W)`.
+            mask: optional bool `(b, d, h, w)` (or `(b, d*h*w)`) on the patch grid `(D, H, W) / patch_size`.
+            mask_fill: 'token' (the learned mask token) or 'zero' (zeros, a patch-dropout option).
+        """
+        feats, sa = self._run(x, mask, mask_fill=mask_fill)
+        if sa is None:
+            return EncoderOutput(feats)
+        return EncoderOutput(feats, sa.tokens, sa.attn, sa.attn_heads, tuple(feats[self.config.sa_stage].shape[2:]))
+
+
+def build_encoder(preset: str | SwinConfig | ViTConfig = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
+    """An encoder from a preset name in `PRESETS` (or a config), with fields replaced by `overrides`.
+
+    Example: `build_encoder('swin-tiny', attn_impl='reference', sa_stage=None)`.
+    """
+    cfg = encoder_config(preset, **overrides) if isinstance(preset, str) else replace(preset, **overrides)
+    return SwinEncoder(cfg) if isinstance(cfg, SwinConfig) else ViTEncoder(cfg)
 
 # %% ../nbs/02_swin.ipynb #fea20097
 class DropPath(nn.Module):
@@ -356,243 +593,6 @@ class SemanticAttention(nn.Module):
         t, cls_attn = self.blocks[-1](t, return_cls_attn=True)
         heads = cls_attn[:, :, 1:]  # b nh n: [CLS] to patches
         return SAOutput(self.norm(t), heads.mean(1), heads, t[:, 1:])
-
-# %% ../nbs/02_swin.ipynb #084097da
-@dataclass
-class EncoderOutput:
-    """What `SwinEncoder.forward` and `ViTEncoder.forward` return.
-
-    Attributes:
-        features: per-stage maps `(b, c, d, h, w)`. Swin: 5 maps (the patch embedding, then each stage after its
-            merging), layer-normalised without weights as MONAI's `normalize=True`. ViT: 1 map, the patch tokens
-            after the final LayerNorm.
-        tokens: `(b, 1 + n, c)` normalised tokens of the SA module (ViT: of the last block), [CLS] first.
-        attn: `(b, n)` [CLS] -> patch attention of the last SA (ViT: last) block, mean over heads.
-        attn_heads: `(b, nh, n)` the same per head.
-        grid: `(d, h, w)` of the `n` tokens.
-    """
-    features: list
-    tokens: torch.Tensor | None = None
-    attn: torch.Tensor | None = None
-    attn_heads: torch.Tensor | None = None
-    grid: tuple | None = None
-
-    @property
-    def cls(self) -> torch.Tensor | None:
-        "`(b, c)` the normalised [CLS] token."
-        return None if self.tokens is None else self.tokens[:, 0]
-
-    @property
-    def patch_tokens(self) -> torch.Tensor | None:
-        "`(b, n, c)` the normalised patch tokens of the SA module."
-        return None if self.tokens is None else self.tokens[:, 1:]
-
-
-def _channels_first_norm(t: torch.Tensor, normalize: bool) -> torch.Tensor:
-    "`(b, d, h, w, c)` -> `(b, c, d, h, w)`, layer-normalised over c without weights when `normalize` (MONAI's proj_out)."
-    if normalize:
-        t = F.layer_norm(t, t.shape[-1:])
-    return rearrange(t, 'b d h w c -> b c d h w')
-
-
-class _EncoderBase(nn.Module):
-    "Input checks and the mask-token replacement both encoders share."
-
-    def _grid_multiple(self) -> Triple:
-        raise NotImplementedError
-
-    def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f'expected a torch.Tensor of shape (b, c, d, h, w); got {type(x).__name__}')
-        if x.ndim != 5:
-            raise ValueError(f'expected a 5-D input (b, c, d, h, w); got shape {tuple(x.shape)}. '
-                             'Add the missing batch or channel axis (e.g. x[None] or x[:, None]).')
-        c = self.config.in_channels
-        if x.shape[1] != c:
-            raise ValueError(f'expected {c} input channel(s) (b, {c}, d, h, w); got shape {tuple(x.shape)}')
-        m = self._grid_multiple()
-        if any(s % k for s, k in zip(x.shape[2:], m)):
-            raise ValueError(f'spatial shape {tuple(x.shape[2:])} must be divisible by {m} per axis '
-                             f'(patch size times 2 per merging); pad or crop first')
-
-    def _apply_mask(self, t: torch.Tensor, mask, fill: str = 'token') -> torch.Tensor:
-        "Replace the patch embeddings `t: (b, d, h, w, c)` where `mask` is True by the mask token (`fill='zero'`: 0)."
-        if mask is None:
-            return t
-        check_option(fill, ('token', 'zero'), 'mask_fill')
-        b, d, h, w, _ = t.shape
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f'mask must be a bool tensor of shape (b, d, h, w) = {(b, d, h, w)} on the patch grid '
-                            f'(or (b, {d * h * w})); got {getattr(mask, "dtype", type(mask).__name__)}')
-        if tuple(mask.shape) == (b, d * h * w):
-            mask = mask.view(b, d, h, w)
-        if tuple(mask.shape) != (b, d, h, w):
-            raise ValueError(f'mask must have the patch-grid shape (b, d, h, w) = {(b, d, h, w)} (or (b, {d * h * w})); '
-                             f'got {tuple(mask.shape)}')
-        value = self.mask_token.to(t.dtype) if fill == 'token' else t.new_zeros(())
-        return torch.where(mask.unsqueeze(-1), value, t)
-
-
-class PatchEmbed(nn.Module):
-    "Non-overlapping patches: `Conv3d(kernel = stride = patch)` then an optional LayerNorm (MONAI's `PatchEmbed`)."
-
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: Sequence[int], norm: bool = True):
-        super().__init__()
-        self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=tuple(patch_size), stride=tuple(patch_size))
-        self.norm = nn.LayerNorm(embed_dim) if norm else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "`x: (b, c, D, H, W)` -> `(b, d, h, w, embed_dim)`."
-        t = rearrange(self.proj(x), 'b c d h w -> b d h w c')
-        return t if self.norm is None else self.norm(t)
-
-
-class SwinEncoder(_EncoderBase):
-    """3-D Swin transformer encoder with an optional semantic-attention module (DAGMaN, SMIT-128 backbone).
-
-    Args:
-        config: a `SwinConfig` (default: the `swin-smit` preset); keyword `overrides` replace its fields.
-
-    Example: for a 128^3 crop, `swin-smit` gives maps 64^3x48, 32^3x96, 16^3x192, 8^3x384 (where SA runs on 512
-    tokens) and 4^3x768.
-    """
-
-    def __init__(self, config: SwinConfig | None = None, **overrides):
-        super().__init__()
-        cfg = replace(config or PRESETS['swin-smit'], **overrides)
-        self.config = cfg
-        patch, window = as_triple(cfg.patch_size, 'patch_size'), as_triple(cfg.window_size, 'window_size')
-        n = len(cfg.depths)
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, cfg.patch_norm)
-        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()  # grows with depth, as MONAI and timm
-        self.stages = nn.ModuleList(
-            SwinStage(cfg.embed_dim * 2 ** i, cfg.depths[i], cfg.num_heads[i], window, mlp_ratio=cfg.mlp_ratio,
-                      qkv_bias=cfg.qkv_bias, drop_path=dpr[sum(cfg.depths[:i]):sum(cfg.depths[:i + 1])],
-                      merging=cfg.merging, attn_impl=cfg.attn_impl, use_checkpoint=i + 1 in cfg.checkpoint_stages)
-            for i in range(n))
-        self.sa = None
-        if cfg.sa_stage is not None:
-            img = as_triple(cfg.img_size, 'img_size')
-            grid = tuple(max(1, s // (p * 2 ** cfg.sa_stage)) for s, p in zip(img, patch))
-            self.sa = SemanticAttention(cfg.embed_dim * 2 ** cfg.sa_stage, cfg.sa_num_heads, grid, depth=cfg.sa_depth,
-                                        mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, attn_impl=cfg.attn_impl)
-        trunc_normal_(self.mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def _grid_multiple(self) -> Triple:
-        return self.config.grid_multiple
-
-    @property
-    def feature_channels(self) -> list[int]:
-        "Channels of the maps `forward_features` returns."
-        e = self.config.embed_dim
-        return [e] + [e * 2 ** (i + 1) for i in range(len(self.config.depths))]
-
-    def _run(self, x, mask=None, normalize=True, with_sa=True, mask_fill='token'):
-        self._check_input(x)
-        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
-        feats, sa_out = [_channels_first_norm(t, normalize)], None
-        for i, stage in enumerate(self.stages, 1):
-            t = stage(t)
-            if self.sa is not None and with_sa and i == self.config.sa_stage:
-                sa_out = self.sa(t)
-                if self.config.sa_mode == 'inline':
-                    t = sa_out.residual.view(t.shape)
-            feats.append(_channels_first_norm(t, normalize))
-        return feats, sa_out
-
-    def forward_features(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
-        """The per-stage maps, as MONAI's `SwinTransformer.forward(x, normalize)` returns them.
-
-        Args:
-            x: `(b, in_channels, D, H, W)`, each of D, H, W divisible by `patch_size * 2 ** len(depths)`.
-
-        Returns:
-            `len(depths) + 1` maps `(b, c, d, h, w)`: the patch embedding, then each stage after its merging.
-        """
-        return self._run(x, normalize=normalize, with_sa=self.config.sa_mode == 'inline')[0]
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
-        """Encode `x`, replacing the patch embeddings where `mask` is True by the learned mask token.
-
-        Args:
-            x: `(b, in_channels, D, H, W)`.
-            mask: optional bool `(b, d, h, w)` (or `(b, d*h*w)`) on the patch grid `(D, H, W) / patch_size`.
-            mask_fill: 'token' (the learned mask token) or 'zero' (zeros, a patch-dropout option).
-        """
-        feats, sa = self._run(x, mask, mask_fill=mask_fill)
-        if sa is None:
-            return EncoderOutput(feats)
-        return EncoderOutput(feats, sa.tokens, sa.attn, sa.attn_heads, tuple(feats[self.config.sa_stage].shape[2:]))
-
-
-class ViTEncoder(_EncoderBase):
-    "A plain 3-D ViT (the AttMask baseline's backbone) returning the same `EncoderOutput` as `SwinEncoder`."
-
-    def __init__(self, config: ViTConfig | None = None, **overrides):
-        super().__init__()
-        cfg = replace(config or PRESETS['vit-base'], **overrides)
-        self.config = cfg
-        patch = as_triple(cfg.patch_size, 'patch_size')
-        self.grid = tuple(s // p for s, p in zip(as_triple(cfg.img_size, 'img_size'), patch))
-        self.patch_embed = PatchEmbed(cfg.in_channels, cfg.embed_dim, patch, norm=False)
-        self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], cfg.embed_dim))
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
-        self.blocks = nn.ModuleList(ViTBlock(cfg.embed_dim, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-                                             drop_path=dpr[i], attn_impl=cfg.attn_impl) for i in range(cfg.depth))
-        for blk in self.blocks[:-1]:  # the last block is never checkpointed (see forward): it keeps the GELU recompute
-            blk.mlp.recompute_gelu = not cfg.use_checkpoint  # a checkpointed block recomputes everything anyway
-        self.norm = nn.LayerNorm(cfg.embed_dim)
-        for p in (self.mask_token, self.cls_token, self.pos_embed):
-            trunc_normal_(p, std=0.02)
-        self.apply(SwinEncoder._init_weights)
-
-    def _grid_multiple(self) -> Triple:
-        return self.config.grid_multiple
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mask_fill: str = 'token') -> EncoderOutput:
-        "As `SwinEncoder.forward`; `features` holds the one normalised token map."
-        self._check_input(x)
-        t = self._apply_mask(self.patch_embed(x), mask, mask_fill)
-        b, d, h, w, c = t.shape
-        pos = torch.cat([self.pos_embed[:, :1], _resize_pos_embed(self.pos_embed[:, 1:], self.grid, (d, h, w))], 1)
-        t = torch.cat([self.cls_token.expand(b, -1, -1), t.reshape(b, d * h * w, c)], 1) + pos
-        for i, blk in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            if self.config.use_checkpoint and torch.is_grad_enabled() and not last:
-                t = checkpoint(blk, t, use_reentrant=False)
-            else:
-                t = blk(t, return_cls_attn=True) if last else blk(t)
-        t, cls_attn = t
-        tokens = self.norm(t)
-        fmap = rearrange(tokens[:, 1:], 'b (d h w) c -> b c d h w', d=d, h=h, w=w)
-        heads = cls_attn[:, :, 1:]
-        return EncoderOutput([fmap], tokens, heads.mean(1), heads, (d, h, w))
-
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.forward(x).features
-
-
-def build_encoder(preset: str | SwinConfig | ViTConfig = 'swin-smit', **overrides) -> SwinEncoder | ViTEncoder:
-    """An encoder from a preset name in `PRESETS` (or a config), with fields replaced by `overrides`.
-
-    Example: `build_encoder('swin-tiny', attn_impl='reference', sa_stage=None)`.
-    """
-    cfg = encoder_config(preset, **overrides) if isinstance(preset, str) else replace(preset, **overrides)
-    return SwinEncoder(cfg) if isinstance(cfg, SwinConfig) else ViTEncoder(cfg)
 
 # %% ../nbs/02_swin.ipynb #c5402c1f
 def pad_offsets(shape, encoder) -> list[tuple[int, int]]:

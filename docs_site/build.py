@@ -116,7 +116,7 @@ def notebook_page(nb_path: Path, page: Path, img_dir: Path) -> tuple[str, str]:
                 rel = Path(*(['..'] * len(page.parent.parts))) / 'img' / name
                 parts.append(f'![{title} figure {n_img}]({rel.as_posix()})')
             elif 'text/markdown' in data:
-                parts.append(_anchored(_text(data['text/markdown'])))
+                parts.append(api_entry(_text(data['text/markdown'])))
             elif 'text/html' in data:
                 html = _text(data['text/html'])
                 if '<progress' in html:  # a fastprogress bar: its final state says nothing the table does not
@@ -125,6 +125,14 @@ def notebook_page(nb_path: Path, page: Path, img_dir: Path) -> tuple[str, str]:
                 parts.append(f'<div class="nb-output" markdown="0">\n{html}\n</div>')
             elif 'text/plain' in data:
                 parts.append(f'```text\n{_text(data["text/plain"]).strip()}\n```')
+    # each class's public methods after its entry, unless the page documents them itself
+    have = set(re.findall(r'\{#([\w-]+)\}', '\n'.join(parts)))
+    for k, part in enumerate(parts):
+        m = re.match(r'---\n\n(?:.*\n\n)?### ([A-Za-z_]\w*) \{#', part)
+        if m and m[1] in _public_classes():
+            extra = method_entries(m[1], have)
+            if extra:
+                parts[k] = part.rstrip('\n') + '\n\n' + extra
     head = f'# {title}\n\n' + (f'> {desc}\n\n' if desc else '')
     return title, head + '\n\n'.join(parts) + '\n'
 
@@ -136,6 +144,163 @@ def _anchored(md: str) -> str:
     md = re.sub(r'^(#{2,4}) ([A-Za-z_][\w.]*)\s*$', lambda m: f'{m[1]} {m[2]} {{#{anchor(m[2])}}}', md,
                 flags=re.MULTILINE)
     return re.sub(r'(```\n\n)\*([^*\n]+)\*\n', r'\1\2\n', md)
+
+
+def _split_top(s: str) -> list[str]:
+    "`s` split at the commas outside brackets."
+    parts, depth, cur = [], 0, ''
+    for ch in s:
+        depth += ch in '[(' and 1 or (ch in '])' and -1 or 0)
+        if ch == ',' and depth == 0:
+            parts.append(cur)
+            cur = ''
+        else:
+            cur += ch
+    return parts + [cur]
+
+
+def clean_signature(code: str) -> str:
+    """A show_doc signature as source would spell it: `x:NoneType=None` (nbdev's reading of an unannotated `None`
+    default) as `x=None`, `Optional[T]` / `Union[..., NoneType]` as `T | None`, `NoneType` never, and annotations
+    without their module path (`DataLoaders`, not `fastai.data.core.DataLoaders`). Comments (docments) are kept."""
+    out = []
+    for line in code.split('\n'):
+        head, sep, comment = line.partition(' # ')
+        head = re.sub(r':\s*NoneType\s*=\s*None', '=None', head)
+        for _ in range(5):  # nested: the innermost first
+            new = re.sub(r'\b(?:typing\.)?Optional\[([^\[\]]*)\]', r'\1 | None', head)
+            new = re.sub(r'\b(?:typing\.)?Union\[([^\[\]]*)\]',
+                         lambda m: ' | '.join(x.strip() for x in _split_top(m[1])), new)
+            if new == head:
+                break
+            head = new
+        head = re.sub(r'\bNoneType\b', 'None', head)
+        head = re.sub(r'\b(?<![\'"])(?:[a-z_][a-z0-9_]*\.)+([A-Z]\w*)', r'\1', head)
+        out.append(head + sep + comment)
+    return '\n'.join(out)
+
+
+_SECTION = re.compile(r'^(Args|Arguments|Parameters|Attributes|Returns|Yields|Raises):[ \t]*$')
+
+
+def _md_cell(text: str) -> str:
+    "Text for a markdown table cell: `|` escaped outside code spans."
+    return ''.join(part if part.startswith('`') else part.replace('|', '\\|')
+                   for part in re.split(r'(`[^`\n]*`)', text))
+
+
+def docstring_sections(doc: str) -> str:
+    """A Google-style docstring's `Args:` (and `Attributes:`) section as a table of the arguments, `Returns:` (and
+    `Raises:`, `Yields:`) as a labelled paragraph, as fastai's pages show the arguments; the rest as it is."""
+    lines, out, i = doc.split('\n'), [], 0
+    while i < len(lines):
+        m = _SECTION.match(lines[i].strip()) if lines[i][:1] not in (' ', '\t') or lines[i].strip() else None
+        block, j = [], i + 1
+        if m:
+            base = len(lines[i]) - len(lines[i].lstrip())
+            while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > base):
+                if not lines[j].strip() and (j + 1 == len(lines) or
+                                             len(lines[j + 1]) - len(lines[j + 1].lstrip()) <= base):
+                    break
+                block.append(lines[j])
+                j += 1
+            if not block:  # nbdev dropped the indentation (a docstring that starts with its section): to a blank line
+                while j < len(lines) and lines[j].strip():
+                    block.append(lines[j])
+                    j += 1
+        if not (m and block):
+            out.append(lines[i])
+            i += 1
+            continue
+        indent = min(len(b) - len(b.lstrip()) for b in block if b.strip())
+        if m[1] in ('Args', 'Arguments', 'Parameters', 'Attributes'):
+            rows = []
+            for b in block:
+                e = re.match(r'(\*{0,2}[A-Za-z_][\w]*(?:, ?\*{0,2}[A-Za-z_]\w*)*)(?: \(([^)]*)\))?: ?(.*)$',
+                             b[indent:]) if len(b) - len(b.lstrip()) == indent else None
+                if e:
+                    names = ', '.join(f'`{n.strip()}`' for n in e[1].split(','))
+                    rows.append([names + (f' ({e[2]})' if e[2] else ''), e[3].strip()])
+                elif rows:
+                    rows[-1][1] += ' ' + b.strip()
+                else:
+                    rows = None
+                    break
+            if rows:
+                label = 'argument' if m[1] != 'Attributes' else 'attribute'
+                out += ['', f'**{m[1]}:**', '', f'| {label} | description |', '|---|---|']
+                out += [f'| {_md_cell(n)} | {_md_cell(d)} |' for n, d in rows] + ['']
+                i = j
+                continue
+        out += ['', f'**{m[1]}:** ' + ' '.join(b.strip() for b in block), '']
+        i = j
+    return re.sub(r'\n{3,}', '\n\n', '\n'.join(out))
+
+
+def api_entry(md: str) -> str:
+    """One show_doc output: anchored heading, clean signature (`class` for a class), arguments as a table, no
+    source link that points nowhere."""
+    md = _anchored(md)
+    md = re.sub(r'^\[source\]\([^)]*#LNone\)\{[^}]*\}\n\n', '', md, flags=re.MULTILINE)
+    m = re.search(r'^#{2,4} ([A-Za-z_][\w.]*) \{#[\w-]+\}\n+```python\n(.*?)\n```\n?', md, re.DOTALL | re.MULTILINE)
+    if not m:
+        return md
+    sig = clean_signature(m[2])
+    if m[1] in _public_classes():
+        sig = re.sub(r'^def ', 'class ', sig)
+    return md[:m.start(2)] + sig + md[m.end(2):m.end()] + docstring_sections(md[m.end():])
+
+
+_EVENTS = {'after_create', 'before_fit', 'before_epoch', 'before_train', 'before_batch', 'after_pred', 'after_loss',
+           'before_backward', 'after_cancel_backward', 'after_backward', 'before_step', 'after_cancel_step',
+           'after_step', 'after_cancel_batch', 'after_batch', 'after_cancel_train', 'after_train', 'before_validate',
+           'after_cancel_validate', 'after_validate', 'after_cancel_epoch', 'after_epoch', 'after_cancel_fit',
+           'after_fit'}  # fastai's callback events: fastai calls them, users do not
+
+
+def public_methods(cls) -> list[str]:
+    """The methods a user calls on `cls`: defined in the class body or `@patch`ed onto it by this library, not private,
+    not a fastai callback event."""
+    import inspect
+    names = []
+    for k, v in vars(cls).items():
+        f = v.__func__ if isinstance(v, (classmethod, staticmethod)) else v
+        if k.startswith('_') or k in _EVENTS or not inspect.isfunction(f):
+            continue
+        if (f.__module__ or '').startswith('dagman_fast'):
+            names.append(k)
+    return names
+
+
+def method_entries(cls_name: str, skip: set[str]) -> str:
+    "nbdev's show_doc of each public method of `cls_name`, as `#### Class.method` entries; not those in `skip`."
+    from nbdev.showdoc import show_doc
+    cls = _public_classes()[cls_name]
+    parts = []
+    for k in public_methods(cls):
+        name = f'{cls_name}.{k}'
+        if anchor(name) in skip:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            md = show_doc(getattr(cls, k), name=name, title_level=4)._repr_markdown_()
+        parts.append(api_entry(md))
+    return '\n\n'.join(parts)
+
+
+_CLASSES: dict = {}
+
+
+def _public_classes() -> dict:
+    "Public class name -> class."
+    if not _CLASSES:
+        import importlib
+        import inspect
+        for n, mod in public_names().items():
+            obj = getattr(importlib.import_module(f'dagman_fast.{mod}'), n)
+            if inspect.isclass(obj):
+                _CLASSES[n] = obj
+    return _CLASSES
 
 
 def public_names() -> dict[str, str]:
@@ -176,6 +341,24 @@ def link_names(md: str, page: Path, index: dict[str, str]) -> str:
             return tok
         return f'[{tok}]({(up / target).as_posix()})'
     return _CODE.sub(sub, md)
+
+
+_BENCH = re.compile(r'(```.*?```|<div[^>]*markdown="0">.*?</div>|\[[^\]\n]*\]\([^)\s]*\))'
+                    r'|`BENCHMARKS\.md(#[\w-]+)?`|(?<![\w/.`-])BENCHMARKS\.md(#[\w-]+)?', re.DOTALL)
+
+
+def link_benchmarks(md: str, page: Path) -> str:
+    """Mentions of `BENCHMARKS.md` (with or without backticks, optionally with `#anchor`) become links to the site's
+    Benchmarks page, outside code blocks, raw HTML outputs and existing links."""
+    up = Path(*(['..'] * len(page.parent.parts))) if page.parent.parts else Path('.')
+
+    def sub(m):
+        if m[1]:
+            return m[0]
+        frag = m[2] or m[3] or ''
+        label = m[0]
+        return f'[{label}]({(up / "benchmarks.md").as_posix()}{frag})'
+    return _BENCH.sub(sub, md)
 
 
 def _github(path: str) -> str:
@@ -250,7 +433,7 @@ def _build(src: Path, out: Path, tensorboard_png: Path | None) -> Path:
             by_name[f'{cls}.{a.split("-", 1)[1]}'] = target
     for page, md in sources.items():
         (src / page).parent.mkdir(parents=True, exist_ok=True)
-        (src / page).write_text(link_names(md, page, by_name))
+        (src / page).write_text(link_benchmarks(link_names(md, page, by_name), page))
     (src / 'index.md').write_text(link_names(repo_page((REPO / 'README.md').read_text(), nb_pages, 'README.md'),
                                              Path('index.md'), by_name))
     (src / 'benchmarks.md').write_text(repo_page((REPO / 'BENCHMARKS.md').read_text(), nb_pages, 'BENCHMARKS.md'))

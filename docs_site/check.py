@@ -1,9 +1,11 @@
 """Check the built site in a real browser, and take the TensorBoard screenshot the site shows.
 
-`python docs_site/check.py _site --shots _ci/screenshots` serves `_site` on localhost and loads the home page, an API
-page and a tutorial in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium): each must
-have no console error, its expected headings and every image loaded. Screenshots go to `--shots` (CI artefacts,
-never committed).
+`python docs_site/check.py _site --shots _ci/screenshots` serves `_site` on localhost and loads the home page, API
+pages and a tutorial in headless Chromium (Debian's `chromium` and `chromium-driver`, driven by Selenium): each must
+have no console error, its expected headings (the learners' method entries among them) and every image loaded;
+`dagman_learner` must show its arguments as a table, the swin page its entry points before the blocks. Every page of
+the site must show no `fastcore.test` import and no `NoneType` in a signature. Screenshots go to `--shots` (CI
+artefacts, never committed).
 
 `python docs_site/check.py --tensorboard OUT.png` runs a three-epoch `dagman pretrain --tensorboard` demo, serves it
 with `tensorboard --logdir` and saves a screenshot of TensorBoard's page for `docs_site/build.py --tensorboard-png`;
@@ -29,10 +31,61 @@ PAGES = [
     ('index.html', 'dagman_fast', ['a[href^="api/learner.html#"]',
                                      'a[href="tutorials/01_pretraining.html"]']),
     ('api/learner.html', 'learner', ['h3#dagman_learner', 'h3#dagmanlearner', 'a[href="model.html#dagmanconfig"]',
-                                     'pre code']),
+                                     'pre code', 'h4#dagmanlearner-fit_warmup_cosine',
+                                     'h4#dagmanlearner-export_encoder', 'h4#dagmanlearner-resume',
+                                     'h4#finetunelearner-fine_tune_recipe']),
+    ('api/swin.html', 'swin', ['h3#build_encoder', 'h3#swinencoder']),
     ('tutorials/01_pretraining.html', 'Pretraining', ['img', 'pre code']),
     ('tensorboard.html', 'TensorBoard', ['img[src="img/tensorboard.png"]']),
 ]
+
+# (page, entry id, argument names its argument table or list must show)
+ARG_TABLES = [('api/learner.html', 'dagman_learner', ['dls', 'arch', 'encoder', 'checkpoint', '**cfg'])]
+# (page, the entry that must come before, the entry after): public entry points first
+ORDER = [('api/swin.html', 'build_encoder', 'swinencoder'), ('api/swin.html', 'swinencoder', 'patchembed'),
+         ('api/swin.html', 'patchembed', 'droppath')]
+FORBIDDEN = ['fastcore.test']  # text no page may show (the notebooks' test imports are hidden)
+
+
+def _entry_args(drv, entry: str) -> list[str]:
+    """The argument names in the first table or list after the entry's heading, before the next entry."""
+    return drv.execute_script("""
+        const h = document.getElementById(arguments[0]);
+        if (!h) return null;
+        for (let e = h.nextElementSibling; e && !/^H[1-4]$/.test(e.tagName) && e.tagName !== 'HR'; e = e.nextElementSibling) {
+            const t = e.matches('table, ul, dl') ? e : e.querySelector('table, ul, dl');
+            if (t) return Array.from(t.querySelectorAll('td:first-child code, li > code:first-child, dt code'))
+                              .map(c => c.textContent);
+        }
+        return [];""", entry)
+
+
+def check_text(drv, page: str) -> list[str]:
+    """Every page: no forbidden text, no `NoneType` in a signature; the entries' order and argument tables."""
+    problems = []
+    text = drv.execute_script('return document.body.innerText')
+    problems += [f'{page}: shows {t!r}' for t in FORBIDDEN if t in text]
+    sigs = drv.execute_script("return Array.from(document.querySelectorAll('h3 + div pre code, h4 + div pre code'))"
+                              ".map(c => c.textContent)")
+    problems += [f'{page}: a signature shows NoneType: {s[:120]!r}' for s in sigs if 'NoneType' in s]
+    raw = drv.execute_script("return Array.from(document.querySelectorAll('article p'))"
+                             ".map(p => p.textContent).filter(t => /^(Args|Arguments|Parameters):\s*\S/.test(t))")
+    problems += [f'{page}: an Args section shown as a paragraph, not a table: {t[:80]!r}' for t in raw]
+    for p, entry, names in ARG_TABLES:
+        if p == page:
+            got = _entry_args(drv, entry)
+            if got is None:
+                problems.append(f'{page}: no entry #{entry}')
+            elif not all(n in got for n in names):
+                problems.append(f'{page}: #{entry} shows no table or list of its arguments {names} (found {got})')
+    for p, first, later in ORDER:
+        if p == page:
+            pos = drv.execute_script("""
+                const all = Array.from(document.querySelectorAll('h2, h3, h4')).map(h => h.id);
+                return [all.indexOf(arguments[0]), all.indexOf(arguments[1])];""", first, later)
+            if -1 in pos or pos[0] > pos[1]:
+                problems.append(f'{page}: #{first} must come before #{later} (positions {pos})')
+    return problems
 
 
 class _Stop(Exception):
@@ -116,6 +169,7 @@ def check_site(site: Path, shots: Path) -> list[str]:
             for sel in selectors:
                 if not drv.find_elements(By.CSS_SELECTOR, sel):
                     problems.append(f'{page}: nothing matches {sel!r}')
+            problems += check_text(drv, page)
             broken = drv.execute_script(
                 'return Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))'
                 '.map(i => i.getAttribute("src"))')
@@ -129,6 +183,16 @@ def check_site(site: Path, shots: Path) -> list[str]:
             drv.save_screenshot(str(shots / name))
             print(f'{page}: ok' if not any(p.startswith(page) for p in problems) else f'{page}: FAILED',
                   f'({n_img} images, screenshot {name})')
+        checked = {p for p, *_ in PAGES}
+        for html in sorted(site.rglob('*.html')):  # every other page: no forbidden text, clean signatures
+            page = html.relative_to(site).as_posix()
+            if page in checked or page == '404.html':
+                continue
+            drv.get(f'{base}/{page}')
+            _wait_ready(drv)
+            found = check_text(drv, page)
+            problems += found
+            print(f'{page}: ok' if not found else f'{page}: FAILED')
     finally:
         drv.quit()
         server.shutdown()

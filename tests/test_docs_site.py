@@ -86,3 +86,57 @@ def test_include_and_output_directives(tmp_path):
     nb.write_text(json.dumps(data))
     md = docs.notebook_page(nb, Path('n.md'), tmp_path / 'img')[1]
     assert 'x = 1' not in md and 'shown' not in md
+
+
+def test_signatures_are_clean():
+    sig = ('def f(\n    a:Union[int, NoneType]=None, b:NoneType=None, c:typing.Optional[fastai.data.core.DataLoaders]=None,'
+           ' # a `torch.Tensor`\n    d:str | None=None, e:Union[Callable, collections.abc.MutableSequence, NoneType]=None\n):')
+    out = docs.clean_signature(sig)
+    assert 'NoneType' not in out
+    assert 'a:int | None=None, b=None, c:DataLoaders | None=None, # a `torch.Tensor`' in out  # comments as they are
+    assert 'd:str | None=None, e:Callable | MutableSequence | None=None' in out
+
+
+def test_args_sections_render_as_tables():
+    doc = ('Make a learner.\n\nArgs:\n    dls: the data.\n    lr, wd: AdamW\'s, `a | b`\n        and more.\n'
+           '    **cfg: any field.\n\nReturns:\n    the learner.\n\nExample: `f(dls)`.\n')
+    out = docs.docstring_sections(doc)
+    assert '| argument | description |' in out
+    assert '| `dls` | the data. |' in out
+    assert "| `lr`, `wd` | AdamW's, `a | b` and more. |" in out
+    assert '| `**cfg` | any field. |' in out
+    assert '**Returns:** the learner.' in out and 'Example: `f(dls)`.' in out and out.startswith('Make a learner.')
+
+
+def test_benchmarks_mentions_link_to_the_page():
+    md = ('see `BENCHMARKS.md`, or BENCHMARKS.md#issue-14; [x](../BENCHMARKS.md)\n```python\n# BENCHMARKS.md\n```\n'
+          '<div class="nb-output" markdown="0">\nBENCHMARKS.md\n</div>')
+    out = docs.link_benchmarks(md, Path('api/x.md'))
+    assert '[`BENCHMARKS.md`](../benchmarks.md)' in out
+    assert '[BENCHMARKS.md#issue-14](../benchmarks.md#issue-14)' in out
+    assert '[x](../BENCHMARKS.md)' in out and '# BENCHMARKS.md\n' in out and '\nBENCHMARKS.md\n</div>' in out
+
+
+def test_public_methods_get_entries():
+    from dagman_fast.learner import DAGMaNLearner, FineTuneLearner
+    assert {'fit_warmup_cosine', 'export_encoder', 'resume'} <= set(docs.public_methods(DAGMaNLearner))
+    assert 'fine_tune_recipe' in docs.public_methods(FineTuneLearner)
+    md = docs.method_entries('DAGMaNLearner', skip={'dagmanlearner-resume'})
+    assert '#### DAGMaNLearner.fit_warmup_cosine {#dagmanlearner-fit_warmup_cosine}' in md
+    assert '#### DAGMaNLearner.export_encoder {#dagmanlearner-export_encoder}' in md
+    assert 'DAGMaNLearner.resume' not in md  # documented on the page already
+    assert '| `n_epoch` | epochs to train. |' in md and 'NoneType' not in md
+
+
+def test_notebooks_show_no_test_imports():
+    "The cells that import fastcore.test are hidden (`#| hide`) on every page."
+    for nb in sorted((REPO / 'nbs').rglob('*.ipynb')):
+        for cell in json.loads(nb.read_text())['cells']:
+            src = ''.join(cell['source'])
+            if cell['cell_type'] == 'code' and 'fastcore.test' in src:
+                assert '#| hide' in src.splitlines(), f'{nb.name}: a visible fastcore.test import'
+
+
+def test_an_args_section_without_its_indentation():
+    out = docs.docstring_sections('Args:\nx: the tokens.\nmask: a mask,\n  or None.\n\nMore text.')
+    assert '| `x` | the tokens. |' in out and '| `mask` | a mask, or None. |' in out and out.endswith('More text.')
