@@ -15,7 +15,7 @@ Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with 
    method (seed 0). Same encoder for every arm: `swin-tiny` at 32^3 with the SA stage, and the mask, after stage 2
    (a 4^3 grid: after stage 3 a 32^3 input leaves only 2^3 cells to mask), no drop path, heads 1024 x 512.
    Short-run DINO settings (`cross_view=False, ema_momentum=0.99`, teacher temperature held at 0.04): the paper's
-   are for 800 epochs and leave the teacher uniform in a few hundred steps (BENCHMARKS.md, issue 4).
+   are for 800 epochs and leave the teacher uniform in a few hundred steps (BENCHMARKS.md#superseded-first-pretraining-runs-on-lidc).
 2. For every encoder (random init = scratch, smit, dagman) and every seed:
    - linear probe: the frozen encoder's pooled features (eval mode, no augmentation, so computed once) standardised
      with the training statistics, and a linear layer trained on them with fastai (`--probe-epochs`, one cycle,

@@ -216,7 +216,7 @@ POOLS = ('avg', 'cls')
 class FeatureNorm(nn.BatchNorm1d):
     """Standardises pooled features per dimension (BatchNorm without affine, as MAE's linear probe): batch statistics
     in training, running ones in evaluation. A pretrained encoder's pooled features can vary across images by a
-    thousandth of their size (BENCHMARKS.md, issue 14): unstandardised, a linear head sees the same input for every
+    thousandth of their size (BENCHMARKS.md#why-fine-tuning-lost-to-the-probe): unstandardised, a linear head sees the same input for every
     image and calls every case the majority class. A training batch of one uses the running statistics (BatchNorm
     would raise)."""
 
@@ -234,7 +234,7 @@ class FeatureStats(Callback):
     model sees them in evaluation: no augmentation, no drop path, no dropout ("precise BatchNorm", Wu & Johnson 2021).
     The running averages of training batches describe augmented, drop-path features; a collapsed-looking encoder
     (features that differ by a thousandth) turns that small shift into a shift of many standard deviations, and the
-    classifier then calls every validation or test case one class (BENCHMARKS.md, issue 14). At most `max_n`
+    classifier then calls every validation or test case one class (BENCHMARKS.md#why-fine-tuning-lost-to-the-probe). At most `max_n`
     training images (a fixed random subset), shared out between the data-parallel ranks and summed over them."""
     order = 60
 
@@ -466,7 +466,7 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
             `swin-smit`), or None to keep the encoder's own.
         **kwargs: passed to fastai's `Learner` (e.g. `path`, `cbs`).
 
-    The defaults are the fine-tuning recipe (BENCHMARKS.md, issue 14): standardised features, balanced class weights,
+    The defaults are the fine-tuning recipe (BENCHMARKS.md#classification-adrenalmnist3d): standardised features, balanced class weights,
     augmentation, drop path 0.1, AdamW (weight decay `wd`); pass `norm=False, class_weights=None, augment=False,
     drop_path=None` for none of them.
     `learn.fine_tune(epochs, base_lr)` trains the head with the encoder frozen, then everything with LRs spread
