@@ -50,8 +50,8 @@ class DAGMaNLearner(DistributedLearner):
         Args:
             n_epoch: epochs to train.
             lr: the peak learning rate (default: the learner's `lr`).
-            warmup: epochs of linear warm-up (default: 10% of `n_epoch`, the paper's 80 of 800; may be fractional);
-                its W steps train at `lr/W, 2 lr/W, ..., lr`.
+            warmup: epochs of linear warm-up from 0 (default: 10% of `n_epoch`, the paper's 80 of 800; may be
+                fractional).
             lr_min: the learning rate the cosine ends at (1e-6, DINO's `min_lr`; the paper is silent).
             betas: Adam's (beta1, beta2), held constant (PyTorch's AdamW defaults, as DINO and SMIT).
             wd, cbs, reset_opt, start_epoch: as in `Learner.fit`; `start_epoch=learn.resume(path)` continues a run.
@@ -68,8 +68,7 @@ class DAGMaNLearner(DistributedLearner):
         self.opt.set_hyper('lr', self.lr if lr is None else lr)
         lr = np.array([h['lr'] for h in self.opt.hypers])
         wd_final = getattr(self, 'wd_final', None) if wd_final is None else wd_final
-        scheds = warmup_cosine_scheds(lr, warmup / n_epoch, lr_min, betas, self.wd if wd is None else wd, wd_final,
-                                      n_steps=n_epoch * len(self.dls.train))
+        scheds = warmup_cosine_scheds(lr, warmup / n_epoch, lr_min, betas, self.wd if wd is None else wd, wd_final)
         self.fit(n_epoch, cbs=ParamScheduler(scheds) + L(cbs), reset_opt=reset_opt, wd=wd, start_epoch=start_epoch)
 
     def export_encoder(self, path) -> Path:
@@ -212,8 +211,7 @@ class FineTuneLearner(DistributedLearner):
             self.create_opt()
         lrs = layer_decay_lrs(len(self.opt.hypers), self.lr if lr is None else lr, layer_decay)
         # every group ends at lr_min times its own scale, so the decay between layers holds at every step (BEiT)
-        sched = ParamScheduler(warmup_cosine_scheds(lrs, pct_start, lr_min * lrs / lrs.max(),
-                                                    n_steps=epochs * len(self.dls.train)))
+        sched = ParamScheduler(warmup_cosine_scheds(lrs, pct_start, lr_min * lrs / lrs.max()))
         comp = np.less if 'loss' in monitor else np.greater
         keep = _KeepBest(monitor=monitor, comp=comp, fname=fname)
         self.fit(epochs, cbs=[sched, keep] + list(cbs or []))

@@ -290,7 +290,6 @@ def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path,
     assert "the table's train_loss is fastai's running average" in text  # why the table and the CSV differ
     # off a terminal: fastai's table of epochs, no progress bars, no stray bar characters
     assert '█' not in text and '\r' not in text and any(ln.startswith('epoch') for ln in text.splitlines()), text
-    assert all(float(r['lr']) > 0 for r in rows)  # one step an epoch: the warm-up's first step is not at lr 0
     assert not (out / 'synthetic_data').exists() and (out / 'pretrain_log.png').exists()
 
 
