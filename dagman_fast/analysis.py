@@ -552,9 +552,12 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
     def col(k):
         return [float(r[k]) if r.get(k) not in (None, '') else float('nan') for r in log]
 
+    def has(k):  # absent and all-NaN columns (no validation) are not drawn
+        return k in log[0] and any(v == v for v in col(k))
+
     def draw(ax, keys, title, ylabel=None, uniform=False):
         for k in keys:
-            if k in log[0] and any(v == v for v in col(k)):  # skip absent and all-NaN columns (no validation)
+            if has(k):
                 ax.plot(ep, col(k), marker='o', ms=2, label=k)
         if uniform and out_dim:
             ax.axhline(math.log(out_dim), ls='--', c='grey', lw=1, label=f'log({out_dim}): uniform')
@@ -562,9 +565,6 @@ def plot_pretrain_log(log, path=None, out_dim: int | None = None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs and steps are whole numbers
         if ax.lines:
             ax.legend(fontsize=7)
-
-    def has(k):
-        return k in log[0] and any(v == v for v in col(k))
 
     stages = [k[len('attn_dist_'):] for k in log[0]
               if k.startswith('attn_dist_') and not k.startswith('attn_dist_var_')]

@@ -15,22 +15,18 @@ __all__ = ['warmup_cosine_scheds', 'layer_decay_lrs']
 
 # %% ../nbs/00a_schedule.ipynb #a850d560
 def warmup_cosine_scheds(lr, pct_warmup: float, lr_min: float = 1e-6, betas=(0.9, 0.999), wd=None,
-                         wd_final=None, n_steps: int | None = None) -> dict:
+                         wd_final=None) -> dict:
     """fastai schedules for the paper's optimisation: the learning rate rises linearly from 0 to `lr` over the first
     `pct_warmup` of training, then follows a cosine down to `lr_min`; Adam's betas stay constant (`mom`, `sqr_mom`).
     With `wd_final`, the weight decay follows a cosine from `wd` to `wd_final` over the whole run (DINO: 0.04 to 0.4).
 
     `lr` may be an array (one rate per parameter group, fastai's discriminative rates). For `ParamScheduler`.
-    With `n_steps` (the steps of the whole run), the W steps of the warm-up train at `lr/W, 2 lr/W, ..., lr`, so no
-    step is spent at a learning rate of 0 (fastai evaluates a schedule at step i / n_steps, where a ramp from 0
-    gives the first step nothing to learn: all of a one-step epoch).
     """
     if not 0 <= pct_warmup < 1:
         raise ValueError(f'the warm-up must be a share of training in [0, 1); got {pct_warmup}')
     lr = np.asarray(lr, dtype=float)
     # combine_scheds needs a positive share per phase: a zero warm-up is a cosine from the first step
-    w = pct_warmup * n_steps if n_steps else None  # steps of warm-up (step i sits at i / n_steps)
-    warm = None if pct_warmup == 0 else SchedLin(0.0, lr) if w is None else SchedLin(lr / w, lr * (1 + 1 / w))
+    warm = SchedLin(0.0, lr) if pct_warmup > 0 else None
     cos = SchedCos(lr, np.minimum(lr_min, lr))
     sched = combine_scheds([pct_warmup, 1 - pct_warmup], [warm, cos]) if warm is not None else cos
     scheds = {'lr': sched, 'mom': SchedNo(betas[0], betas[0]), 'sqr_mom': SchedNo(betas[1], betas[1])}

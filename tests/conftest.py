@@ -5,7 +5,6 @@ within a few minutes on two cores.
 """
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -102,10 +101,7 @@ def shared_data():
 
 
 def pytest_configure(config):
-    if os.environ.get('PYTEST_XDIST_WORKER'):  # pytest -n N: one thread per worker, N workers on N cores
-        torch.set_num_threads(1)
     config.addinivalue_line('markers', 'shared: needs the real data in ../shared/data (skips with a reason without it)')
-    config.addinivalue_line('markers', 'slow: an end-to-end run of minutes; `-m "not slow"` leaves it out')
 
 
 def pytest_collection_modifyitems(config, items):
