@@ -100,9 +100,10 @@ class StopOnNaN(Callback):
             raise CancelFitException  # lr_find stops and restores the weights itself
         saved = next((c.last_saved for c in self.learn.cbs if getattr(c, 'last_saved', None)), None)
         last = f'the last good checkpoint is {saved}' if saved else 'no checkpoint was written yet'
-        terms = {k: float(v) for k, v in getattr(unwrap(self.learn.model), 'terms', {}).items()}
+        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                 for k, v in getattr(unwrap(self.learn.model), 'terms', {}).items()}
         raise FloatingPointError(
-            f'loss became {float(self.loss_grad)} at epoch {self.epoch}, iteration {self.iter}'
+            f'loss became {float(self.loss_grad.detach())} at epoch {self.epoch}, iteration {self.iter}'
             f'{f" (terms: {terms})" if terms else ""}; training stopped before the weights were updated; {last}. '
             f'Lower the learning rate or keep clip_grad, then resume from the checkpoint.')
 

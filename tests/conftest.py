@@ -101,6 +101,9 @@ def shared_data():
 
 
 def pytest_configure(config):
+    if __import__('os').environ.get('PYTEST_XDIST_WORKER'):  # under `-n 2`: one torch thread per worker, not two each
+        torch.set_num_threads(1)
+    config.addinivalue_line('markers', 'slow: an end-to-end test of a minute or more (several processes, a whole run); the test command of the README leaves them out, CI runs them: `pytest -m slow`')
     config.addinivalue_line('markers', 'shared: needs the real data in ../shared/data (skips with a reason without it)')
 
 

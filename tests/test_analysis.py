@@ -195,6 +195,7 @@ def test_organ_crops_from_nifti_and_arrays(phantom):
         organ_crops(ct.parent / 'nope.nii.gz', seg, [5])
 
 
+@pytest.mark.slow
 def test_cluster_distances_by_hand_and_cluster_report(phantom, tmp_path):
     f = torch.tensor([[0.0, 0], [2, 0], [10, 0], [10, 2]])
     d = cluster_distances(f, torch.tensor([0, 0, 1, 1]))

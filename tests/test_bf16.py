@@ -71,6 +71,7 @@ def test_bf16_autocast_runs_on_the_cpu_with_gradients_close_to_fp32(tmp_path, se
     assert torch.isfinite(enc16).all()
 
 
+@pytest.mark.slow
 def test_bf16_losses_stay_finite_and_a_checkpoint_resumes(tmp_path):
     set_seed(0)
     full, rf = make_learner(tmp_path / 'full', amp='bf16'), LossLog()

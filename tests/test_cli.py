@@ -162,6 +162,7 @@ def _fake_seg_pair(folder, name, seed):
     return [str(p) for p in paths]
 
 
+@pytest.mark.slow
 def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
     """`dagman finetune --seg` from an encoder exported by pretraining on other data: whole-volume Dice per named
     class on the held-out volume, an overlay, a segmenter that `dagman evaluate` scores the same again."""
@@ -293,6 +294,7 @@ def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path,
     assert not (out / 'synthetic_data').exists() and (out / 'pretrain_log.png').exists()
 
 
+@pytest.mark.slow
 def test_the_user_beats_the_method_which_beats_the_run_defaults(tmp_path):
     "One precedence for the command and `dagman_learner`: `--set` > `--method` > the run defaults (a 32^3 demo)."
     import json

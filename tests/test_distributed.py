@@ -78,6 +78,7 @@ def one_step(tmp_path_factory):
     return single, two
 
 
+@pytest.mark.slow
 def test_two_processes_of_batch_b_step_like_one_process_of_batch_2b(one_step):
     single, (r0, r1) = one_step
     assert single['world'] == 1 and r0['world'] == 2
@@ -101,6 +102,7 @@ def test_the_teacher_and_everything_else_are_identical_on_every_rank(one_step):
         assert torch.equal(r0['after'][k], r1['after'][k]), k
 
 
+@pytest.mark.slow
 def test_without_the_centre_all_reduce_the_step_differs(one_step, tmp_path):
     "Negative control: each rank centring with its own batch mean (what the all-reduce prevents) is caught."
     single, _ = one_step
@@ -112,6 +114,7 @@ def test_without_the_centre_all_reduce_the_step_differs(one_step, tmp_path):
 # ---------------------------------------------------------------- sampling, draws and metrics
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_one_process_resumed_on_two_draws_differently_on_each(tmp_path):
     "Another number of processes: rank 0's saved random state, then one stream per rank (else every rank draws alike)."
     worker('draws', tmp_path, 2, 1, '--epochs', '1')
@@ -132,6 +135,7 @@ def accelerate_launch(*args, n: int = 2) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sharding_draws_and_metrics_under_torchrun_and_accelerate_launch(tmp_path):
     "Two epochs on 2 processes, launched once by torchrun and once by `accelerate launch`, with the same seed."
     first = worker('draws', tmp_path / 'torchrun', 2, 2)
@@ -180,6 +184,7 @@ def scans(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_torchrun_pretrain_from_a_preprocessed_cache(scans, tmp_path):
     cache, out = tmp_path / 'cache', tmp_path / 'run'
     pre = subprocess.run([sys.executable, '-m', 'dagman_fast.cli', 'preprocess', str(scans), '--cache-dir', str(cache),
@@ -205,6 +210,7 @@ def test_torchrun_pretrain_from_a_preprocessed_cache(scans, tmp_path):
     assert sorted(p.name for p in (out / 'models').iterdir()) == ['checkpoint.pth']  # no temporary files left
 
 
+@pytest.mark.slow
 def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_run_logs(scans, tmp_path):
     cache, tmp = tmp_path / 'cache', tmp_path / 'tmp'
     args = [*PRETRAIN, '--data', scans, '--on-error', 'skip', '--epochs', '4']
@@ -232,6 +238,7 @@ MEDMNIST = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
 @pytest.mark.skipif(not (MEDMNIST / 'adrenalmnist3d.npz').exists(), reason='needs ../shared/data/medmnist')
 @pytest.mark.parametrize('schedule', [['--schedule', 'fastai', '--epochs', '1', '--freeze-epochs', '1'],
                                       ['--epochs', '2']], ids=['fastai', 'recipe'])
+@pytest.mark.slow
 def test_torchrun_finetune_gathers_the_metrics_and_rank0_scores_the_test_split(tmp_path, schedule):
     from dagman_fast.checkpoint import save_encoder
     from dagman_fast.encoder_configs import encoder_config

@@ -210,6 +210,7 @@ def test_seg_model_equals_monai_swinunetr_with_the_same_weights():
         torch.testing.assert_close(model(x), net(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_seg_learner_fine_tunes_and_the_dice_rises(tmp_path):
     from monai.metrics import compute_dice
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 def _log(out):
     path = out / 'pretrain_log.csv'
@@ -35,6 +37,7 @@ def assert_same_logs(a: list[dict], b: list[dict], epochs: int) -> None:
             assert abs(float(ra[k]) - float(rb[k])) <= 1e-5 * max(1.0, abs(float(ra[k]))), (ra['epoch'], k)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_the_uninterrupted_run(tmp_path):
     cmd = [sys.executable, '-m', 'dagman_fast.cli', 'pretrain', '--synthetic', '3', '--crop', '32', '--bs', '1',
            '--epochs', '4', '--set', 'out_dim=64', '--set', 'head_hidden=32', '--cache-dir', str(tmp_path / 'cache')]
