@@ -101,8 +101,12 @@ def shared_data():
 
 
 def pytest_configure(config):
-    if __import__('os').environ.get('PYTEST_XDIST_WORKER'):  # under `-n 2`: one torch thread per worker, not two each
+    os = __import__('os')
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        # under `-n 2`: one thread per worker and per process it starts (torchrun, the CLI): more threads than cores make
+        # OpenMP's waiting threads spin against each other, and the suite takes twice as long
         torch.set_num_threads(1)
+        os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     config.addinivalue_line('markers', 'slow: an end-to-end test of a minute or more (several processes, a whole run); the test command of the README leaves them out, CI runs them: `pytest -m slow`')
     config.addinivalue_line('markers', 'shared: needs the real data in ../shared/data (skips with a reason without it)')
 

@@ -259,6 +259,7 @@ def _export(enc, path: Path) -> Path:
     return save_encoder(enc, path)
 
 
+@pytest.mark.slow
 def test_dagman_analyze_end_to_end(phantom, shared_data, tmp_path, capsys):
     from dagman_fast.cli import main
     torch.manual_seed(0)

@@ -75,16 +75,16 @@ def test_bf16_autocast_runs_on_the_cpu_with_gradients_close_to_fp32(tmp_path, se
 def test_bf16_losses_stay_finite_and_a_checkpoint_resumes(tmp_path):
     set_seed(0)
     full, rf = make_learner(tmp_path / 'full', amp='bf16'), LossLog()
-    quiet_fit(full, 3, cbs=[rf])
-    assert len(rf.losses) == 6 and all(math.isfinite(x) for x in rf.losses)
+    quiet_fit(full, 2, cbs=[rf])
+    assert len(rf.losses) == 4 and all(math.isfinite(x) for x in rf.losses)
     set_seed(0)
-    part, rp = make_learner(tmp_path / 'part', amp='bf16'), LossLog(stop=2)
-    quiet_fit(part, 3, cbs=[rp])
+    part, rp = make_learner(tmp_path / 'part', amp='bf16'), LossLog(stop=1)
+    quiet_fit(part, 2, cbs=[rp])
     set_seed(1234)
     again, ra = make_learner(tmp_path / 'part', amp='bf16'), LossLog()
     start = again.resume(tmp_path / 'part' / 'models' / 'checkpoint.pth')
-    assert start == 2
-    quiet_fit(again, 3, cbs=[ra], start_epoch=start)
+    assert start == 1
+    quiet_fit(again, 2, cbs=[ra], start_epoch=start)
     torch.testing.assert_close(torch.tensor(rp.losses + ra.losses), torch.tensor(rf.losses), rtol=1e-5, atol=1e-6)
     a, b = full.model.state_dict(), again.model.state_dict()
     for k in a:

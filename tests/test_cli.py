@@ -40,6 +40,7 @@ def test_show_batch_writes_png_and_reports_skipped(tmp_path, capsys):
     assert 'skipped' in err and 'broken.nii.gz' in err
 
 
+@pytest.mark.slow
 def test_pretrain_resume_and_export(tmp_path, capsys):
     import csv
 
@@ -106,6 +107,7 @@ def _fake_medmnist(root, n=(12, 6, 8)):
     np.savez(root / 'adrenalmnist3d.npz', **arrays)
 
 
+@pytest.mark.slow
 def test_finetune_and_evaluate(tmp_path, capsys):
     import json
 
@@ -223,6 +225,7 @@ def test_finetune_and_evaluate_segmentation(tmp_path, capsys):
     assert not (tmp_path / 'x').exists()
 
 
+@pytest.mark.slow
 def test_pretrain_on_medmnist_then_finetune(tmp_path, capsys):
     "`dagman pretrain --medmnist` on the unlabelled training images, then `dagman finetune` from its encoder."
     import json
@@ -254,6 +257,7 @@ def test_pretrain_help_lists_every_method(capsys):
         assert f'\n  {name} ' in out, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('method', ['ibot3d', 'sa-stage-4', 'no-amip'])
 def test_pretrain_runs_baselines_and_ablations(tmp_path, method):
     import json
@@ -271,6 +275,7 @@ def test_pretrain_runs_baselines_and_ablations(tmp_path, method):
     assert (out / 'encoder.pth').exists()
 
 
+@pytest.mark.slow
 def test_the_demo_pretrains_on_the_shipped_ct_with_small_view_settings(tmp_path, capsys):
     """No --data: the two shipped chest CTs, 32^3 views in batches of 8, the SA module and the mask after stage 2, and
     the first and last epoch's mean of every loss term in one line; --crops-per-scan sets the epoch's length."""

@@ -69,7 +69,7 @@ def test_each_rank_counts_the_batches_of_its_own_share(n, bs, drop_last, expecte
 # ---------------------------------------------------------------- the equivalence of one step
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')  # the tests using it share one xdist group, hence one worker: one run per session
 def one_step(tmp_path_factory):
     "One DAGMaN step: one process with a batch of 8, and 2 gloo processes with 4 each (the same samples and draws)."
     tmp = tmp_path_factory.mktemp('step')
@@ -79,6 +79,7 @@ def one_step(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_two_processes_of_batch_b_step_like_one_process_of_batch_2b(one_step):
     single, (r0, r1) = one_step
     assert single['world'] == 1 and r0['world'] == 2
@@ -96,6 +97,8 @@ def test_two_processes_of_batch_b_step_like_one_process_of_batch_2b(one_step):
     assert torch.equal(after1['step'], after2['step'])
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_the_teacher_and_everything_else_are_identical_on_every_rank(one_step):
     _, (r0, r1) = one_step
     for k in r0['after']:
@@ -103,6 +106,7 @@ def test_the_teacher_and_everything_else_are_identical_on_every_rank(one_step):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_without_the_centre_all_reduce_the_step_differs(one_step, tmp_path):
     "Negative control: each rank centring with its own batch mean (what the all-reduce prevents) is caught."
     single, _ = one_step
@@ -185,39 +189,32 @@ def scans(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_torchrun_pretrain_from_a_preprocessed_cache(scans, tmp_path):
-    cache, out = tmp_path / 'cache', tmp_path / 'run'
+def test_torchrun_run_from_a_preprocessed_cache_killed_and_resumed_logs_what_an_uninterrupted_run_logs(scans, tmp_path):
+    "One test for three runs (each start of torchrun costs seconds): uninterrupted, then killed and resumed."
+    cache, tmp, full, part = tmp_path / 'cache', tmp_path / 'tmp', tmp_path / 'full', tmp_path / 'part'
+    args = [*PRETRAIN, '--data', scans, '--on-error', 'skip', '--epochs', '4']
+    tmp.mkdir()  # the uninterrupted run: the ranks share the preprocessing into one temporary cache, removed after
+    res = torchrun(*args, '--out', full, env={**ENV, 'TMPDIR': str(tmp)})
+    assert not list(tmp.glob('dagman_ct_cache_*'))
+    assert res.stdout.count('data parallel: 2 processes (gloo)') == 1  # said once, by rank 0
+    assert 'weights identical on all 2 processes' in res.stdout
+    assert 'broken.nii.gz' in res.stdout + res.stderr  # the skipped scan is reported
+    rows = _log(full)
+    assert [r['epoch'] for r in rows] == ['0', '1', '2', '3']  # one log, one row per epoch (not one per rank)
+    # 6 scans, 2 ranks, batch 1: 3 steps per epoch on each rank, so the global step is 12 after 4 epochs
+    ck = load_checkpoint(full / 'models' / 'checkpoint.pth')
+    assert int(ck['model']['step']) == 12 and ck['world_size'] == 2 and len(ck['rng_ranks']) == 2
+    assert json.loads((full / 'config.json').read_text())['run'] == dict(world_size=2, batch_size_per_process=1,
+                                                                          batch_size=2, replicas_identical=True)
+    enc = load_encoder(full / 'encoder.pth')
+    assert enc(torch.rand(1, 1, 32, 32, 32)).features[-1].isfinite().all()
+    assert sorted(p.name for p in (full / 'models').iterdir()) == ['checkpoint.pth']  # no temporary files left
+
     pre = subprocess.run([sys.executable, '-m', 'dagman_fast.cli', 'preprocess', str(scans), '--cache-dir', str(cache),
                           '--crop', '32', '--workers', '2'], capture_output=True, text=True, env=ENV, timeout=600)
     assert pre.returncode == 0, pre.stderr[-2000:]
     cached = {p: p.stat().st_mtime_ns for p in cache.rglob('*.pt')}
     assert len(cached) == 6
-    res = torchrun(*PRETRAIN, '--cache-dir', cache, '--on-error', 'skip', '--epochs', '2', '--out', out)
-    assert res.stdout.count('data parallel: 2 processes (gloo)') == 1  # said once, by rank 0
-    assert 'weights identical on all 2 processes' in res.stdout
-    assert 'broken.nii.gz' in res.stdout + res.stderr  # the skipped scan is reported
-    # no rank preprocessed anything: the cache is as `dagman preprocess` left it
-    assert {p: p.stat().st_mtime_ns for p in cache.rglob('*.pt')} == cached
-    rows = _log(out)
-    assert [r['epoch'] for r in rows] == ['0', '1']  # one log, one row per epoch (not one per rank)
-    # 6 scans, 2 ranks, batch 1: 3 steps per epoch on each rank, so the global step is 6 after 2 epochs
-    ck = load_checkpoint(out / 'models' / 'checkpoint.pth')
-    assert int(ck['model']['step']) == 6 and ck['world_size'] == 2 and len(ck['rng_ranks']) == 2
-    assert json.loads((out / 'config.json').read_text())['run'] == dict(world_size=2, batch_size_per_process=1,
-                                                                         batch_size=2, replicas_identical=True)
-    enc = load_encoder(out / 'encoder.pth')
-    assert enc(torch.rand(1, 1, 32, 32, 32)).features[-1].isfinite().all()
-    assert sorted(p.name for p in (out / 'models').iterdir()) == ['checkpoint.pth']  # no temporary files left
-
-
-@pytest.mark.slow
-def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_run_logs(scans, tmp_path):
-    cache, tmp = tmp_path / 'cache', tmp_path / 'tmp'
-    args = [*PRETRAIN, '--data', scans, '--on-error', 'skip', '--epochs', '4']
-    full, part = tmp_path / 'full', tmp_path / 'part'
-    tmp.mkdir()  # the uninterrupted run: the ranks share the preprocessing into one temporary cache, removed after
-    torchrun(*args, '--out', full, env={**ENV, 'TMPDIR': str(tmp)})
-    assert not list(tmp.glob('dagman_ct_cache_*'))
     args += ['--cache-dir', cache]
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            *map(str, args), '--out', str(part)]
@@ -225,33 +222,34 @@ def test_torchrun_run_killed_and_resumed_logs_what_an_uninterrupted_run_logs(sca
     kill_after(proc, part, group=True)  # the launcher and both workers at once, as a cluster's scheduler does
     done = torchrun(*args, '--out', part, '--resume')
     assert 'resuming from' in done.stdout
+    # no rank preprocessed anything: the cache is as `dagman preprocess` left it
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob('*.pt')} == cached
     assert_same_logs(_log(full), _log(part), 4)
     ea, eb = torch.load(full / 'encoder.pth', weights_only=True), torch.load(part / 'encoder.pth', weights_only=True)
     for k in ea['state_dict']:
         torch.testing.assert_close(ea['state_dict'][k], eb['state_dict'][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-MEDMNIST = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'medmnist'
-
-
-@pytest.mark.shared
-@pytest.mark.skipif(not (MEDMNIST / 'adrenalmnist3d.npz').exists(), reason='needs ../shared/data/medmnist')
 @pytest.mark.parametrize('schedule', [['--schedule', 'fastai', '--epochs', '1', '--freeze-epochs', '1'],
                                       ['--epochs', '2']], ids=['fastai', 'recipe'])
 @pytest.mark.slow
 def test_torchrun_finetune_gathers_the_metrics_and_rank0_scores_the_test_split(tmp_path, schedule):
+    from test_cli import _fake_medmnist
+
     from dagman_fast.checkpoint import save_encoder
     from dagman_fast.encoder_configs import encoder_config
     from dagman_fast.swin import build_encoder
+    _fake_medmnist(tmp_path, n=(16, 7, 6))  # 7 validation cases: fastai repeats one to give both ranks 4
     save_encoder(build_encoder(encoder_config('swin-tiny', img_size=32)), tmp_path / 'encoder.pth')
     # fastai's fine_tune: a frozen epoch, then all layers (DDP wraps the model anew per fit); the recipe (the
     # default): rank 0 saves the best validation epoch and every rank loads it at the end
     out = tmp_path / 'cls'
-    res = torchrun('-m', 'dagman_fast.cli', 'finetune', '--medmnist', 'adrenalmnist3d', '--root', MEDMNIST,
-                   '--encoder', tmp_path / 'encoder.pth', '--fraction', '0.1', *schedule, '--bs', '16', '--out', out)
+    res = torchrun('-m', 'dagman_fast.cli', 'finetune', '--medmnist', 'adrenalmnist3d', '--root', tmp_path,
+                   '--encoder', tmp_path / 'encoder.pth', *schedule, '--bs', '4', '--out', out)
     assert 'weights identical on all 2 processes' in res.stdout
     assert res.stdout.count('data parallel: 2 processes') == 1
     results = json.loads((out / 'results.json').read_text())
+    assert results['valid']['n'] == 7 and results['test']['n'] == 6  # every case once, the repeated one left out
     for split in ('valid', 'test'):
         assert 0 <= results[split]['auc'] <= 1 and 0 <= results[split]['accuracy'] <= 1
     if '--schedule' not in schedule:  # the kept epoch's validation AUC, over both ranks, is that of the saved model

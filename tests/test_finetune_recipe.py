@@ -252,6 +252,7 @@ def test_recipe_never_looks_at_the_test_split_and_keeps_the_validation_best(tmp_
     assert Counted.iterations == 1  # scored once, at the end
 
 
+@pytest.mark.slow
 def test_cli_finetune_uses_the_recipe_by_default(tmp_path, capsys):
     import json
 

@@ -27,6 +27,7 @@ def test_version_names_the_package_and_its_stack():
         assert f'{mod.__name__} {mod.__version__}' in line, line
 
 
+@pytest.mark.slow
 def test_a_first_pretraining_run_is_quiet_and_logs_only_columns_with_values(tmp_path):
     """The demo's stdout and stderr with every warning shown (`-W default`): no notice a CPU user cannot act on (MONAI's
     nvImageCodec reader), no `valid_loss` column of `None`s, no empty validation bar; the CSV has no empty column."""
@@ -47,6 +48,7 @@ def test_a_first_pretraining_run_is_quiet_and_logs_only_columns_with_values(tmp_
     assert {'train_loss', 'amip', 'aitd_entropy', 'mask_ratio', 'lr'} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_a_resumed_run_prints_only_the_epochs_it_trains(tmp_path, capsys):
     common = ['pretrain', '--out', str(tmp_path / 'run'), *SMALL, '--cache-dir', str(tmp_path / 'cache')]
     assert main(common + ['--epochs', '2']) == 0
@@ -66,6 +68,7 @@ def test_validation_loss_is_logged_when_there_is_validation_data(tmp_path, capsy
     assert 'valid_loss' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_every_figure_of_the_csv_log_with_one_step_count_across_a_resume(tmp_path, capsys):
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -128,6 +131,7 @@ def test_skip_empty_validation_only_skips_empty_loaders():
     assert 'valid_loss' in learn.recorder.metric_names and learn.recorder.values[-1][1] > 0
 
 
+@pytest.mark.slow
 def test_an_index_of_only_skipped_scans_is_an_error_not_the_demo(tmp_path, capsys):
     from tests.test_cli import assert_fails
     (tmp_path / 'scans').mkdir()

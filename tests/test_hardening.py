@@ -164,6 +164,7 @@ def test_an_internal_error_is_one_line_that_says_how_to_see_more(tmp_path, capsy
     assert_one_line_error(err, 'KeyError', '--debug')
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_status_3(tmp_path, capsys):
     "`--lr 10` took the loss from 22 to 521 and ended with exit 0; now it stops after three epochs far above."
     rc, _, err = run_cli(capsys, *TINY, '--epochs', '8', '--lr', '10', '--out', str(tmp_path / 'r'),

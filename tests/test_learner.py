@@ -278,6 +278,7 @@ def test_last_layer_frozen_in_the_first_epoch_only(tmp_path):
 # ---------------------------------------------------------------- checkpoints and resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('schedule', ['fit_warmup_cosine', 'fit_one_cycle'])  # the paper's, and fastai's
 def test_killed_run_resumes_with_the_same_losses(tmp_path, schedule):
     def quiet_fit(learn, n, **kw):
@@ -598,6 +599,7 @@ class HyperLog(Callback):
         self.rows.append((h['lr'], h['mom'], h['sqr_mom']))
 
 
+@pytest.mark.slow
 def test_fit_warmup_cosine_is_the_papers_schedule(tmp_path):
     learn, log = make_learner(tmp_path), HyperLog()
     n_epoch, lr, warm = 10, 1e-3, 2  # 2 steps an epoch: 20 steps, 4 of warm-up

@@ -99,6 +99,7 @@ def run(tmp_path_factory):
                 err=err.getvalue())
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_without_redoing_finished_scans(run):
     counts = _summary(run['out'])
     total = N_GOOD + len(BAD)
@@ -239,6 +240,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, status, words):
     assert not (tmp_path / 'c').exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_pretrain_takes_the_scans_of_the_index(tmp_path, capsys):
     data, cache = tmp_path / 'ct', tmp_path / 'cache'
     synthetic_ct(data, n=3, size=24)
