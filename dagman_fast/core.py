@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from typing import Sequence
 
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
-           'check_ratio', 'RunError', 'parse_span', 'span_steps', 'ema_cosine']
+           'check_ratio', 'RunError', 'FolderLock', 'parse_span', 'span_steps', 'ema_cosine']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -87,6 +88,35 @@ class RunError(Exception):
     def __init__(self, message: str, status: int = 2):
         super().__init__(message)
         self.status = status
+
+# %% ../nbs/00_core.ipynb #563f200e
+class FolderLock:
+    """An exclusive lock on a folder (`flock` on the folder itself: no file is left in it), held while this object is
+    open; the OS releases it when the process ends, killed or not. `busy`: the `RunError` message when another
+    process holds it. No lock where `flock` is missing (Windows)."""
+
+    def __init__(self, folder, busy: str):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            self.fd = None
+            return
+        self.fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise RunError(busy, status=1) from None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = close
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
 
 # %% ../nbs/00_core.ipynb #220c1d38
 SPAN_HELP = "epochs (a number), a share of the run ('10%') or steps ('300 steps')"

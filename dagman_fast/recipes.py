@@ -14,15 +14,16 @@ import shlex
 import sys
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from .core import HU_WINDOW, SPACING, RunError, as_triple
+from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple
 
 # %% auto #0
-__all__ = ['coerce_setting', 'parse_settings', 'say', 'check_out', 'run_cache_dir', 'check_replicas', 'end_distributed',
-           'require_tensorboard', 'add_tensorboard', 'finite', 'plain_progress', 'pretrain', 'one_line', 'preprocess',
-           'show_batch', 'export']
+__all__ = ['coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder', 'run_cache_dir', 'check_replicas',
+           'end_distributed', 'require_tensorboard', 'add_tensorboard', 'finite', 'plain_progress', 'pretrain',
+           'one_line', 'preprocess', 'show_batch', 'check_not_an_input', 'export']
 
 # %% ../nbs/07b_recipes.ipynb #52a6dc27
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
@@ -121,6 +122,27 @@ def check_out(out, what: str = '--out') -> Path:
     except OSError as e:
         raise RunError(f'{what} {out}: cannot write there ({e.strerror or e})', status=1) from None
     return out
+
+
+@contextmanager
+def run_folder(out, what: str = '--out'):
+    """The folder of one run: made now and checked writable (`check_out`), locked by rank 0 for the whole run (two runs
+    never write one folder), and removed again when the run fails before it wrote anything there."""
+    from dagman_fast.distributed import rank
+    out = Path(out)
+    made = not out.exists()
+    check_out(out, what)
+    lock = FolderLock(out, f'{what} {out}: another dagman run is writing in this folder; wait for it to end, or give '
+                      f'another {what}') if rank() == 0 else None
+    try:
+        yield out
+    except BaseException:
+        if made and rank() == 0 and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
 
 
 def run_cache_dir(cache_dir):
@@ -332,6 +354,25 @@ def _checkpoint_to_resume(out: Path, resume) -> Path | None:
     return ckpt
 
 
+def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
+    """The epochs of the run: `epochs` (10 when None), or those the resumed checkpoint `ckpt` was planned with. Another
+    number for a run not yet finished is an error (its learning-rate schedule spans the planned epochs); a finished run
+    may be extended (more epochs: the schedule is drawn again over the longer run)."""
+    if ckpt is None:
+        return 10 if epochs is None else epochs
+    import torch
+    try:  # mmap: the header, not the 200 MB of weights and optimiser state
+        ck = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
+        planned, done = ck.get('n_epoch'), ck['epoch'] + 1
+    except Exception as e:
+        raise RunError(f'--resume {ckpt}: not a readable checkpoint ({one_line(e)})', status=1) from None
+    if epochs is not None and planned is not None and epochs != planned and not (done >= planned < epochs):
+        raise RunError(f'--epochs {epochs}: the run in {ckpt} was started for {planned} epochs and has done {done}; '
+                       f'its learning-rate schedule spans them: resume it without --epochs (or with --epochs '
+                       f'{planned})')
+    return epochs or planned or 10
+
+
 def _pretrain_dls(out: Path, data, kind: str, indexed: int, crop: int, bs: int, *, medmnist, root, size, spacing,
                   cache_dir, on_error, valid_pct, workers, crops_per_scan, synthetic, seed):
     "The DataLoaders of a pretraining run of `kind` ('ct', 'demo', 'medmnist'), and what it said about them."
@@ -377,7 +418,7 @@ def _write_run_config(out: Path, learn, world: int, bs: int, **extra) -> None:
 
 # %% ../nbs/07b_recipes.ipynb #f7e7a76f
 def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=None, size: int | None = None,
-             method: str = 'dagman', preset: str | None = None, epochs: int = 10, crop: int | None = None,
+             method: str = 'dagman', preset: str | None = None, epochs: int | None = None, crop: int | None = None,
              bs: int | None = None, lr: float = 5e-4, warmup: float | None = None, resume=None, save_every: int = 1,
              spacing: float = SPACING, cache_dir=None, on_error: str = 'raise', valid_pct: float = 0.0,
              workers: int = 0, crops_per_scan: int | None = None, synthetic: int | None = None, seed: int = 0,
@@ -388,7 +429,9 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     `medmnist` (a MedMNIST 3-D flag, with `root`), else the demo (the two shipped CTs; `synthetic=N` volumes instead).
     Defaults by device and data: `preset` `default_preset` (swin-smit on CUDA, swin-tiny on the CPU; ViT for attmask),
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
-    `warmup`: epochs of linear warm-up (10% of `epochs` by default). `**cfg`: `DAGMaNConfig` and encoder fields."""
+    `epochs`: 10 by default; a `resume`d run continues to the epochs it was started with (another number is an error:
+    the learning-rate schedule spans them). `warmup`: epochs of linear warm-up (10% of `epochs` by default).
+    `**cfg`: `DAGMaNConfig` and encoder fields."""
     import torch
     from fastai.torch_core import set_seed
 
@@ -400,49 +443,50 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     world = setup_distributed()  # under torchrun / accelerate launch: join the group before any data is read
     out = Path(out)
     ckpt = _checkpoint_to_resume(out, resume)
+    epochs = _epochs_of_run(ckpt, epochs)
     _check_medmnist(medmnist, data, root, crops_per_scan)
-    check_out(out)
-    set_seed(seed)  # Python (fastai's shuffling), NumPy and PyTorch
-    cuda = torch.cuda.is_available()
-    indexed = not data and not medmnist and cache_dir and _indexed_scans(cache_dir, crop or (128 if cuda else 64),
-                                                                         spacing)
-    kind = 'medmnist' if medmnist else 'ct' if data or indexed else 'demo'
-    crop = crop or (max(32, size or 28) if kind == 'medmnist' else 32 if kind == 'demo' else 128 if cuda else 64)
-    bs = bs or dict(medmnist=32, demo=8, ct=2)[kind]
-    preset = preset or default_preset(METHODS.get(method, {}).get('arch', 'swin'), cuda)
-    _check_run_config(preset, crop, cfg)
-    say(f'method {method}, encoder {preset}, crop {crop}, {"CUDA" if cuda else "CPU"}')
-    dls = _pretrain_dls(out, data, kind, indexed, crop, bs, medmnist=medmnist, root=root, size=size, spacing=spacing,
-                        cache_dir=cache_dir, on_error=on_error, valid_pct=valid_pct, workers=workers,
-                        crops_per_scan=crops_per_scan, synthetic=synthetic, seed=seed)
-    for path, reason in dls.skipped:
-        say(f'skipped {path}: {reason}', file=sys.stderr)
-    defaults = run_defaults(preset, crop, kind)
-    say(f'{kind} run: {len(dls.train)} steps of {bs} x 2 views per epoch; run defaults {defaults}')
-    cbs = [AttentionStatsLog(attn_stats_every)] if attn_stats_every else []
-    learn = dagman_learner(dls, method=method, encoder=preset, path=out, lr=lr, checkpoint_every=save_every, cbs=cbs,
-                           defaults=defaults, **cfg)
-    add_tensorboard(learn, tensorboard)
-    start = learn.resume(ckpt) if ckpt is not None else 0
-    if ckpt is not None:
-        say(f'resuming from {ckpt} at epoch {start}' + ('' if start < epochs else
-            f'; the checkpoint already finished {start} of {epochs} epochs; nothing to train'))
-    if world > 1:
-        say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} sample{"s" * (bs != 1)} each')
-    _write_run_config(out, learn, world, bs)
-    try:
-        with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch
-            if start < epochs:
-                learn.fit_warmup_cosine(epochs, lr, warmup=warmup, start_epoch=start)
-    except FloatingPointError as e:  # a non-finite loss or weights, or a diverging loss (StopOnDivergence)
-        if rank() == 0:  # every rank stops at the same step (the checks are collective)
-            print(f'dagman: error: training diverged: {one_line(e)}', file=sys.stderr)
-        return 3
-    checked = check_replicas(learn)
-    end_distributed()  # every rank; what follows is rank 0's alone, with no group left to time out
-    if rank() == 0:
-        _finish_pretrain(out, learn, dls, world, bs, checked)
-    return 0
+    with run_folder(out):  # made, locked for the run, removed again if the run fails before writing in it
+        set_seed(seed)  # Python (fastai's shuffling), NumPy and PyTorch
+        cuda = torch.cuda.is_available()
+        indexed = (not data and not medmnist and cache_dir
+                   and _indexed_scans(cache_dir, crop or (128 if cuda else 64), spacing))
+        kind = 'medmnist' if medmnist else 'ct' if data or indexed else 'demo'
+        crop = crop or (max(32, size or 28) if kind == 'medmnist' else 32 if kind == 'demo' else 128 if cuda else 64)
+        bs = bs or dict(medmnist=32, demo=8, ct=2)[kind]
+        preset = preset or default_preset(METHODS.get(method, {}).get('arch', 'swin'), cuda)
+        _check_run_config(preset, crop, cfg)
+        say(f'method {method}, encoder {preset}, crop {crop}, {"CUDA" if cuda else "CPU"}')
+        dls = _pretrain_dls(out, data, kind, indexed, crop, bs, medmnist=medmnist, root=root, size=size,
+                            spacing=spacing, cache_dir=cache_dir, on_error=on_error, valid_pct=valid_pct,
+                            workers=workers, crops_per_scan=crops_per_scan, synthetic=synthetic, seed=seed)
+        for path, reason in dls.skipped:
+            say(f'skipped {path}: {reason}', file=sys.stderr)
+        defaults = run_defaults(preset, crop, kind)
+        say(f'{kind} run: {len(dls.train)} steps of {bs} x 2 views per epoch; run defaults {defaults}')
+        cbs = [AttentionStatsLog(attn_stats_every)] if attn_stats_every else []
+        learn = dagman_learner(dls, method=method, encoder=preset, path=out, lr=lr, checkpoint_every=save_every,
+                               cbs=cbs, defaults=defaults, **cfg)
+        add_tensorboard(learn, tensorboard)
+        start = learn.resume(ckpt) if ckpt is not None else 0
+        if ckpt is not None:
+            say(f'resuming from {ckpt} at epoch {start}' + ('' if start < epochs else
+                f'; the checkpoint already finished {start} of {epochs} epochs; nothing to train'))
+        if world > 1:
+            say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} sample{"s" * (bs != 1)} each')
+        _write_run_config(out, learn, world, bs)
+        try:
+            with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch
+                if start < epochs:
+                    learn.fit_warmup_cosine(epochs, lr, warmup=warmup, start_epoch=start)
+        except FloatingPointError as e:  # a non-finite loss or weights, or a diverging loss (StopOnDivergence)
+            if rank() == 0:  # every rank stops at the same step (the checks are collective)
+                print(f'dagman: error: training diverged: {one_line(e)}', file=sys.stderr)
+            return 3
+        checked = check_replicas(learn)
+        end_distributed()  # every rank; what follows is rank 0's alone, with no group left to time out
+        if rank() == 0:
+            _finish_pretrain(out, learn, dls, world, bs, checked)
+        return 0
 
 
 def _finish_pretrain(out: Path, learn, dls, world: int, bs: int, checked: bool) -> None:
@@ -517,6 +561,28 @@ def show_batch(data, *, crop: int = 128, spacing: float = SPACING, bs: int = 2, 
     return out
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_not_an_input(out, *inputs, what: str = '--out') -> None:
+    """A `RunError` when writing `out` (or its JSON sidecar) would replace one of the `inputs` (or theirs), or a
+    pretraining run's checkpoint (`models/checkpoint.pth`): an output never destroys what it was made from."""
+    out = Path(out)
+    mine = [out, out.with_suffix('.json')]
+    for given in map(Path, inputs):
+        for o in mine:
+            for i in (given, given.with_suffix('.json')):
+                if o.resolve() == i.resolve() or _same_file(o, i):
+                    raise RunError(f'{what} {out}: would overwrite {i}, an input of this command; give another name')
+    if out.name == 'checkpoint.pth' and out.parent.name == 'models':
+        raise RunError(f"{what} {out}: the name of a pretraining run's checkpoint (what --resume reads); give "
+                       'another name')
+
+
 def export(checkpoint, *, out='encoder.pth', monai: bool = False) -> Path:
     """The student encoder of a pretraining `checkpoint` (or of an exported encoder) saved to `out` as weights + JSON
     config (`save_encoder`), or with `monai=True` as the state dict of MONAI's `SwinTransformer`."""
@@ -524,8 +590,9 @@ def export(checkpoint, *, out='encoder.pth', monai: bool = False) -> Path:
 
     from dagman_fast.checkpoint import load_encoder, save_encoder
     from dagman_fast.monai_interop import to_monai
-    enc = load_encoder(checkpoint)
     out = Path(out)
+    check_not_an_input(out, checkpoint)
+    enc = load_encoder(checkpoint)
     check_out(out.parent, '--out folder')
     if monai:
         if enc.config.arch != 'swin':

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .core import HU_WINDOW, SPACING, RunError
-from .recipes import add_tensorboard, check_out, check_replicas, end_distributed, finite, run_cache_dir, say
+from .recipes import add_tensorboard, check_out, check_replicas, end_distributed, finite, run_cache_dir, run_folder, say
 
 # %% auto #0
 __all__ = ['CLS_DATA', 'SEG_DATA', 'CLS_ONLY', 'SEG_ONLY', 'check_task_options', 'seg_pairs', 'volume_names', 'finetune',
@@ -262,6 +262,14 @@ def _finetune_seg(out: Path, o: dict, train: dict) -> dict:
     return res
 
 # %% ../nbs/07c_tasks.ipynb #c8497654
+def _check_new_run(out: Path) -> None:
+    "A fine-tuning writes into a folder that holds no other fine-tuning (as `pretrain` refuses a folder with a run)."
+    held = [n for n in ('classifier.pth', 'segmenter.pth', 'results.json') if (out / n).exists()]
+    if held:
+        raise RunError(f'--out {out}: already holds a fine-tuning ({held[0]}); give another --out (nothing was '
+                       'overwritten)')
+
+
 def finetune(out='dagman_cls', *, medmnist: str | None = None, root=None, nodules=None, label_rule: str | None = None,
              size: int | None = None, bs: int | None = None, seed: int | None = None, seg=None, labels=None,
              label_names=None, crop: int | None = None, spacing: float | None = None, hu_range=None,
@@ -285,12 +293,13 @@ def finetune(out='dagman_cls', *, medmnist: str | None = None, root=None, nodule
     o['schedule'] = schedule or ('fastai' if is_seg else 'recipe')
     _check_schedule(o['schedule'], layer_decay, pct_start, freeze_epochs)
     o['seed'] = 0 if seed is None else seed
+    _check_new_run(Path(out))
     train = dict(epochs=epochs, lr=lr, pretrained=bool(encoder), linear_probe=linear_probe, schedule=o['schedule'],
                  layer_decay=layer_decay, pct_start=pct_start, freeze_epochs=1 if freeze_epochs is None else freeze_epochs)
-    if is_seg:
-        return _finetune_seg(Path(out), o, train)
-    _check_cls_data(medmnist, root, nodules)  # before the output folder is made
-    return _finetune_cls(check_out(out), o, train)
+    if not is_seg:
+        _check_cls_data(medmnist, root, nodules)  # before the output folder is made
+    with run_folder(out) as out:  # made, locked for the run, removed again if the run fails before writing in it
+        return (_finetune_seg if is_seg else _finetune_cls)(out, o, train)
 
 
 def evaluate(classifier, *, out='dagman_cls', split: str = 'test', medmnist: str | None = None, root=None,

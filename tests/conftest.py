@@ -107,7 +107,7 @@ def pytest_configure(config):
         # OpenMP's waiting threads spin against each other, and the suite takes twice as long
         torch.set_num_threads(1)
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
-    config.addinivalue_line('markers', 'slow: an end-to-end test of a minute or more (several processes, a whole run); the test command of the README leaves them out, CI runs them: `pytest -m slow`')
+    config.addinivalue_line('markers', 'slow: an end-to-end test of ten seconds or more (several processes, a whole run); the test command of the README leaves them out, CI runs them: `pytest -m slow -n 2`')
     config.addinivalue_line('markers', 'shared: needs the real data in ../shared/data (skips with a reason without it)')
 
 

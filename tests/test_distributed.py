@@ -69,7 +69,7 @@ def test_each_rank_counts_the_batches_of_its_own_share(n, bs, drop_last, expecte
 # ---------------------------------------------------------------- the equivalence of one step
 
 
-@pytest.fixture(scope='session')  # the tests using it share one xdist group, hence one worker: one run per session
+@pytest.fixture(scope='session')  # one run per session (per worker under xdist)
 def one_step(tmp_path_factory):
     "One DAGMaN step: one process with a batch of 8, and 2 gloo processes with 4 each (the same samples and draws)."
     tmp = tmp_path_factory.mktemp('step')
@@ -79,7 +79,6 @@ def one_step(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_two_processes_of_batch_b_step_like_one_process_of_batch_2b(one_step):
     single, (r0, r1) = one_step
     assert single['world'] == 1 and r0['world'] == 2
@@ -98,7 +97,6 @@ def test_two_processes_of_batch_b_step_like_one_process_of_batch_2b(one_step):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_the_teacher_and_everything_else_are_identical_on_every_rank(one_step):
     _, (r0, r1) = one_step
     for k in r0['after']:
@@ -106,7 +104,6 @@ def test_the_teacher_and_everything_else_are_identical_on_every_rank(one_step):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group('one_step')  # one worker runs the module's one_step once (`--dist loadgroup`)
 def test_without_the_centre_all_reduce_the_step_differs(one_step, tmp_path):
     "Negative control: each rank centring with its own batch mean (what the all-reduce prevents) is caught."
     single, _ = one_step
@@ -192,7 +189,7 @@ def scans(tmp_path_factory) -> Path:
 def test_torchrun_run_from_a_preprocessed_cache_killed_and_resumed_logs_what_an_uninterrupted_run_logs(scans, tmp_path):
     "One test for three runs (each start of torchrun costs seconds): uninterrupted, then killed and resumed."
     cache, tmp, full, part = tmp_path / 'cache', tmp_path / 'tmp', tmp_path / 'full', tmp_path / 'part'
-    args = [*PRETRAIN, '--data', scans, '--on-error', 'skip', '--epochs', '4']
+    args = [*PRETRAIN, '--data', scans, '--on-error', 'skip', '--epochs', '3']
     tmp.mkdir()  # the uninterrupted run: the ranks share the preprocessing into one temporary cache, removed after
     res = torchrun(*args, '--out', full, env={**ENV, 'TMPDIR': str(tmp)})
     assert not list(tmp.glob('dagman_ct_cache_*'))
@@ -200,10 +197,10 @@ def test_torchrun_run_from_a_preprocessed_cache_killed_and_resumed_logs_what_an_
     assert 'weights identical on all 2 processes' in res.stdout
     assert 'broken.nii.gz' in res.stdout + res.stderr  # the skipped scan is reported
     rows = _log(full)
-    assert [r['epoch'] for r in rows] == ['0', '1', '2', '3']  # one log, one row per epoch (not one per rank)
-    # 6 scans, 2 ranks, batch 1: 3 steps per epoch on each rank, so the global step is 12 after 4 epochs
+    assert [r['epoch'] for r in rows] == ['0', '1', '2']  # one log, one row per epoch (not one per rank)
+    # 6 scans, 2 ranks, batch 1: 3 steps per epoch on each rank, so the global step is 9 after 3 epochs
     ck = load_checkpoint(full / 'models' / 'checkpoint.pth')
-    assert int(ck['model']['step']) == 12 and ck['world_size'] == 2 and len(ck['rng_ranks']) == 2
+    assert int(ck['model']['step']) == 9 and ck['world_size'] == 2 and len(ck['rng_ranks']) == 2
     assert json.loads((full / 'config.json').read_text())['run'] == dict(world_size=2, batch_size_per_process=1,
                                                                           batch_size=2, replicas_identical=True)
     enc = load_encoder(full / 'encoder.pth')
@@ -219,12 +216,12 @@ def test_torchrun_run_from_a_preprocessed_cache_killed_and_resumed_logs_what_an_
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            *map(str, args), '--out', str(part)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, start_new_session=True)
-    kill_after(proc, part, group=True)  # the launcher and both workers at once, as a cluster's scheduler does
+    kill_after(proc, part, rows=1, group=True)  # the launcher and both workers at once, as a cluster's scheduler does
     done = torchrun(*args, '--out', part, '--resume')
     assert 'resuming from' in done.stdout
     # no rank preprocessed anything: the cache is as `dagman preprocess` left it
     assert {p: p.stat().st_mtime_ns for p in cache.rglob('*.pt')} == cached
-    assert_same_logs(_log(full), _log(part), 4)
+    assert_same_logs(_log(full), _log(part), 3)
     ea, eb = torch.load(full / 'encoder.pth', weights_only=True), torch.load(part / 'encoder.pth', weights_only=True)
     for k in ea['state_dict']:
         torch.testing.assert_close(ea['state_dict'][k], eb['state_dict'][k], rtol=1e-5, atol=1e-6, msg=k)
