@@ -521,7 +521,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                            'dagman_fast.monai_interop.to_monai': ( 'monai_interop.html#to_monai',
                                                                                    'dagman_fast/monai_interop.py')},
             'dagman_fast.preprocess': { 'dagman_fast.preprocess._index_row': ('preprocess.html#_index_row', 'dagman_fast/preprocess.py'),
-                                        'dagman_fast.preprocess._lock': ('preprocess.html#_lock', 'dagman_fast/preprocess.py'),
                                         'dagman_fast.preprocess._pool_rows': ('preprocess.html#_pool_rows', 'dagman_fast/preprocess.py'),
                                         'dagman_fast.preprocess._preprocess_one': ( 'preprocess.html#_preprocess_one',
                                                                                     'dagman_fast/preprocess.py'),

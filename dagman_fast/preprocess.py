@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .core import HU_WINDOW, SPACING, as_triple
+from .core import HU_WINDOW, SPACING, FolderLock, as_triple
 from .data import (INDEX_COLUMNS, INDEX_FILE, JOURNAL_FILE, CTPreprocess, cache_file_name, ct_preprocess,
                               failure_reason, file_stamp, find_ct_scans, read_index_rows, sizes_text)
 
@@ -147,21 +147,6 @@ def _write_index(folder: Path, rows) -> Path:
     return path
 
 
-def _lock(folder: Path):
-    "An exclusive lock on the cache folder for one preprocess run; two runs would interleave their journals."
-    try:
-        import fcntl
-    except ImportError:  # not on Windows: no lock there
-        return None
-    f = open(folder / '.lock', 'w')
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise RuntimeError(f'{folder}: another preprocess run is filling this cache; wait for it to finish') from None
-    return f
-
-
 def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_WINDOW, workers: int = 1,
                      progress: bool = True) -> dict:
     """Fill the cache of `CTVolumes` (MONAI `PersistentDataset` files) for every scan of `source` ahead of training,
@@ -204,7 +189,7 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
                                     'with a path column)')
     folder = Path(cache_dir) / prep.key()
     (folder / '.tmp').mkdir(parents=True, exist_ok=True)
-    lock = _lock(folder)
+    lock = FolderLock(folder, f'{folder}: another preprocess run is filling this cache; wait for it to finish')
     try:
         shutil.rmtree(folder / '.tmp', ignore_errors=True)  # what killed workers left half-written
         (folder / '.tmp').mkdir()
@@ -259,8 +244,7 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
         index = _write_index(folder, [r for p, r in rows.items() if p not in ours] + [rows[p] for p in current])
         (folder / JOURNAL_FILE).unlink()
     finally:
-        if lock is not None:
-            lock.close()
+        lock.close()
     bad = [(p, rows[p]['reason']) for p in current if rows[p]['status'] == 'skipped']
     return dict(index=index, settings=settings, key=prep.key(), scans=len(current), ok=len(current) - len(bad),
                 skipped=bad, processed=len(jobs), reused=reused, computed=computed,

@@ -366,7 +366,8 @@ def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
         planned, done = ck.get('n_epoch'), ck['epoch'] + 1
     except Exception as e:
         raise RunError(f'--resume {ckpt}: not a readable checkpoint ({one_line(e)})', status=1) from None
-    if epochs is not None and planned is not None and epochs != planned and not (done >= planned < epochs):
+    extends = planned is not None and done >= planned and epochs is not None and epochs > planned  # a finished run
+    if epochs is not None and planned is not None and epochs != planned and not extends:
         raise RunError(f'--epochs {epochs}: the run in {ckpt} was started for {planned} epochs and has done {done}; '
                        f'its learning-rate schedule spans them: resume it without --epochs (or with --epochs '
                        f'{planned})')
@@ -562,8 +563,9 @@ def show_batch(data, *, crop: int = 128, spacing: float = SPACING, bs: int = 2, 
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    "One file under two names (a hard link, a symlink); False when either is missing."
     try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
+        return os.path.samefile(a, b)
     except OSError:
         return False
 

@@ -103,8 +103,8 @@ def shared_data():
 def pytest_configure(config):
     os = __import__('os')
     if os.environ.get('PYTEST_XDIST_WORKER'):
-        # under `-n 2`: one thread per worker and per process it starts (torchrun, the CLI): more threads than cores make
-        # OpenMP's waiting threads spin against each other, and the suite takes twice as long
+        # under `-n 2`: one thread per worker and per process it starts (torchrun, the CLI), so that two workers never
+        # run more threads than the machine has cores
         torch.set_num_threads(1)
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     config.addinivalue_line('markers', 'slow: an end-to-end test of ten seconds or more (several processes, a whole run); the test command of the README leaves them out, CI runs them: `pytest -m slow -n 2`')

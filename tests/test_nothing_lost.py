@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from test_hardening import run_cli, assert_one_line_error
+from test_hardening import assert_one_line_error, run_cli
 
 from dagman_fast.checkpoint import save_encoder
 from dagman_fast.core import FolderLock
@@ -127,3 +127,40 @@ def test_resume_continues_to_the_epochs_the_run_was_started_with(tmp_path, capsy
     assert 'at epoch 2' in printed
     assert torch.load(ckpt, weights_only=True)['n_epoch'] == 4
     assert (out / 'pretrain_log.csv').read_text().count('\n') == 5  # the header and the epochs 0 to 3
+
+
+# ---------------------------------------------------------------- the folder of a run, directly
+
+
+def test_run_folder_removes_the_folder_it_made_only_when_nothing_was_written(tmp_path):
+    from dagman_fast.core import RunError
+    from dagman_fast.recipes import run_folder
+    with pytest.raises(RunError, match='boom'):
+        with run_folder(tmp_path / 'empty') as out:
+            assert out.is_dir()  # made before the run reads anything
+            raise RunError('boom')
+    assert not (tmp_path / 'empty').exists()
+    with pytest.raises(RunError, match='boom'):
+        with run_folder(tmp_path / 'written') as out:
+            (out / 'config.json').write_text('{}')
+            raise RunError('boom')
+    assert (tmp_path / 'written' / 'config.json').read_text() == '{}'  # what a failed run wrote is kept
+    (tmp_path / 'theirs').mkdir()
+    with pytest.raises(RunError, match='boom'):
+        with run_folder(tmp_path / 'theirs'):
+            raise RunError('boom')
+    assert (tmp_path / 'theirs').is_dir()  # a folder the user made is never removed
+
+
+def test_preprocess_refuses_a_cache_another_preprocess_is_filling(tmp_path, capsys):
+    from dagman_fast.data import synthetic_ct
+    from dagman_fast.preprocess import preprocess_scans
+    synthetic_ct(tmp_path / 'scans', n=1, size=32, seed=0)
+    first = preprocess_scans(tmp_path / 'scans', tmp_path / 'cache', crop=32, progress=False)
+    folder = tmp_path / 'cache' / first['key']
+    with FolderLock(folder, 'held by the test'):  # what a running `dagman preprocess` holds
+        rc, _, err = run_cli(capsys, 'preprocess', str(tmp_path / 'scans'), '--cache-dir', str(tmp_path / 'cache'),
+                             '--crop', '32', '--workers', '1')
+    assert rc == 1
+    assert_one_line_error(err, 'another preprocess run is filling this cache')
+    assert not (folder / '.lock').exists()  # the lock leaves no file in the cache
