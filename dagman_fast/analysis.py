@@ -18,7 +18,7 @@ from fastai.callback.core import Callback
 
 from .callbacks import PretrainLog
 from .callback_base import before, unwrap
-from .core import HU_WINDOW, as_triple
+from .core import HU_WINDOW, as_triple, atomic_path, write_text_atomic
 from .data import ct_preprocess, label_groups
 from .checkpoint import resolve_encoder
 from .classify import CLASSIFIER_FORMAT, ClsModel, load_classifier
@@ -268,8 +268,8 @@ def _finish(fig, path=None):
     "Lay out `fig`; save it as a PNG to `path` (its folder made), when given. Returns `fig`."
     fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:  # never through a link planted at path
+            fig.savefig(tmp, dpi=100)
     return fig
 
 
@@ -431,7 +431,7 @@ def cluster_report(encoder, images: torch.Tensor, labels, names=None, path=None,
         emb = umap.UMAP(n_neighbors=min(15, len(y) - 1), random_state=seed, n_jobs=1).fit_transform(z.numpy())
         _scatter(emb, y, names, Path(path) / 'clusters.png', title or 'UMAP of pooled features', rep)
         Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / 'clusters.json').write_text(json.dumps(rep, indent=1) + '\n')
+        write_text_atomic(Path(path) / 'clusters.json', json.dumps(rep, indent=1) + '\n')
     return rep
 
 

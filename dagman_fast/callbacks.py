@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +17,7 @@ from fastai.callback.training import GradientClip
 from fastai.learner import Recorder
 
 from .callback_base import DAGMaNCallback, after, before, in_lr_find, skip_to_epoch, step_timer
-from .core import ema_cosine
+from .core import atomic_path, ema_cosine
 from .distributed import all_mean, rank
 from .losses import cls_attention_dissimilarity
 from .masking import patch_dropout_mask
@@ -332,10 +331,7 @@ def _write_csv(path: Path, rows: list) -> None:
     if not rows:
         return
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(r.get(k) not in ('', None) for r in rows)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w', newline='') as f:
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, keys, extrasaction='ignore')  # columns only with values
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)

@@ -25,7 +25,7 @@ from fastcore.foundation import L
 
 from . import __version__
 from .callback_base import DAGMaNCallback, after, in_lr_find, unwrap
-from .core import strip_prefixes
+from .core import signals_deferred, strip_prefixes, write_text_atomic
 from .distributed import gather_objects, rank, reseed_per_rank, world_size
 from .encoder_configs import SwinConfig, ViTConfig, encoder_config_from_dict
 from .model import DAGMaNModel
@@ -47,8 +47,13 @@ LOW_SPACE = 256 * 2 ** 20  # a failed write with less free space than this is re
 def atomic_save(obj, path) -> Path:
     """`torch.save` to a temporary file beside `path`, flushed to disk, then renamed over `path`: a failed or killed
     write leaves the previous file as it was. A full disk raises `OSError(ENOSPC)` saying "no space left on
-    FOLDER" (PyTorch itself reports it as "unexpected pos" from its zip writer)."""
-    path = Path(path)
+    FOLDER" (PyTorch itself reports it as "unexpected pos" from its zip writer). SIGINT and SIGTERM wait until the
+    file is whole (`signals_deferred`)."""
+    with signals_deferred():
+        return _atomic_save(obj, Path(path))
+
+
+def _atomic_save(obj, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     umask = os.umask(0)
@@ -396,9 +401,7 @@ def save_encoder(encoder: SwinEncoder | ViTEncoder, path, sidecar: bool = True) 
     sd = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
     atomic_save(dict(format=ENCODER_FORMAT, version=__version__, config=cfg, state_dict=sd), path)
     if sidecar:
-        tmp = path.with_name(path.with_suffix('.json').name + '.tmp')
-        tmp.write_text(json.dumps(cfg, indent=1) + '\n')
-        os.replace(tmp, path.with_suffix('.json'))
+        write_text_atomic(path.with_suffix('.json'), json.dumps(cfg, indent=1) + '\n')
     return path
 
 # %% ../nbs/04c_checkpoint.ipynb #b6a3058d

@@ -21,18 +21,18 @@ from fastai.optimizer import Adam
 
 from .checkpoint import load_model, resolve_encoder, save_model
 from .callback_base import unwrap
-from .core import NODULE_HU_WINDOW, check_option, check_ratio
+from .core import NODULE_HU_WINDOW, atomic_path, check_option, check_ratio
 from .data import medmnist_file
 from .distributed import all_sum, rank, world_size
 from .learner import FineTuneLearner
 from .swin import ViTEncoder, encoder_groups, pad_to_encoder, set_drop_path
 
 # %% auto #0
-__all__ = ['NODULE_LABEL_RULES', 'POOLS', 'CLASSIFIER_FORMAT', 'medmnist3d_dls', 'nodule_labels', 'nodule_crops_dls',
-           'sensitivity', 'specificity', 'auc_score', 'cls_metrics', 'FeatureNorm', 'FeatureStats', 'ClsModel',
-           'cls_splitter', 'balanced_class_weights', 'cls_augment', 'BatchAugment3D', 'Augment3D', 'cls_learner',
-           'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize', 'evaluate_classifier', 'plot_roc',
-           'save_classifier', 'load_classifier']
+__all__ = ['MEDMNIST3D_CLASSES', 'NODULE_LABEL_RULES', 'POOLS', 'CLASSIFIER_FORMAT', 'medmnist3d_dls', 'check_class_labels',
+           'nodule_labels', 'nodule_crops_dls', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics', 'FeatureNorm',
+           'FeatureStats', 'ClsModel', 'cls_splitter', 'balanced_class_weights', 'cls_augment', 'BatchAugment3D',
+           'Augment3D', 'cls_learner', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',
+           'evaluate_classifier', 'plot_roc', 'save_classifier', 'load_classifier']
 
 # %% ../nbs/06_classify.ipynb #13047394
 def _labelled_dls(splits: dict, bs: int, num_workers: int, classes: int):
@@ -60,12 +60,38 @@ def medmnist3d_dls(flag: str, root, size: int = 28, bs: int = 32, download: bool
         download: let the `medmnist` package fetch a missing file (needs network access).
     """
     path = medmnist_file(flag, root, size, download)
+    classes = MEDMNIST3D_CLASSES[flag]
+    splits = {}
     with np.load(path) as f:
-        splits = {ours: (torch.from_numpy(f[f'{theirs}_images'].astype(np.float32) / 255.0)[:, None],
-                         torch.from_numpy(f[f'{theirs}_labels'].astype(np.int64)).flatten())
-                  for ours, theirs in (('train', 'train'), ('valid', 'val'), ('test', 'test'))}
-    classes = int(max(int(v[1].max()) for v in splits.values())) + 1
+        for ours, theirs in (('train', 'train'), ('valid', 'val'), ('test', 'test')):
+            y = check_class_labels(f[f'{theirs}_labels'], classes, f'{path}: {theirs}_labels', f'{flag} has {classes} '
+                                   "classes (MedMNIST's metadata)")
+            splits[ours] = torch.from_numpy(f[f'{theirs}_images'].astype(np.float32) / 255.0)[:, None], y
     return _labelled_dls(splits, bs, num_workers, classes)
+
+
+# The number of classes of each MedMNIST v2 3-D task (its metadata, `medmnist.INFO[flag]['label']`): labels are
+# checked against it, so that one stray value never makes a larger head silently.
+MEDMNIST3D_CLASSES = {'organmnist3d': 11, 'nodulemnist3d': 2, 'adrenalmnist3d': 2, 'fracturemnist3d': 3,
+                      'vesselmnist3d': 2, 'synapsemnist3d': 2}
+
+
+def check_class_labels(labels, classes: int, where: str, why: str = '') -> torch.Tensor:
+    """`labels` (one per sample, shape `(n,)` or `(n, 1)`) as a long tensor after checking each is a class index
+    `0 .. classes-1`: a NaN, negative, fractional or stray value is an error naming `where` (the file and split), the
+    index and the value."""
+    y = np.asarray(labels)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(f'{where}: expected one label per sample; got shape {y.shape}')
+    yf = y.astype(np.float64)
+    bad = ~np.isfinite(yf) | (yf < 0) | (yf >= classes) | (yf != np.round(yf))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f'{where}[{i}] is {y[i]}: expected a class 0 to {classes - 1}{f" ({why})" if why else ""}'
+                         f'{f"; {int(bad.sum())} such labels" if bad.sum() > 1 else ""}')
+    return torch.from_numpy(yf.astype(np.int64))
 
 
 NODULE_LABEL_RULES = ('paper', 'drop-indeterminate')
@@ -563,7 +589,12 @@ def evaluate_classifier(model: ClsModel, dl) -> tuple[dict, np.ndarray, np.ndarr
     model.eval()
     device = next(model.parameters()).device
     probs, labels = [], []
+    trained = getattr(model, 'data', {}).get('size')  # the input size a saved classifier was fine-tuned on
     for x, y in dl:
+        if trained and tuple(x.shape[-3:]) != (int(trained),) * 3:
+            raise ValueError(f'the classifier was fine-tuned on {trained}^3 images; these are '
+                             f'{"x".join(map(str, x.shape[-3:]))}: its scores would mean nothing (evaluate on data of '
+                             f'its size: --size {trained})')
         probs.append(F.softmax(model(x.to(device)).float(), -1).cpu())
         labels.append(y.cpu())
     p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
@@ -588,7 +619,8 @@ def plot_roc(probs: np.ndarray, labels: np.ndarray, path=None, title: str = 'ROC
     ax.legend(loc='lower right', fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:  # never through a link planted at path
+            fig.savefig(tmp, dpi=100)
     return fig
 
 

@@ -9,8 +9,10 @@ import argparse
 import errno
 import importlib
 import os
+import signal
 import sys
 import warnings
+from pathlib import Path
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
@@ -22,7 +24,7 @@ __all__ = ['SUBCOMMANDS', 'build_parser', 'main']
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=DeprecationWarning)
 
 # %% ../nbs/08_cli.ipynb #913e9d32
-from .core import HU_WINDOW, SPACING, RunError
+from .core import HU_WINDOW, SPACING, RunError, Stopped, stop_on_signals
 
 # %% ../nbs/08_cli.ipynb #390679e2
 _HU_TEXT = f'{HU_WINDOW[0]:g} {HU_WINDOW[1]:g}'  # the default HU window as the options take it
@@ -142,7 +144,7 @@ def _pretrain_parser(sub) -> None:
                    help='instead of --data: the unlabelled training images of a MedMNIST 3-D set (with --root)')
     s.add_argument('--root', default=None, help='folder of the MedMNIST .npz files')
     s.add_argument('--size', type=int, choices=[28, 64], default=None, help='MedMNIST image size, 28 (default) or 64')
-    s.add_argument('--method', choices=list(METHODS), default='dagman', metavar='NAME',
+    s.add_argument('--method', choices=list(METHODS), default=None, metavar='NAME',
                    help="the method: dagman (default, the paper's), a baseline or an ablation on the same engine "
                         '(listed below)')
     s.add_argument('--preset', choices=list(PRESETS), default=None,
@@ -155,25 +157,26 @@ def _pretrain_parser(sub) -> None:
                    help='crop size (default 128 on CUDA with data, 32 for the demo and MedMNIST 28^3, else 64)')
     s.add_argument('--bs', type=_int_min(1), default=None,
                    help='batch size in volumes, two views each (default 2; 8 for the demo, 32 with --medmnist)')
-    s.add_argument('--lr', type=_float_range(0), default=5e-4, help='peak learning rate (default 5e-4)')
+    s.add_argument('--lr', type=_float_range(0), default=None, help='peak learning rate (default 5e-4)')
     s.add_argument('--warmup', type=_float_range(0, lo_open=False), default=None,
                    help="epochs of linear learning-rate warm-up before the cosine decay (default: 10%% of --epochs, the "
                         "paper's 80 of 800)")
     s.add_argument('--out', default='dagman_run', help='output folder (default dagman_run)')
     s.add_argument('--resume', nargs='?', const='last', default=None,
-                   help='continue from a checkpoint (default: OUT/models/checkpoint.pth)')
+                   help='continue from a checkpoint (default: OUT/models/checkpoint.pth): the run OUT/config.json '
+                        'records, with its settings and data; a different value given is an error')
     s.add_argument('--save-every', type=_int_min(1), default=1, help='write the checkpoint every N epochs (default 1)')
-    s.add_argument('--spacing', type=_float_range(0), default=SPACING, help='voxel size in mm (default %(default)g)')
+    s.add_argument('--spacing', type=_float_range(0), default=None, help=f'voxel size in mm (default {SPACING:g})')
     s.add_argument('--cache-dir', default=None, help='where preprocessed volumes are cached (default: temporary)')
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
-    s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=0.0,
-                   help='share of scans held out for a validation loss')
+    s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=None,
+                   help='share of scans held out for a validation loss (default 0)')
     s.add_argument('--workers', type=_int_min(0), default=0, help='DataLoader worker processes (default 0)')
     s.add_argument('--crops-per-scan', type=_int_min(1), default=None, metavar='N',
                    help='random crops of each scan per epoch (default 1; 40 in the demo on its two scans)')
     s.add_argument('--synthetic', type=_int_min(1), default=None, metavar='N',
                    help='the demo on N synthetic volumes instead of the two shipped CTs (when no --data)')
-    s.add_argument('--seed', type=int, default=0,
+    s.add_argument('--seed', type=int, default=None,
                    help='seed of the weights, masks, crops and augmentation (default 0)')
     s.add_argument('--set', action='append', metavar='KEY=VALUE',
                    help='a DAGMaNConfig field, e.g. --set mask_ratio=0.6 --set patch_drop=0.2, or an encoder field '
@@ -363,6 +366,14 @@ def _where() -> str:
     return f'[rank {r}] ' if r else ''
 
 
+def _resume_hint(args) -> str:
+    "What a stopped `dagman pretrain` left: its last checkpoint, whole, and the command that resumes from it."
+    ckpt = Path(getattr(args, 'out', '') or '.') / 'models' / 'checkpoint.pth'
+    if args.func[1] != 'pretrain' or _rank() != 0 or not ckpt.is_file():
+        return ''
+    return f'; the last checkpoint {ckpt} is whole: resume with dagman pretrain --out {args.out} --resume'
+
+
 def _call(args) -> int:
     "The library call of the parsed `args`: its return code (`pretrain`'s), else 0."
     mod, name = args.func
@@ -383,8 +394,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = _debug(args)
     plain_progress()  # in a log file: fastai's table of epochs without the bars
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    stop_on_signals()  # SIGTERM and SIGINT end in one line, after the cleanup (temporary caches) has run
     try:
         return _call(args)
+    except Stopped as e:
+        if debug:
+            raise
+        print(f'dagman: {_where()}stopped by {e}{_resume_hint(args)}', file=sys.stderr)
+        return 128 + e.signum
     except RunError as e:  # the arguments: the same on every rank of a data-parallel run, so said once
         if debug:
             raise
@@ -407,6 +425,10 @@ def main(argv=None) -> int:
         print(f'dagman: error: {_where()}{type(e).__name__}: {one_line(e)} (an internal error: run again with --debug '
               'or DAGMAN_DEBUG=1 for the traceback, and report it)', file=sys.stderr)
         return 1
+    finally:  # a caller in Python (a test, a notebook) gets its own handlers back
+        if signal.getsignal(signal.SIGINT) is not handlers[0]:  # (they were changed only in the main thread)
+            signal.signal(signal.SIGINT, handlers[0])
+            signal.signal(signal.SIGTERM, handlers[1])
 
 # %% ../nbs/08_cli.ipynb #aaf9b669
 if __name__ == '__main__':  # `python -m dagman_fast.cli`

@@ -8,11 +8,16 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Sequence
 
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
-           'check_ratio', 'RunError', 'FolderLock', 'parse_span', 'span_steps', 'ema_cosine']
+           'check_ratio', 'RunError', 'FolderLock', 'atomic_path', 'write_text_atomic', 'Stopped', 'stop_on_signals',
+           'signals_deferred', 'parse_span', 'span_steps', 'ema_cosine']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -117,6 +122,82 @@ class FolderLock:
     __del__ = close
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
+
+# %% ../nbs/00_core.ipynb #3116b953
+@contextmanager
+def atomic_path(path):
+    """A temporary name beside `path` (with its suffixes, `.nii.gz` too, so writers that go by them still work) for
+    the block to write to; renamed over `path` when the block ends, removed when it fails. A reader never sees half a
+    file, and a link planted at `path` is replaced, not written through: no write follows it out of its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.name.split('.')[0]
+    fd, tmp = tempfile.mkstemp(prefix=f'.{stem}.', suffix=f'.tmp{path.name[len(stem):]}', dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600): give it the permissions of a new file
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    "`Path.write_text` through `atomic_path`: whole or not at all, never through a link."
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding='utf-8')
+    return Path(path)
+
+# %% ../nbs/00_core.ipynb #9bc9d477
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT as an exception (`stop_on_signals`): `finally` blocks and exit handlers run, so temporary
+    caches are removed, and the command ends in one line. A `KeyboardInterrupt`, so `except Exception` lets it pass."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise `Stopped` in this process (Python's default for SIGTERM ends the process at once, with
+    no cleanup). A forked child (a DataLoader worker) that inherits the handler dies as it would have. Handlers belong
+    to the main thread: called from another, it does nothing."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+    main = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != main:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Stopped(signum)
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, stop)
+
+
+@contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM held back while the block runs (a checkpoint being written) and delivered, to the handlers
+    there were before, when it ends: a stop never leaves half a file, nor turns into the writer's own error (PyTorch's
+    zip writer says "unexpected pos"). Handlers belong to the main thread: elsewhere the block runs as it is."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending, kinds = [], (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in kinds}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        if pending:
+            signal.raise_signal(pending[0])  # now the handler of before: `Stopped`, KeyboardInterrupt or the end
 
 # %% ../nbs/00_core.ipynb #220c1d38
 SPAN_HELP = "epochs (a number), a share of the run ('10%') or steps ('300 steps')"

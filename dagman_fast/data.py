@@ -24,13 +24,14 @@ import torch
 from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
-from .core import HU_WINDOW, SPACING, as_triple, check_option, check_ratio
+from .core import HU_WINDOW, SPACING, as_triple, atomic_path, check_option, check_ratio
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'find_ct_scans',
-           'synthetic_ct', 'demo_ct_scans', 'CTPreprocess', 'label_groups', 'sizes_text', 'file_stamp',
-           'failure_reason', 'read_index_rows', 'cache_file_name', 'CTVolumes', 'TwoViews', 'ct_preprocess',
-           'split_indices', 'ct_ssl_dls', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
+__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'NOT_CT_BELOW', 'MAX_RESAMPLED_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE',
+           'JOURNAL_FILE', 'MEDMNIST3D', 'find_ct_scans', 'synthetic_ct', 'demo_ct_scans', 'CTPreprocess',
+           'label_groups', 'sizes_text', 'file_stamp', 'failure_reason', 'read_index_rows', 'cache_file_name',
+           'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess', 'split_indices', 'ct_ssl_dls', 'show_batch_3d',
+           'medmnist_file', 'medmnist3d_ssl_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
@@ -153,7 +154,8 @@ def synthetic_ct(folder, n: int = 8, size=96, spacing: float = 2.0, seed: int = 
                                       noise_max=0.0, random_state=rs)
         hu = np.where(body, -50 + 250 * img, -1000.0) + 20 * rs.standard_normal((d, h, w))
         p = folder / f'synthetic_{i:03d}.nii.gz'
-        nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([spacing, spacing, spacing, 1.0])), p)
+        with atomic_path(p) as tmp:
+            nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([spacing, spacing, spacing, 1.0])), tmp)
         paths.append(p)
     return paths
 
@@ -215,14 +217,17 @@ class CTPreprocess:
         keys = ['image'] if label_values is None else ['image', 'label']
         ras = (('L', 'R'), ('P', 'A'), ('I', 'S'))
         return T.Compose([
-            _CheckDicomFolder('image'),
+            _CheckScanFile(keys),
             _load_image(keys),
             _CheckVolume('image'),
+            _CheckCT('image'),
             _SourceInfo('image'),
-            *([] if label_values is None else [_CheckPair(keys), _SelectLabels('label', label_values)]),
+            *([] if label_values is None else [_LabelOnImageGrid(keys), _SelectLabels('label', label_values)]),
             T.Orientationd(keys, axcodes=self.orientation, labels=ras),
             T.ThresholdIntensityd('image', threshold=self.air_hu, above=True, cval=self.air_hu),
+            _CheckResampledSize('image', self.spacing),
             T.Spacingd(keys, pixdim=self.spacing, mode=['bilinear', 'nearest'][:len(keys)]),
+            _CheckFinite('image', f'after resampling to {sizes_text(map(float, self.spacing))} mm'),
             T.ScaleIntensityRanged('image', a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
             _CheckWindowed('image', self.hu_range),
             T.CropForegroundd(keys, source_key='image', select_fn=_positive, allow_smaller=True),
@@ -280,17 +285,35 @@ class _SelectLabels(MapTransform):
         return d
 
 
-class _CheckPair(MapTransform):
-    "Image and label map must share one voxel grid: a label map on another grid would train misaligned."
+class _LabelOnImageGrid(MapTransform):
+    """The label map on the image's voxel grid. Written in another axis order or direction (as tools that write NIfTI
+    from a DICOM series do), or on another grid over the same space, it is resampled to the image's grid with nearest
+    neighbours (MONAI's `ResampleToMatch`); one that does not overlap the image is refused, saying how far off it is."""
 
     def __call__(self, d: dict) -> dict:
+        from monai.transforms import ResampleToMatch
         img, lab = (d[k] for k in self.keys)
         src = getattr(lab, 'meta', {}).get('filename_or_obj', '?')
-        if tuple(img.shape[1:]) != tuple(lab.shape[1:]) or not torch.allclose(
-                torch.as_tensor(img.affine).double(), torch.as_tensor(lab.affine).double(), atol=1e-3):
-            raise ValueError(f'{src}: the label map is not on the image grid (shape {tuple(lab.shape[1:])} vs '
-                             f'{tuple(img.shape[1:])}, or another affine); resample it to the image first')
-        return d
+        a, b = (torch.as_tensor(x.affine).double() for x in (img, lab))
+        if tuple(img.shape[1:]) == tuple(lab.shape[1:]) and torch.allclose(a, b, atol=1e-3):
+            return d
+        lo_i, hi_i = _extent(a, img.shape[1:])
+        lo_l, hi_l = _extent(b, lab.shape[1:])
+        overlap = (torch.minimum(hi_i, hi_l) - torch.maximum(lo_i, lo_l)).clamp(min=0)
+        if bool((overlap <= 0).any()):
+            off = float(((lo_i + hi_i) / 2 - (lo_l + hi_l) / 2).norm())
+            raise ValueError(f'{src}: the label map does not overlap its image (their centres are {off:.0f} mm apart; '
+                             f'shape {tuple(lab.shape[1:])} vs {tuple(img.shape[1:])}): is it the label map of '
+                             'another scan?')
+        out = ResampleToMatch(mode='nearest')(lab, img_dst=img)
+        return {**d, self.keys[1]: out}
+
+
+def _extent(affine: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    "The box in mm (world coordinates, lowest and highest corner) that a grid of `shape` under `affine` covers."
+    corners = torch.cartesian_prod(*[torch.tensor([-0.5, n - 0.5], dtype=torch.float64) for n in shape])
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    return world.amin(0), world.amax(0)
 
 
 class _SourceInfo(MapTransform):
@@ -336,11 +359,12 @@ def _check_dicom_series(folder: Path) -> None:
     series are refused, and the slice positions (along the normal of the slice orientation) must be evenly spaced: a
     gap is a missing slice, which the volume readers would silently close up."""
     import pydicom
-    uids, pos = set(), []
+    uids, modalities, pos = set(), set(), []
     for f in sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)):
         try:
             ds = pydicom.dcmread(f, defer_size=1024)  # large values (the pixels) stay on disk
             uids.add(str(ds.SeriesInstanceUID))
+            modalities.add(str(ds.get('Modality', '')).strip().upper())
             raw = ds.get_item(0x7FE00010, keep_deferred=True)  # PixelData: its declared length and file offset
             if raw is None:
                 raise ValueError('no pixel data')
@@ -359,6 +383,8 @@ def _check_dicom_series(folder: Path) -> None:
             pos.append((float(np.cross(o[:3], o[3:]) @ np.asarray(ds.ImagePositionPatient, float)), f.name))
     if len(uids) > 1:
         raise ValueError(f'{folder}: the folder holds {len(uids)} DICOM series; put each series in its own folder')
+    if modalities - {'CT', ''}:
+        raise ValueError(f'{folder}: a DICOM series of modality {"/".join(sorted(modalities - {""}))}, not CT')
     if len(pos) >= 3:
         pos.sort()
         z = np.array([p for p, _ in pos])
@@ -376,14 +402,71 @@ def _check_dicom_series(folder: Path) -> None:
                              f'{round(steps[i] / step) - 1} slice(s) missing')
 
 
-class _CheckDicomFolder(MapTransform):
-    "Before loading: a DICOM series folder's slices (`_check_dicom_series`), so that a bad slice is named as such."
+def _singular(m) -> bool:
+    "A 3x3 voxel-to-mm matrix with a zero (or near zero, relative to its columns' lengths) determinant."
+    m = np.asarray(m, dtype=np.float64)
+    norms = np.linalg.norm(m, axis=0)
+    return bool(np.any(norms < 1e-3) or abs(np.linalg.det(m)) < 1e-6 * np.prod(norms))
+
+
+class _CheckScanFile(MapTransform):
+    """Before loading: a DICOM series folder's slices (`_check_dicom_series`), so that a bad slice is named as such; a
+    NIfTI file's header (`_check_nifti_header`), before its declared size is allocated; a NumPy file, which has no
+    voxel size, refused."""
 
     def __call__(self, d: dict) -> dict:
         for k in self.keys:
-            if Path(str(d[k])).is_dir():
-                _check_dicom_series(Path(str(d[k])))
+            p = Path(str(d[k]))
+            if p.is_dir():
+                _check_dicom_series(p)
+            elif _is_nifti(p):
+                _check_nifti_header(p)
+            elif p.name.lower().endswith(('.npy', '.npz')):
+                raise ValueError(f'{p}: a NumPy array has no voxel size (it would be read as 1 mm voxels); save it '
+                                 'as NIfTI with its affine: nibabel.save(nibabel.Nifti1Image(array, affine), PATH)')
         return d
+
+
+def _check_nifti_header(path: Path) -> None:
+    """A NIfTI header that would make a scan silently wrong or exhaust memory, refused naming the file: a voxel size
+    (pixdim) that is zero or not a number (nibabel then takes 1 mm), an sform that is not finite or is singular, and a
+    file shorter than the data its header declares (checked before the reader allocates it; for `.nii.gz` against the
+    uncompressed length the gzip trailer records). Read with nibabel's header class, unchecked: its checks would fix
+    the values this refuses."""
+    import gzip
+
+    import nibabel as nib
+    opener = gzip.open if path.name.lower().endswith('.gz') else open
+    try:
+        with opener(path, 'rb') as f:
+            raw = f.read(540)
+        two = int.from_bytes(raw[:4], 'little') in (540, int.from_bytes((540).to_bytes(4, 'big'), 'little'))
+        klass = nib.Nifti2Header if two else nib.Nifti1Header
+        hdr = klass(raw[:klass.sizeof_hdr], check=False)  # the byte order is read from sizeof_hdr
+        shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
+    except Exception:  # noqa: BLE001  not a readable NIfTI header: the loader says why, in its words
+        return
+    zooms = np.asarray(hdr['pixdim'][1:1 + min(3, len(shape))], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise ValueError(f'{path}: its voxel size (NIfTI pixdim {sizes_text(map(float, zooms))} mm) is zero or not a '
+                         'number, so the scan would be read as 1 mm voxels; write the voxel size into its header')
+    if int(hdr['sform_code']) > 0:
+        s = np.stack([np.asarray(hdr[f'srow_{a}'], dtype=np.float64) for a in 'xyz'])
+        bad = 'not finite' if not np.all(np.isfinite(s)) else 'singular' if _singular(s[:, :3]) else ''
+        if bad:
+            raise ValueError(f'{path}: its voxel-to-mm matrix (NIfTI sform) is {bad}, so the voxel size is unknown; '
+                             'write a valid affine into its header')
+    offset = max(int(hdr['vox_offset']), klass.sizeof_hdr + 4)  # the data follow the header and 4 extension bytes
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if opener is not open:  # gzip: the trailer holds the uncompressed length modulo 2^32
+        with open(path, 'rb') as f:
+            f.seek(max(size - 4, 0))
+            size = int.from_bytes(f.read(4), 'little') if need < 2 ** 32 else need
+    if size < need:
+        raise ValueError(f'{path}: its header declares {sizes_text(shape)} voxels of {dtype} ({need:,} bytes with the '
+                         f'header) but the file holds {size:,} bytes{" uncompressed" if opener is not open else ""}: '
+                         'truncated, or a wrong header')
 
 
 class _CheckVolume(MapTransform):
@@ -410,8 +493,90 @@ class _CheckVolume(MapTransform):
                              f'voxels); a scan needs at least {MIN_AXIS_VOXELS} voxels along each axis')
         if torch.isnan(torch.as_tensor(img)).any():
             raise ValueError(f'{src}: the volume has NaN voxels')
+        if torch.isinf(torch.as_tensor(img)).any():
+            raise ValueError(f'{src}: the volume has infinite voxels (an intensity scale, NIfTI scl_slope or DICOM '
+                             'RescaleSlope, too large for the values?)')
         if torch.as_tensor(img).amin() == torch.as_tensor(img).amax():
             raise ValueError(f'{src}: the volume has a single value everywhere ({float(img.flatten()[0])})')
+        a = np.asarray(torch.as_tensor(img.affine, dtype=torch.float64))[:3, :3]
+        if not np.all(np.isfinite(a)) or _singular(a):  # whatever the reader (DICOM too): a grid with no size
+            bad = 'not finite' if not np.all(np.isfinite(a)) else 'singular'
+            raise ValueError(f'{src}: its voxel-to-mm matrix is {bad} (voxel size {sizes_text(float(v) for v in np.linalg.norm(a, axis=0))} mm), so the voxel '
+                             'size is unknown; fix the header')
+
+
+NOT_CT_BELOW = -500.0  # HU: a CT holds air (about -1000 HU) around the body or in the lungs, so some voxel lies below
+
+
+class _CheckCT(MapTransform):
+    """Refuse what loads as a volume but is not a CT in Hounsfield units, which would otherwise train silently: a label
+    map or a mask (a few integer values, no air), intensities stored without the scanner's rescale (air near 0, 1024
+    above HU), an MR or PET volume (no air at -1000 HU). The reason says which. A DICOM series whose Modality is not
+    CT is refused before loading (`_check_dicom_series`)."""
+
+    def __call__(self, d: dict) -> dict:
+        for k in self.keys:
+            x = torch.as_tensor(d[k])
+            lo = float(x.amin())
+            if lo < NOT_CT_BELOW:
+                continue
+            src = getattr(d[k], 'meta', {}).get('filename_or_obj', '?')
+            step = max(1, round((x.numel() / 2e6) ** (1 / 3)))  # a 2-million-voxel sample is enough to count values
+            sample = x[0, ::step, ::step, ::step]
+            values = torch.unique(sample)
+            if -100 <= lo <= 100 and float(x.amax()) > 1000:
+                reason = (f'its lowest value is {lo:g}, where air would be -1000 HU: values about 1024 above HU '
+                          '(stored without the rescale intercept: DICOM RescaleIntercept, NIfTI scl_inter)?')
+            elif len(values) <= 256 and bool((values == values.round()).all()):
+                shown = ', '.join(f'{float(v):g}' for v in values[:6]) + (', ...' if len(values) > 6 else '')
+                reason = f'an integer map with {len(values)} values ({shown}): a label map or a mask?'
+            else:
+                reason = f'no voxel below {NOT_CT_BELOW:g} (lowest {lo:g}), while a CT holds air at about -1000 HU'
+            raise ValueError(f'{src}: not a CT in Hounsfield units: {reason}')
+        return d
+
+
+MAX_RESAMPLED_VOXELS = 2 ** 29  # 2 GiB as float32 (resampling holds a few copies): a header error, not a scan
+
+
+class _CheckResampledSize(MapTransform):
+    """Before resampling: the size the volume will have, refused above `MAX_RESAMPLED_VOXELS` with the memory it would
+    take (a 480 KB scan with 20 mm voxels would take 11.6 GB at 2 mm)."""
+
+    def __init__(self, keys, spacing):
+        super().__init__(keys)
+        self.spacing = spacing
+
+    def __call__(self, d: dict) -> dict:
+        from monai.data.utils import affine_to_spacing
+        for k in self.keys:
+            img = d[k]
+            now = affine_to_spacing(torch.as_tensor(img.affine), r=3)
+            size = [int(np.ceil(n * float(s) / t)) for n, s, t in zip(img.shape[1:], now, self.spacing)]
+            if int(np.prod(size, dtype=np.int64)) > MAX_RESAMPLED_VOXELS:
+                src = getattr(img, 'meta', {}).get('filename_or_obj', '?')
+                gib = np.prod(size, dtype=np.int64) * 4 / 2 ** 30
+                raise ValueError(f'{src}: resampled from {sizes_text(float(v) for v in now)} mm to '
+                                 f'{sizes_text(map(float, self.spacing))} mm it would be {sizes_text(size)} voxels '
+                                 f'({gib:.1f} GiB as float32, a few times that while resampling; the limit is '
+                                 f'{MAX_RESAMPLED_VOXELS:,} voxels): check the voxel size in its header')
+        return d
+
+
+class _CheckFinite(MapTransform):
+    "After a transform that can create NaN or infinity (resampling): a volume with any, refused naming the scan."
+
+    def __init__(self, keys, after: str):
+        super().__init__(keys)
+        self.after = after
+
+    def __call__(self, d: dict) -> dict:
+        for k in self.keys:
+            if not bool(torch.isfinite(torch.as_tensor(d[k])).all()):
+                src = getattr(d[k], 'meta', {}).get('filename_or_obj', '?')
+                raise ValueError(f'{src}: NaN or infinite voxels {self.after} (intensities too large to interpolate: '
+                                 'check its intensity scale, NIfTI scl_slope or DICOM RescaleSlope)')
+        return d
 
 # %% ../nbs/01_data.ipynb #5cfa9b3f
 def _positive(x):
@@ -420,10 +585,35 @@ def _positive(x):
 
 
 def file_stamp(p: Path) -> str:
-    "Size and modification time of a file, or of every file of a DICOM folder: an edited scan gets a new cache key."
+    """Size, modification time and a content fingerprint of a file, or of every file of a DICOM folder: an edited scan
+    gets a new cache key, even one edited to the same size with its modification time restored.
+
+    The fingerprint (BLAKE2b) reads little, so that a run over thousands of scans starts fast: of a file up to 1 MB,
+    all of it; of a larger one, its first and last 64 KB and 16 blocks of 4 KB spread evenly between them; of each
+    slice of a DICOM series, its last 4 KB (where the pixel data ends). What it covers: every edit of a `.nii.gz`
+    (gzip's trailer, a CRC of the whole content, is in the last bytes), a header change, an edit of an uncompressed
+    file that touches a sampled block. Not covered: an edit of an uncompressed `.nii` or a DICOM slice that keeps the
+    size and the modification time and misses every sampled byte; delete the cache entry (or touch the file) then."""
     files = sorted(f for f in p.iterdir() if f.is_file()) if p.is_dir() else [p]
     st = [f.stat() for f in files]
-    return f'{len(st)}-{sum(s.st_size for s in st)}-{max((s.st_mtime_ns for s in st), default=0)}'
+    h = hashlib.blake2b(digest_size=8)
+    for f, s in zip(files, st):
+        with open(f, 'rb') as fh:
+            for start, n in _sampled_blocks(s.st_size, dicom=p.is_dir()):
+                fh.seek(start)
+                h.update(fh.read(n))
+    return f'{len(st)}-{sum(s.st_size for s in st)}-{max((s.st_mtime_ns for s in st), default=0)}-{h.hexdigest()}'
+
+
+def _sampled_blocks(size: int, dicom: bool) -> list[tuple[int, int]]:
+    "The `(start, length)` blocks of a file of `size` bytes that `file_stamp` reads."
+    if dicom:
+        return [(max(size - 4096, 0), 4096)]
+    if size <= 2 ** 20:
+        return [(0, size)]
+    head = tail = 2 ** 16
+    inner = [head + (size - head - tail - 4096) * i // 15 for i in range(16)]
+    return [(0, head), *[(s, 4096) for s in inner], (size - tail, tail)]
 
 
 def _root_cause(e: BaseException) -> str:
@@ -464,6 +654,18 @@ def read_index_rows(folder: Path) -> dict[str, dict]:
 def cache_file_name(ds, item: dict) -> str:
     "The file `PersistentDataset` `ds` caches `item` in (MONAI's `_cachecheck` names it the same way)."
     return ds.hash_func(item).decode('utf-8') + getattr(ds, 'transform_hash', '') + '.pt'
+
+
+def cache_file_whole(path) -> bool:
+    """Whether the cache file `path` is whole: `torch.save` writes a zip archive, which ends with its end record (a
+    truncated copy does not). Reads 22 bytes. MONAI redoes a cache file it cannot unpickle, but a truncated one stops
+    with PyTorch's words about a "checkpoint", never naming the file."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(-22, os.SEEK_END)
+            return f.read(4) == b'PK\x05\x06'
+    except OSError:
+        return False
 
 
 class CTVolumes(Dataset):
@@ -510,13 +712,13 @@ class CTVolumes(Dataset):
             elif row['status'] == 'skipped':
                 self._bad(item['image'], f"{row['reason']} (listed as skipped in {self.cache_dir / INDEX_FILE})",
                           on_error)
-            elif row['cache'] == cache_file_name(self._ds, item) and (self.cache_dir / row['cache']).is_file():
+            elif row['cache'] == cache_file_name(self._ds, item) and cache_file_whole(self.cache_dir / row['cache']):
                 self.index.append(i)
             else:  # another item (a label map with it) or a removed cache file: verified as if not indexed
                 todo.append(i)
         for i in (progress_bar(todo, leave=False) if progress and todo else todo):
             try:
-                self._ds[i]
+                self._load(i)
             except Exception as e:
                 self._bad(items[i]['image'], failure_reason(items[i]['image'], e), on_error, e)
             else:
@@ -542,9 +744,18 @@ class CTVolumes(Dataset):
     def __len__(self):
         return len(self.index)
 
+    def _load(self, j: int) -> dict:
+        "Item `j` through the cache; a damaged cache file (`cache_file_whole`) is named, removed and made again."
+        item = self._ds.data[j]
+        path = self.cache_dir / cache_file_name(self._ds, item)
+        if path.is_file() and not cache_file_whole(path):
+            warnings.warn(f"{item['image']}: its cache file {path} is damaged (truncated); made again", stacklevel=3)
+            path.unlink(missing_ok=True)
+        return self._ds[j]
+
     def __getitem__(self, i) -> torch.Tensor:
         "`(1, d, h, w)` float in [0, 1], each side at least the crop."
-        return self._ds[self.index[i]]['image']
+        return self._load(self.index[i])['image']
 
 # %% ../nbs/01_data.ipynb #5957b740
 class TwoViews(Dataset):
@@ -743,7 +954,8 @@ def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None
         fig.suptitle(title)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:  # never through a link planted at path
+            fig.savefig(tmp, dpi=100)
     return fig
 
 # %% ../nbs/01_data.ipynb #6dd14e62

@@ -5,6 +5,7 @@
 # %% ../nbs/02b_encoder_configs.ipynb #3d8a78dc
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import ClassVar
 
@@ -12,7 +13,8 @@ from .core import as_triple, check_option, check_ratio
 from .kernels.window_attention import resolve_attn_impl
 
 # %% auto #0
-__all__ = ['MAX_BLOCKS', 'MAX_EMBED_DIM', 'PRESETS', 'SwinConfig', 'ViTConfig', 'encoder_config', 'encoder_config_from_dict']
+__all__ = ['MAX_BLOCKS', 'MAX_EMBED_DIM', 'MAX_TABLE_VALUES', 'PRESETS', 'SwinConfig', 'ViTConfig', 'encoder_config',
+           'encoder_config_from_dict']
 
 # %% ../nbs/02b_encoder_configs.ipynb #628b75f1
 def _as_json_tuple(v):
@@ -38,6 +40,17 @@ class _JSONConfig:
 
 MAX_BLOCKS = 256       # transformer blocks in one encoder: far above any published 3-D encoder (SMIT has 14)
 MAX_EMBED_DIM = 8192
+MAX_TABLE_VALUES = 2 ** 26  # 256 MB of float32 in one position embedding or bias table: a size typo, not a model
+
+
+def _check_table(name: str, field: str, value, shape: tuple[int, ...]) -> None:
+    "A parameter the config sizes (a position embedding, a bias table) within `MAX_TABLE_VALUES`, before it is made."
+    n = math.prod(shape)
+    if n > MAX_TABLE_VALUES:
+        raise ValueError(f'{name}.{field} {value!r}: the encoder would allocate a {" x ".join(map(str, shape))} table '
+                         f'({n * 4 / 2 ** 30:.1f} GiB as float32) before seeing any input; the limit is '
+                         f'{MAX_TABLE_VALUES:,} values. img_size is the crop the encoder trains on (128 in the paper): '
+                         'other input sizes are handled by resizing')
 
 
 def _check_sizes(cfg, **sizes) -> None:
@@ -142,6 +155,13 @@ class SwinConfig(_JSONConfig):
             raise ValueError(f'SA works on {self.embed_dim * 2 ** self.sa_stage} channels, not divisible by '
                              f'sa_num_heads={self.sa_num_heads}')
         object.__setattr__(self, 'use_checkpoint', _checkpoint_choice(self.use_checkpoint, len(self.depths)))
+        w = as_triple(self.window_size, 'window_size')
+        _check_table('SwinConfig', 'window_size', self.window_size,
+                     (math.prod(2 * x - 1 for x in w), max(self.num_heads)))  # the relative position bias table
+        if self.sa_stage is not None:  # the SA module's position embedding, on the grid after stage sa_stage
+            step = [p * 2 ** self.sa_stage for p in as_triple(self.patch_size, 'patch_size')]
+            grid = [max(1, s // p) for s, p in zip(as_triple(self.img_size, 'img_size'), step)]
+            _check_table('SwinConfig', 'img_size', self.img_size, (*grid, self.embed_dim * 2 ** self.sa_stage))
 
     @property
     def checkpoint_stages(self) -> tuple[int, ...]:
@@ -184,6 +204,8 @@ class ViTConfig(_JSONConfig):
             raise ValueError(f'embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}')
         if self.depth < 1:
             raise ValueError(f'depth must be at least 1; got {self.depth}')
+        grid = [s // p for s, p in zip(as_triple(self.img_size, 'img_size'), as_triple(self.patch_size, 'patch_size'))]
+        _check_table('ViTConfig', 'img_size', self.img_size, (*grid, self.embed_dim))  # the position embedding
         resolve_attn_impl(self.attn_impl)  # an unknown or not yet available path fails here
 
     @property

@@ -24,7 +24,7 @@ from fastcore.foundation import L
 from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, NoisyTeacher, PretrainLog
 from .checkpoint import DAGMaNCheckpoint, save_encoder
 from .callback_base import unwrap
-from .core import check_option
+from .core import atomic_path, check_option
 from .distributed import DistributedLearner, rank, world_size
 from .encoder_configs import ViTConfig, encoder_config
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
@@ -232,3 +232,10 @@ class _KeepBest(SaveModelCallback):
             self.best_epoch = self.epoch
             print(f'better model at epoch {self.epoch}: {self.monitor} {self.best:.4f} (kept)')
             self._save(self.fname)
+
+    def _save(self, name):
+        "fastai's `learn.save`, into a temporary file renamed over `models/NAME.pth`: whole, and never through a link."
+        if rank() != 0:
+            return  # fastai saves on the first process only
+        with atomic_path(self.learn.path / self.learn.model_dir / f'{name}.pth') as tmp:
+            self.learn.save(tmp.parent / tmp.name[:-len('.pth')], with_opt=self.with_opt)

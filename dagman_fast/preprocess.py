@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .core import HU_WINDOW, SPACING, FolderLock, as_triple
-from .data import (INDEX_COLUMNS, INDEX_FILE, JOURNAL_FILE, CTPreprocess, cache_file_name, ct_preprocess,
-                              failure_reason, file_stamp, find_ct_scans, read_index_rows, sizes_text)
+from .core import HU_WINDOW, SPACING, FolderLock, as_triple, atomic_path, write_text_atomic
+from .data import (INDEX_COLUMNS, INDEX_FILE, JOURNAL_FILE, CTPreprocess, cache_file_name, cache_file_whole,
+                              ct_preprocess, failure_reason, file_stamp, find_ct_scans, read_index_rows, sizes_text)
 
 # %% auto #0
 __all__ = ['read_ct_index', 'preprocess_scans']
@@ -57,6 +57,8 @@ def _preprocess_one(path: str, stamp: str) -> tuple[dict, bool]:
     item = {'image': path, 'stamp': stamp}  # the item `CTVolumes` makes: the same cache file
     ds = PersistentDataset([item], transform=_WORKER['transform'], cache_dir=_WORKER['cache_dir'])
     name = cache_file_name(ds, item)
+    if (_WORKER['cache_dir'] / name).is_file() and not cache_file_whole(_WORKER['cache_dir'] / name):
+        (_WORKER['cache_dir'] / name).unlink()  # truncated (a full disk, a copy cut short): made again
     computed = not (_WORKER['cache_dir'] / name).is_file()
     try:
         out = ds[0]
@@ -136,14 +138,13 @@ def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
 
 def _write_index(folder: Path, rows) -> Path:
     "Write the index atomically: a temporary file in the same folder, then `os.replace` (a reader never sees half)."
-    path, tmp = folder / INDEX_FILE, folder / f'.{INDEX_FILE}.tmp'
-    with open(tmp, 'w', newline='', encoding='utf-8') as f:
+    path = folder / INDEX_FILE
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='', encoding='utf-8') as f:
         w = csv.DictWriter(f, INDEX_COLUMNS, lineterminator='\n')
         w.writeheader()
         w.writerows(rows)
         f.flush()
         os.fsync(f.fileno())  # on disk before it replaces the old index
-    os.replace(tmp, path)
     return path
 
 
@@ -194,9 +195,7 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
         shutil.rmtree(folder / '.tmp', ignore_errors=True)  # what killed workers left half-written
         (folder / '.tmp').mkdir()
         settings = folder / 'settings.json'
-        tmp = folder / '.settings.json.tmp'
-        tmp.write_text(json.dumps(asdict(prep), indent=1) + '\n')
-        os.replace(tmp, settings)
+        write_text_atomic(settings, json.dumps(asdict(prep), indent=1) + '\n')
         with warnings.catch_warnings():  # the entries left out are indexed (and returned): no warning per entry
             warnings.simplefilter('ignore')
             found: list = []
@@ -218,14 +217,15 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
                 continue
             row = rows.get(path)
             if row is not None and row['stamp'] == stamp and (row['status'] == 'skipped'
-                                                              or (folder / row['cache']).is_file()):
-                continue
+                                                              or cache_file_whole(folder / row['cache'])):
+                continue  # done before (a truncated cache file is done again)
             if row is not None and row['cache']:
                 stale.add(row['cache'])  # the cache file of an older version of the scan
             jobs.append((path, stamp))
         current = list(dict.fromkeys(current))
         reused, computed = len(current) - len(jobs), 0
-        with open(folder / JOURNAL_FILE, 'w', newline='', encoding='utf-8') as journal:
+        (folder / JOURNAL_FILE).unlink(missing_ok=True)  # a new file, never one a link planted there points to
+        with open(folder / JOURNAL_FILE, 'x', newline='', encoding='utf-8') as journal:
             w = csv.DictWriter(journal, INDEX_COLUMNS, lineterminator='\n')
             w.writeheader()
             journal.flush()

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple
+from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple, write_text_atomic
 
 # %% auto #0
-__all__ = ['coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder', 'run_cache_dir', 'check_replicas',
+__all__ = ['RUN_ARGS', 'coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder', 'run_cache_dir', 'check_replicas',
            'end_distributed', 'require_tensorboard', 'add_tensorboard', 'finite', 'plain_progress', 'pretrain',
            'one_line', 'preprocess', 'show_batch', 'check_not_an_input', 'export']
 
@@ -127,11 +127,17 @@ def check_out(out, what: str = '--out') -> Path:
 @contextmanager
 def run_folder(out, what: str = '--out'):
     """The folder of one run: made now and checked writable (`check_out`), locked by rank 0 for the whole run (two runs
-    never write one folder), and removed again when the run fails before it wrote anything there."""
+    never write one folder), and removed again when the run fails before it wrote anything there. A folder inside it
+    that is a link is refused: a run's writes stay inside its folder (a file that is a link is replaced, not written
+    through: `atomic_path`)."""
     from dagman_fast.distributed import rank
     out = Path(out)
     made = not out.exists()
     check_out(out, what)
+    for entry in sorted(out.iterdir()):
+        if entry.is_symlink() and entry.is_dir():
+            raise RunError(f'{what} {out}: {entry.name} is a link to {os.readlink(entry)}; a run writes only inside its '
+                           f'folder: remove the link, or give another {what}', status=1)
     lock = FolderLock(out, f'{what} {out}: another dagman run is writing in this folder; wait for it to end, or give '
                       f'another {what}') if rank() == 0 else None
     try:
@@ -161,8 +167,10 @@ def run_cache_dir(cache_dir):
     tmp = broadcast_object(tempfile.mkdtemp(prefix='dagman_ct_cache_') if rank() == 0 else None)
     if rank() == 0:
         atexit.register(shutil.rmtree, tmp, True)
-        # torchrun stops the other processes with SIGTERM when one fails: exit normally, so the cache goes too
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        # torchrun stops the other processes with SIGTERM when one fails: exit normally, so the cache goes too (the
+        # `dagman` command has its own handler, `stop_on_signals`, with the same effect)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return tmp
 
 
@@ -354,6 +362,54 @@ def _checkpoint_to_resume(out: Path, resume) -> Path | None:
     return ckpt
 
 
+RUN_ARGS = ('method', 'preset', 'crop', 'bs', 'lr', 'warmup', 'spacing', 'seed', 'valid_pct', 'crops_per_scan', 'size',
+            'settings', 'data', 'medmnist', 'root', 'cache_dir', 'synthetic')  # what config.json records of a run
+
+
+def _plain_arg(v):
+    "An argument of `pretrain` as config.json holds it (paths as text)."
+    if isinstance(v, (list, tuple)):
+        return [_plain_arg(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain_arg(x) for k, x in v.items()}
+    return str(v) if isinstance(v, Path) else v
+
+
+def _args_of_run(ckpt: Path | None, given: dict, data: dict) -> dict:
+    """The arguments of a run: `given` and `data` as they are for a new run; for a resumed one those its folder's
+    `config.json` records wherever `given` has None, and a `RunError` naming both where it has another value. Data given
+    again is used as given (scans may have moved); no data given means the run's own. A folder written before
+    config.json recorded the arguments resumes with what is given."""
+    args = {**given, **data}
+    path = ckpt.parent.parent / 'config.json' if ckpt is not None and ckpt.parent.name == 'models' else None
+    try:
+        recorded = json.loads(path.read_text())['run']['args'] if path is not None and path.is_file() else None
+    except (ValueError, KeyError, TypeError, OSError):
+        recorded = None
+    if recorded is None:
+        return args
+    for k, v in given.items():
+        if v is None or k not in recorded:
+            args[k] = recorded.get(k, v)
+            continue
+        was = recorded[k]
+        if k == 'settings':
+            v = _plain_arg(v)
+            bad = {s: x for s, x in v.items() if s not in was or was[s] != x}
+            if bad:
+                s = next(iter(bad))
+                raise RunError(f'--set {s}={bad[s]}: the run in {path.parent} was started with '
+                               f'{f"--set {s}={was[s]}" if s in was else f"no --set {s}"}; resume it without it')
+            args[k] = was
+        elif _plain_arg(v) != was:
+            name = '--' + k.replace('_', '-')
+            raise RunError(f'{name} {v}: the run in {path.parent} was started with {name} {was}; resume it without '
+                           f'{name} (or with {name} {was})')
+    if not any(v for v in data.values()):  # no data given: the run's own (not the demo's)
+        args.update({k: recorded.get(k) for k in data})
+    return args
+
+
 def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
     """The epochs of the run: `epochs` (10 when None), or those the resumed checkpoint `ckpt` was planned with. Another
     number for a run not yet finished is an error (its learning-rate schedule spans the planned epochs); a finished run
@@ -412,27 +468,34 @@ def _write_run_config(out: Path, learn, world: int, bs: int, **extra) -> None:
     if rank() != 0:
         return
     path = out / 'config.json'
-    old = json.loads(path.read_text())['run'] if extra and path.exists() else {}
+    try:  # what this run wrote before (its arguments), never what a link planted there points to
+        old = json.loads(path.read_text())['run'] if path.is_file() and not path.is_symlink() else {}
+    except (ValueError, KeyError, TypeError):
+        old = {}
     run = {**old, **dict(world_size=world, batch_size_per_process=bs, batch_size=bs * world), **extra}
-    path.write_text(json.dumps(dict(encoder=learn.model.encoder_config.to_dict(), dagman=learn.model.config.to_dict(),
-                                    run=run), indent=1) + '\n')
+    write_text_atomic(path, json.dumps(dict(encoder=learn.model.encoder_config.to_dict(),
+                                            dagman=learn.model.config.to_dict(), run=run), indent=1) + '\n')
 
 # %% ../nbs/07b_recipes.ipynb #f7e7a76f
 def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=None, size: int | None = None,
-             method: str = 'dagman', preset: str | None = None, epochs: int | None = None, crop: int | None = None,
-             bs: int | None = None, lr: float = 5e-4, warmup: float | None = None, resume=None, save_every: int = 1,
-             spacing: float = SPACING, cache_dir=None, on_error: str = 'raise', valid_pct: float = 0.0,
-             workers: int = 0, crops_per_scan: int | None = None, synthetic: int | None = None, seed: int = 0,
-             attn_stats_every: int | None = None, tensorboard=None, **cfg) -> int:
+             method: str | None = None, preset: str | None = None, epochs: int | None = None,
+             crop: int | None = None, bs: int | None = None, lr: float | None = None, warmup: float | None = None,
+             resume=None, save_every: int = 1, spacing: float | None = None, cache_dir=None, on_error: str = 'raise',
+             valid_pct: float | None = None, workers: int = 0, crops_per_scan: int | None = None,
+             synthetic: int | None = None, seed: int | None = None, attn_stats_every: int | None = None,
+             tensorboard=None, **cfg) -> int:
     """Pretrain an encoder with `method` (`METHODS`) and write the run to `out`; 0 when done, 3 when it diverged.
 
     Data: `data` (a folder, scan paths or a CSV), else the scans indexed in `cache_dir` by `preprocess`, else
     `medmnist` (a MedMNIST 3-D flag, with `root`), else the demo (the two shipped CTs; `synthetic=N` volumes instead).
     Defaults by device and data: `preset` `default_preset` (swin-smit on CUDA, swin-tiny on the CPU; ViT for attmask),
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
-    `epochs`: 10 by default; a `resume`d run continues to the epochs it was started with (another number is an error:
-    the learning-rate schedule spans them). `warmup`: epochs of linear warm-up (10% of `epochs` by default).
-    `**cfg`: `DAGMaNConfig` and encoder fields."""
+    `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: 10 by default.
+    `warmup`: epochs of linear warm-up (10% of `epochs` by default). `**cfg`: `DAGMaNConfig` and encoder fields.
+
+    A `resume`d run continues the run its folder records (`config.json`, the checkpoint): its epochs, method, preset,
+    crop, batch size, learning rate, warm-up, spacing, seed, validation share, crops per scan, `**cfg` settings and
+    data; a value given that differs from the run's is an error naming both (only more epochs for a finished run)."""
     import torch
     from fastai.torch_core import set_seed
 
@@ -445,6 +508,14 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     out = Path(out)
     ckpt = _checkpoint_to_resume(out, resume)
     epochs = _epochs_of_run(ckpt, epochs)
+    args = _args_of_run(ckpt, dict(method=method, preset=preset, crop=crop, bs=bs, lr=lr, warmup=warmup,
+                                   spacing=spacing, seed=seed, valid_pct=valid_pct, crops_per_scan=crops_per_scan,
+                                   size=size, settings=cfg or None),
+                        dict(data=data, medmnist=medmnist, root=root, cache_dir=cache_dir, synthetic=synthetic))
+    (method, preset, crop, bs, lr, warmup, spacing, seed, valid_pct, crops_per_scan, size, cfg, data, medmnist, root,
+     cache_dir, synthetic) = (args[k] for k in RUN_ARGS)
+    method, lr, seed = method or 'dagman', 5e-4 if lr is None else lr, seed or 0
+    spacing, valid_pct, cfg = spacing or SPACING, valid_pct or 0.0, cfg or {}
     _check_medmnist(medmnist, data, root, crops_per_scan)
     with run_folder(out):  # made, locked for the run, removed again if the run fails before writing in it
         set_seed(seed)  # Python (fastai's shuffling), NumPy and PyTorch
@@ -474,7 +545,10 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
                 f'; the checkpoint already finished {start} of {epochs} epochs; nothing to train'))
         if world > 1:
             say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} sample{"s" * (bs != 1)} each')
-        _write_run_config(out, learn, world, bs)
+        _write_run_config(out, learn, world, bs, args={k: _plain_arg(v) for k, v in dict(
+            method=method, preset=preset, crop=crop, bs=bs, lr=lr, warmup=warmup, spacing=spacing, seed=seed,
+            valid_pct=valid_pct, crops_per_scan=crops_per_scan, size=size, settings=cfg, data=data, medmnist=medmnist,
+            root=root, cache_dir=cache_dir, synthetic=synthetic).items()})
         try:
             with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch
                 if start < epochs:
@@ -588,9 +662,7 @@ def check_not_an_input(out, *inputs, what: str = '--out') -> None:
 def export(checkpoint, *, out='encoder.pth', monai: bool = False) -> Path:
     """The student encoder of a pretraining `checkpoint` (or of an exported encoder) saved to `out` as weights + JSON
     config (`save_encoder`), or with `monai=True` as the state dict of MONAI's `SwinTransformer`."""
-    import torch
-
-    from dagman_fast.checkpoint import load_encoder, save_encoder
+    from dagman_fast.checkpoint import atomic_save, load_encoder, save_encoder
     from dagman_fast.monai_interop import to_monai
     out = Path(out)
     check_not_an_input(out, checkpoint)
@@ -599,7 +671,7 @@ def export(checkpoint, *, out='encoder.pth', monai: bool = False) -> Path:
     if monai:
         if enc.config.arch != 'swin':
             raise RunError(f'--monai needs a Swin encoder; {checkpoint} holds a {enc.config.arch}')
-        torch.save(to_monai(enc), out)
+        atomic_save(to_monai(enc), out)
         print(f'MONAI SwinTransformer state dict saved to {out} (load into SwinUNETR.swinViT with strict=True)')
         return out
     try:

@@ -20,7 +20,7 @@ from fastai.optimizer import Adam
 from torch.utils.data import Dataset
 
 from .checkpoint import load_model, resolve_encoder, save_model
-from .core import HU_WINDOW, SPACING, as_triple
+from .core import HU_WINDOW, SPACING, as_triple, atomic_path
 from .data import CTPreprocess, CTVolumes, ct_preprocess, file_stamp, label_groups, split_indices
 from .learner import FineTuneLearner
 from .swin import SwinEncoder, encoder_groups
@@ -47,7 +47,7 @@ class SegVolumes(CTVolumes):
         return self.prep.transform(self._label_values)
 
     def __getitem__(self, i) -> dict:
-        return self._ds[self.index[i]]
+        return self._load(self.index[i])
 
 
 class _SegCrops(Dataset):
@@ -326,7 +326,8 @@ def plot_overlay(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, p
     fig.suptitle(title or 'reference: contours, prediction: filled', fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     if path is not None:
-        fig.savefig(path, dpi=90)
+        with atomic_path(path) as tmp:  # never through a link planted at path
+            fig.savefig(tmp, dpi=90)
     return fig
 
 

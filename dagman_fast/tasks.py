@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .core import HU_WINDOW, SPACING, RunError
+from .core import HU_WINDOW, SPACING, RunError, write_text_atomic
 from .recipes import add_tensorboard, check_out, check_replicas, end_distributed, finite, run_cache_dir, run_folder, say
 
 # %% auto #0
@@ -150,7 +150,7 @@ def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
     res = dict(config=o, n_train=len(dls.train.dataset), **_kept(learn), valid=_cls_report(learn.model, dls, out, 'valid'))
     if getattr(dls, 'test', None) is not None:
         res['test'] = _cls_report(learn.model, dls, out, 'test')
-    (out / 'results.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
+    write_text_atomic(out / 'results.json', json.dumps(res, indent=1, default=str) + '\n')
     print(json.dumps({k: v for k, v in res.items() if k != 'config'}, indent=1))
     print(f'classifier saved to {out / "classifier.pth"}; results {out / "results.json"}, ROC curves in {out}')
     return res
@@ -256,7 +256,7 @@ def _finetune_seg(out: Path, o: dict, train: dict) -> dict:
     save_segmenter(learn.model, out / 'segmenter.pth', data={k: o[k] for k in SEG_DATA} | dict(valid=held_out))
     res = dict(config=o, n_train_volumes=len(dls.train.dataset.volumes), **_kept(learn),
                valid=_seg_report(learn.model, dls.valid_volumes, out, o['labels'], o['label_names'], o['roi'] or o['crop']))
-    (out / 'results.json').write_text(json.dumps(res, indent=1, default=str) + '\n')
+    write_text_atomic(out / 'results.json', json.dumps(res, indent=1, default=str) + '\n')
     print(json.dumps(res['valid'], indent=1))
     print(f'segmenter saved to {out / "segmenter.pth"}; results {out / "results.json"}, overlays in {out}')
     return res
@@ -329,7 +329,7 @@ def evaluate(classifier, *, out='dagman_cls', split: str = 'test', medmnist: str
     if split == 'test' and getattr(dls, 'test', None) is None:
         raise RunError('this dataset has no test split; use --split valid')
     res = _cls_report(model, dls, check_out(out), split)
-    (Path(out) / f'results_{split}.json').write_text(json.dumps(res, indent=1) + '\n')
+    write_text_atomic(Path(out) / f'results_{split}.json', json.dumps(res, indent=1) + '\n')
     print(json.dumps(res, indent=1))
     return res
 
@@ -356,7 +356,7 @@ def _evaluate_seg(path, out: Path, o: dict) -> dict:
     vols = SegVolumes(pairs, prep, o['labels'], cache_dir=o['cache_dir'])
     volumes = [{**vols[i], 'pair': tuple(map(str, vols._pairs[vols.index[i]]))} for i in range(len(vols))]
     res = _seg_report(model, volumes, check_out(out), o['labels'], o['label_names'], o['roi'] or o['crop'])
-    (out / 'results_seg.json').write_text(json.dumps(res, indent=1) + '\n')
+    write_text_atomic(out / 'results_seg.json', json.dumps(res, indent=1) + '\n')
     print(json.dumps(res, indent=1))
     return res
 
@@ -477,9 +477,10 @@ def analyze(encoder, data, *, names=None, split: str = 'test', n: int = 256, lab
     plot_head_diversity(stats, out / 'head_diversity.png')
     if len(maps) > 1:
         plot_attention_maps(volume, maps, out / 'attention_all.png', title='[CLS] attention of each encoder')
-    (out / 'attention_stats.json').write_text(json.dumps(finite({k: st.rows() for k, st in stats.items()}), indent=1) + '\n')
+    write_text_atomic(out / 'attention_stats.json',
+                      json.dumps(finite({k: st.rows() for k, st in stats.items()}), indent=1) + '\n')
     res = finite(dict(data=[str(d) for d in data], n=len(x), classes=classes, encoders=summary))
-    (out / 'summary.json').write_text(json.dumps(res, indent=1) + '\n')
+    write_text_atomic(out / 'summary.json', json.dumps(res, indent=1) + '\n')
     print(f'written to {out}: head_diversity.png, attention_stats.json, summary.json, clusters_<name>/, '
           'attention_<name>.png')
     return res

@@ -262,7 +262,7 @@ def test_volume_outside_the_hu_window_is_refused(tmp_path, hu, what):
     "A volume the window flattens (not a CT in HU, or all air) must not come out as a blank or saturated tensor."
     vol = np.full((24, 24, 24), hu, np.float32) + np.random.RandomState(0).rand(24, 24, 24).astype(np.float32)
     bad = _nifti(tmp_path / f'{what.replace(" ", "_")}.nii.gz', vol)
-    with pytest.raises(ValueError, match='HU window'):
+    with pytest.raises(ValueError, match='Hounsfield units'):  # the window's check, or the CT check before it
         _dls([bad], tmp_path)
 
 
@@ -291,9 +291,37 @@ def test_seg_cache_is_keyed_by_the_kept_labels_and_grids_must_match(tmp_path):
     ones = int((seg_pairs_dls([(img, seg)], [1], **kw).volumes[0]['label'] == 1).sum())
     fives = int((seg_pairs_dls([(img, seg)], [5], **kw).volumes[0]['label'] == 1).sum())
     assert (ones, fives) == (int((lab == 1).sum()), int((lab == 5).sum()))
-    other = _nifti(tmp_path / 'seg_other_grid.nii.gz', lab, affine=np.diag([1.0, 1.0, 1.0, 1.0]))
-    with pytest.raises(ValueError, match='not on the image grid'):
+    far = AFFINE.copy()
+    far[:3, 3] += 500.0  # the same grid, 500 mm away along each axis: the label map of another scan
+    other = _nifti(tmp_path / 'seg_elsewhere.nii.gz', lab, affine=far)
+    with pytest.raises(ValueError, match=r'does not overlap its image \(their centres are 866 mm apart'):
         seg_pairs_dls([(img, other)], [1], **kw)
+
+
+def test_a_label_map_in_another_axis_order_or_grid_is_put_on_the_image_grid(tmp_path):
+    "As tools that write NIfTI from a DICOM series do: the same label map, axes swapped and flipped, or at 1 mm."
+    from dagman_fast.segment import seg_pairs_dls
+    hu = _phantom()
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[10:20, 8:32, 12:28], lab[20:30, 8:24, 12:20] = 1, 2  # asymmetric: a wrong flip would show
+    img = _nifti(tmp_path / 'ct.nii.gz', hu)
+    kw = dict(crop=16, spacing=2.0, bs=1, valid_pct=0, progress=False)
+    want = seg_pairs_dls([(img, _nifti(tmp_path / 'seg.nii.gz', lab))], [1, 2], cache_dir=tmp_path / 'c0',
+                         **kw).volumes[0]['label']
+    # axes (z, y, x) and the first flipped: voxel (i, j, k) of the new array is voxel (n-1-k, j, i) of the old one
+    swapped = np.flip(lab, 0).transpose(2, 1, 0).copy()
+    to_old = np.zeros((4, 4))
+    to_old[0, 2], to_old[1, 1], to_old[2, 0], to_old[0, 3], to_old[3, 3] = -1, 1, 1, lab.shape[0] - 1, 1
+    got = seg_pairs_dls([(img, _nifti(tmp_path / 'seg_zyx.nii.gz', swapped, affine=AFFINE @ to_old))], [1, 2],
+                        cache_dir=tmp_path / 'c1', **kw).volumes[0]['label']
+    assert torch.equal(got, want)
+    # on a 1 mm grid over the same space (each voxel doubled): nearest neighbour gives the 2 mm map back
+    fine = lab.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    half = AFFINE @ np.diag([0.5, 0.5, 0.5, 1.0])
+    half[:3, 3] = AFFINE[:3, 3] - 0.25 * np.diag(AFFINE)[:3]  # voxel centres: two fine ones around each coarse one
+    got = seg_pairs_dls([(img, _nifti(tmp_path / 'seg_1mm.nii.gz', fine, affine=half))], [1, 2],
+                        cache_dir=tmp_path / 'c2', **kw).volumes[0]['label']
+    assert (got != want).float().mean() < 0.02  # the borders may move by a voxel where centres tie
 
 
 def test_batches_reproducible_with_set_seed(tmp_path):

@@ -201,8 +201,10 @@ def test_torchrun_run_from_a_preprocessed_cache_killed_and_resumed_logs_what_an_
     # 6 scans, 2 ranks, batch 1: 3 steps per epoch on each rank, so the global step is 9 after 3 epochs
     ck = load_checkpoint(full / 'models' / 'checkpoint.pth')
     assert int(ck['model']['step']) == 9 and ck['world_size'] == 2 and len(ck['rng_ranks']) == 2
-    assert json.loads((full / 'config.json').read_text())['run'] == dict(world_size=2, batch_size_per_process=1,
-                                                                          batch_size=2, replicas_identical=True)
+    run = json.loads((full / 'config.json').read_text())['run']
+    assert {k: v for k, v in run.items() if k != 'args'} == dict(world_size=2, batch_size_per_process=1, batch_size=2,
+                                                                 replicas_identical=True)
+    assert (run['args']['bs'], run['args']['data']) == (1, [str(scans)])  # what --resume continues
     enc = load_encoder(full / 'encoder.pth')
     assert enc(torch.rand(1, 1, 32, 32, 32)).features[-1].isfinite().all()
     assert sorted(p.name for p in (full / 'models').iterdir()) == ['checkpoint.pth']  # no temporary files left

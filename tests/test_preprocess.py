@@ -28,7 +28,7 @@ from dagman_fast.preprocess import preprocess_scans, read_ct_index
 N_GOOD, SIZE, CROP = 200, 10, 8
 # Each bad file, and the words its reason must contain (what the existing checks say about it).
 BAD = {'corrupt.nii.gz': 'gzip', 'tiny.nii.gz': 'not a 3-D CT volume', 'flat.nii.gz': 'single value',
-       'not_ct.nii.gz': 'HU window', 'series': 'corrupt'}
+       'not_ct.nii.gz': 'Hounsfield units', 'series': 'corrupt'}
 
 
 def _nifti(path: Path, hu: np.ndarray) -> Path:
