@@ -386,7 +386,17 @@ def _call(args) -> int:
 
 
 def main(argv=None) -> int:
-    """Entry point of the `dagman` command. Errors end in one line, `dagman: error: ...`, on stderr: exit status 2 for
+    """Entry point of the `dagman` command (`_main`). A process of a data-parallel run started from the command line
+    (`argv` None, `WORLD_SIZE` above 1) ends through `distributed.exit_process`, after its cleanup."""
+    status = _main(argv)
+    if argv is None and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        from dagman_fast.distributed import exit_process
+        exit_process(status)
+    return status
+
+
+def _main(argv=None) -> int:
+    """The `dagman` command. Errors end in one line, `dagman: error: ...`, on stderr: exit status 2 for
     bad arguments, 1 for bad data or environment, 3 for a run that diverged; `--debug` (or `DAGMAN_DEBUG=1`) shows
     the traceback instead. Under `torchrun` each process is a `main`: argument errors are said by rank 0 only, other
     errors by the process that met them (`[rank N]`), and `torchrun` itself exits with status 1 when any fails."""

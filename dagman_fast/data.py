@@ -25,32 +25,26 @@ from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
 from .core import HU_WINDOW, SPACING, as_triple, atomic_path, check_option, check_ratio
+from .scan_checks import (MIN_AXIS_VOXELS, NIFTI_SUFFIXES, _CheckCT, _CheckFinite, _CheckResampledSize,  # noqa: F401
+                                     _CheckScanFile, _CheckVolume, _CheckWindowed, _GivenSpacing, _is_dicom_file,
+                                     _is_nifti, _LabelOnImageGrid, _SourceInfo, parse_spacing, sizes_text)
 
 # %% auto #0
-__all__ = ['NIFTI_SUFFIXES', 'MIN_AXIS_VOXELS', 'NOT_CT_BELOW', 'MAX_RESAMPLED_VOXELS', 'INDEX_COLUMNS', 'INDEX_FILE',
-           'JOURNAL_FILE', 'MEDMNIST3D', 'find_ct_scans', 'synthetic_ct', 'demo_ct_scans', 'CTPreprocess',
-           'label_groups', 'sizes_text', 'file_stamp', 'failure_reason', 'read_index_rows', 'cache_file_name',
-           'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess', 'split_indices', 'ct_ssl_dls', 'show_batch_3d',
-           'medmnist_file', 'medmnist3d_ssl_dls']
+__all__ = ['INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'warn_once', 'find_ct_scans', 'synthetic_ct',
+           'demo_ct_scans', 'CTPreprocess', 'label_groups', 'scan_item', 'file_stamp', 'failure_reason',
+           'read_index_rows', 'cache_file_name', 'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess',
+           'split_indices', 'ct_ssl_dls', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
-NIFTI_SUFFIXES = ('.nii', '.nii.gz')
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """`warnings.warn` on the first process only: in a data-parallel run every process reads the same scans and would
+    repeat each skip (the `RANK` torchrun sets; no process group needed, so it works before one exists)."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
-def _is_nifti(p: Path) -> bool:
-    return p.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def _is_dicom_file(p: Path) -> bool:
-    "A DICOM part-10 file: 128 bytes of preamble, then 'DICM' (the extension is not reliable)."
-    try:
-        with open(p, 'rb') as f:
-            return f.read(132)[128:] == b'DICM'
-    except OSError:
-        return False
-
-
-def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) -> list[Path]:
+def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None,
+                  spacings: dict | None = None) -> list[Path]:
     """The scans `source` names, in a stable order.
 
     Args:
@@ -62,6 +56,9 @@ def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) 
             be read, an empty path cell of a CSV) stops with an error naming it; 'skip': it is warned about and
             appended to `skipped` as `(path, reason)`. Never silent.
         skipped: the list that collects the skipped entries.
+        spacings: the dict that collects the voxel sizes a CSV gives in a `spacing` column (`'0.7'` or
+            `'0.7 0.7 2.5'` mm, x y z), by absolute path: the voxel size of scans whose files have none (a `.npy`) or
+            a wrong one (a singular or zero-spacing affine), used instead of the header's (`CTVolumes(spacings=)`).
 
     A DICOM series is a folder holding DICOM files; it is returned as the folder.
     """
@@ -71,7 +68,7 @@ def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) 
     def bad(path, reason, missing=False):
         if on_error == 'raise':
             raise (FileNotFoundError if missing else ValueError)(f'{path}: {reason}')
-        warnings.warn(f'skipping {path}: {reason}', stacklevel=3)
+        warn_once(f'skipping {path}: {reason}', stacklevel=3)
         skipped.append((str(path), reason))
 
     items = list(source) if isinstance(source, (list, tuple)) else [source]
@@ -79,7 +76,7 @@ def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) 
         raise ValueError('the list of scans is empty')
     scans: list[Path] = []
     for item in items:
-        _collect_scans(Path(item), scans, bad, top=True)
+        _collect_scans(Path(item), scans, bad, top=True, spacings=spacings)
     scans = list(dict.fromkeys(scans))  # a scan named twice (overlapping folders or globs) counts once
     if not scans:
         raise ValueError(f'no scans found in {source if len(items) > 1 else items[0]}: expected .nii / .nii.gz files, '
@@ -88,7 +85,7 @@ def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None) 
     return scans
 
 
-def _collect_scans(p: Path, scans: list, bad, top: bool = False) -> None:
+def _collect_scans(p: Path, scans: list, bad, top: bool = False, spacings: dict | None = None) -> None:
     "Append the scans at `p` (a file, a CSV, or a folder walked recursively) to `scans`; report bad entries."
     if p.is_symlink() and not p.exists():
         return bad(p, 'a dangling or looping symbolic link')
@@ -97,7 +94,7 @@ def _collect_scans(p: Path, scans: list, bad, top: bool = False) -> None:
                    missing=True)
     if p.is_file():
         if p.suffix.lower() == '.csv':
-            return _collect_csv(p, scans, bad)
+            return _collect_csv(p, scans, bad, spacings)
         scans.append(p)
         return None
     errors: list[OSError] = []
@@ -118,7 +115,7 @@ def _collect_scans(p: Path, scans: list, bad, top: bool = False) -> None:
     return None
 
 
-def _collect_csv(src: Path, scans: list, bad) -> None:
+def _collect_csv(src: Path, scans: list, bad, spacings: dict | None = None) -> None:
     with open(src, newline='') as f:
         rows = list(csv.DictReader(f))
     if not rows or 'path' not in rows[0]:
@@ -129,7 +126,18 @@ def _collect_csv(src: Path, scans: list, bad) -> None:
         if not cell:
             bad(f'{src}, line {n}', 'an empty path cell')
             continue
-        _collect_scans(Path(cell) if Path(cell).is_absolute() else src.parent / cell, scans, bad)
+        path = Path(cell) if Path(cell).is_absolute() else src.parent / cell
+        given = (r.get('spacing') or '').strip()
+        if given:
+            try:
+                mm = parse_spacing(given)
+            except ValueError as e:
+                bad(f'{src}, line {n}', str(e))
+                continue
+            if spacings is not None:
+                spacings[str(path.absolute())] = mm
+        _collect_scans(path, scans, bad)
+
 
 # %% ../nbs/01_data.ipynb #8f5479b5
 def synthetic_ct(folder, n: int = 8, size=96, spacing: float = 2.0, seed: int = 0) -> list[Path]:
@@ -219,6 +227,7 @@ class CTPreprocess:
         return T.Compose([
             _CheckScanFile(keys),
             _load_image(keys),
+            _GivenSpacing('image'),
             _CheckVolume('image'),
             _CheckCT('image'),
             _SourceInfo('image'),
@@ -285,303 +294,21 @@ class _SelectLabels(MapTransform):
         return d
 
 
-class _LabelOnImageGrid(MapTransform):
-    """The label map on the image's voxel grid. Written in another axis order or direction (as tools that write NIfTI
-    from a DICOM series do), or on another grid over the same space, it is resampled to the image's grid with nearest
-    neighbours (MONAI's `ResampleToMatch`); one that does not overlap the image is refused, saying how far off it is."""
-
-    def __call__(self, d: dict) -> dict:
-        from monai.transforms import ResampleToMatch
-        img, lab = (d[k] for k in self.keys)
-        src = getattr(lab, 'meta', {}).get('filename_or_obj', '?')
-        a, b = (torch.as_tensor(x.affine).double() for x in (img, lab))
-        if tuple(img.shape[1:]) == tuple(lab.shape[1:]) and torch.allclose(a, b, atol=1e-3):
-            return d
-        lo_i, hi_i = _extent(a, img.shape[1:])
-        lo_l, hi_l = _extent(b, lab.shape[1:])
-        overlap = (torch.minimum(hi_i, hi_l) - torch.maximum(lo_i, lo_l)).clamp(min=0)
-        if bool((overlap <= 0).any()):
-            off = float(((lo_i + hi_i) / 2 - (lo_l + hi_l) / 2).norm())
-            raise ValueError(f'{src}: the label map does not overlap its image (their centres are {off:.0f} mm apart; '
-                             f'shape {tuple(lab.shape[1:])} vs {tuple(img.shape[1:])}): is it the label map of '
-                             'another scan?')
-        out = ResampleToMatch(mode='nearest')(lab, img_dst=img)
-        return {**d, self.keys[1]: out}
-
-
-def _extent(affine: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    "The box in mm (world coordinates, lowest and highest corner) that a grid of `shape` under `affine` covers."
-    corners = torch.cartesian_prod(*[torch.tensor([-0.5, n - 0.5], dtype=torch.float64) for n in shape])
-    world = corners @ affine[:3, :3].T + affine[:3, 3]
-    return world.amin(0), world.amax(0)
-
-
-class _SourceInfo(MapTransform):
-    """Record the loaded scan's voxel grid as `'source_shape'` and `'source_spacing'` (`'512x512x130'`, `'0.7x0.7x2.5'`
-    mm) in the item, so that the cached item says what it was made from (`preprocess_scans`'s index). Not
-    `'image_...'`: MONAI's `Spacingd` takes every key that starts with the image key for a metadata dict."""
-
-    def __call__(self, d: dict) -> dict:
-        from monai.data.utils import affine_to_spacing
-        img = d[self.keys[0]]
-        spacing = affine_to_spacing(torch.as_tensor(img.affine), r=3)
-        return {**d, 'source_shape': sizes_text(img.shape[1:]), 'source_spacing': sizes_text(float(v) for v in spacing)}
-
-
-def sizes_text(values) -> str:
-    "Sizes as one CSV-friendly field: `(64, 64, 30)` -> `'64x64x30'`, spacings to 4 significant digits."
-    return 'x'.join(f'{v:.4g}' if isinstance(v, float) else str(int(v)) for v in values)
-
-
-class _CheckWindowed(MapTransform):
-    "After the HU window: a volume with no voxel inside it is not a CT in Hounsfield units (or is all air)."
-
-    def __init__(self, keys, hu_range):
-        super().__init__(keys)
-        self.hu_range = hu_range
-
-    def __call__(self, d: dict) -> dict:
-        for k in self.keys:
-            img = torch.as_tensor(d[k])
-            src = getattr(d[k], 'meta', {}).get('filename_or_obj', '?')
-            if not bool((img > 0).any()) or not bool((img < 1).any()):
-                raise ValueError(f'{src}: no voxel falls inside the HU window {tuple(self.hu_range)} (all below or '
-                                 'all above it): is this a CT volume in Hounsfield units?')
-        return d
-
-
-MIN_AXIS_VOXELS = 4  # fewer voxels along an axis (a single slice, a 2x2x2 block) is not a 3-D CT volume
-
-
-def _check_dicom_series(folder: Path) -> None:
-    """The headers of every DICOM file of a series folder (the pixel data is not read: the loader reads it next): a
-    corrupt slice (an unreadable header, no pixel data, or pixel data the file is too short to hold) is named, several
-    series are refused, and the slice positions (along the normal of the slice orientation) must be evenly spaced: a
-    gap is a missing slice, which the volume readers would silently close up."""
-    import pydicom
-    uids, modalities, pos = set(), set(), []
-    for f in sorted(f for f in folder.iterdir() if f.is_file() and _is_dicom_file(f)):
-        try:
-            ds = pydicom.dcmread(f, defer_size=1024)  # large values (the pixels) stay on disk
-            uids.add(str(ds.SeriesInstanceUID))
-            modalities.add(str(ds.get('Modality', '')).strip().upper())
-            raw = ds.get_item(0x7FE00010, keep_deferred=True)  # PixelData: its declared length and file offset
-            if raw is None:
-                raise ValueError('no pixel data')
-            length, tell = getattr(raw, 'length', None), getattr(raw, 'value_tell', None)
-            if length is not None and tell is not None and length != 0xFFFFFFFF and tell + length > f.stat().st_size:
-                raise ValueError(f'the file ends {tell + length - f.stat().st_size} bytes before its pixel data does')
-            if not ds.file_meta.TransferSyntaxUID.is_compressed and length is not None and length != 0xFFFFFFFF:
-                need = (int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8 * int(ds.get('SamplesPerPixel', 1))
-                        * int(ds.get('NumberOfFrames', 1) or 1))
-                if length < need:
-                    raise ValueError(f'{length} bytes of pixel data for {need}')
-        except Exception as e:  # pydicom's errors, missing elements, a short pixel block: the slice is corrupt
-            raise ValueError(f'{folder}: slice {f.name} is corrupt ({type(e).__name__}: {e})') from None
-        if 'ImagePositionPatient' in ds and 'ImageOrientationPatient' in ds:
-            o = np.asarray(ds.ImageOrientationPatient, float)
-            pos.append((float(np.cross(o[:3], o[3:]) @ np.asarray(ds.ImagePositionPatient, float)), f.name))
-    if len(uids) > 1:
-        raise ValueError(f'{folder}: the folder holds {len(uids)} DICOM series; put each series in its own folder')
-    if modalities - {'CT', ''}:
-        raise ValueError(f'{folder}: a DICOM series of modality {"/".join(sorted(modalities - {""}))}, not CT')
-    if len(pos) >= 3:
-        pos.sort()
-        z = np.array([p for p, _ in pos])
-        steps = np.diff(z)
-        same = np.nonzero(steps < 1e-3)[0]
-        if same.size:
-            i = same[0]
-            raise ValueError(f'{folder}: slices {pos[i][1]} and {pos[i + 1][1]} are at the same position ({z[i]:.2f} mm)')
-        step = float(np.median(steps))
-        gaps = np.nonzero(steps > 1.5 * step)[0]
-        if gaps.size:
-            i = gaps[0]
-            raise ValueError(f'{folder}: the slice positions jump from {z[i]:.2f} to {z[i + 1]:.2f} mm between '
-                             f'{pos[i][1]} and {pos[i + 1][1]}, where the other slices are {step:.2f} mm apart: '
-                             f'{round(steps[i] / step) - 1} slice(s) missing')
-
-
-def _singular(m) -> bool:
-    "A 3x3 voxel-to-mm matrix with a zero (or near zero, relative to its columns' lengths) determinant."
-    m = np.asarray(m, dtype=np.float64)
-    norms = np.linalg.norm(m, axis=0)
-    return bool(np.any(norms < 1e-3) or abs(np.linalg.det(m)) < 1e-6 * np.prod(norms))
-
-
-class _CheckScanFile(MapTransform):
-    """Before loading: a DICOM series folder's slices (`_check_dicom_series`), so that a bad slice is named as such; a
-    NIfTI file's header (`_check_nifti_header`), before its declared size is allocated; a NumPy file, which has no
-    voxel size, refused."""
-
-    def __call__(self, d: dict) -> dict:
-        for k in self.keys:
-            p = Path(str(d[k]))
-            if p.is_dir():
-                _check_dicom_series(p)
-            elif _is_nifti(p):
-                _check_nifti_header(p)
-            elif p.name.lower().endswith(('.npy', '.npz')):
-                raise ValueError(f'{p}: a NumPy array has no voxel size (it would be read as 1 mm voxels); save it '
-                                 'as NIfTI with its affine: nibabel.save(nibabel.Nifti1Image(array, affine), PATH)')
-        return d
-
-
-def _check_nifti_header(path: Path) -> None:
-    """A NIfTI header that would make a scan silently wrong or exhaust memory, refused naming the file: a voxel size
-    (pixdim) that is zero or not a number (nibabel then takes 1 mm), an sform that is not finite or is singular, and a
-    file shorter than the data its header declares (checked before the reader allocates it; for `.nii.gz` against the
-    uncompressed length the gzip trailer records). Read with nibabel's header class, unchecked: its checks would fix
-    the values this refuses."""
-    import gzip
-
-    import nibabel as nib
-    opener = gzip.open if path.name.lower().endswith('.gz') else open
-    try:
-        with opener(path, 'rb') as f:
-            raw = f.read(540)
-        two = int.from_bytes(raw[:4], 'little') in (540, int.from_bytes((540).to_bytes(4, 'big'), 'little'))
-        klass = nib.Nifti2Header if two else nib.Nifti1Header
-        hdr = klass(raw[:klass.sizeof_hdr], check=False)  # the byte order is read from sizeof_hdr
-        shape, dtype = hdr.get_data_shape(), hdr.get_data_dtype()
-    except Exception:  # noqa: BLE001  not a readable NIfTI header: the loader says why, in its words
-        return
-    zooms = np.asarray(hdr['pixdim'][1:1 + min(3, len(shape))], dtype=np.float64)
-    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
-        raise ValueError(f'{path}: its voxel size (NIfTI pixdim {sizes_text(map(float, zooms))} mm) is zero or not a '
-                         'number, so the scan would be read as 1 mm voxels; write the voxel size into its header')
-    if int(hdr['sform_code']) > 0:
-        s = np.stack([np.asarray(hdr[f'srow_{a}'], dtype=np.float64) for a in 'xyz'])
-        bad = 'not finite' if not np.all(np.isfinite(s)) else 'singular' if _singular(s[:, :3]) else ''
-        if bad:
-            raise ValueError(f'{path}: its voxel-to-mm matrix (NIfTI sform) is {bad}, so the voxel size is unknown; '
-                             'write a valid affine into its header')
-    offset = max(int(hdr['vox_offset']), klass.sizeof_hdr + 4)  # the data follow the header and 4 extension bytes
-    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    size = path.stat().st_size
-    if opener is not open:  # gzip: the trailer holds the uncompressed length modulo 2^32
-        with open(path, 'rb') as f:
-            f.seek(max(size - 4, 0))
-            size = int.from_bytes(f.read(4), 'little') if need < 2 ** 32 else need
-    if size < need:
-        raise ValueError(f'{path}: its header declares {sizes_text(shape)} voxels of {dtype} ({need:,} bytes with the '
-                         f'header) but the file holds {size:,} bytes{" uncompressed" if opener is not open else ""}: '
-                         'truncated, or a wrong header')
-
-
-class _CheckVolume(MapTransform):
-    """Refuse what would silently train on garbage: not 3-D, several channels or time points, a single slice or a
-    few voxels, NaN voxels, a volume of one value (DICOM folders are checked before loading: `_CheckDicomFolder`).
-    MONAI's loaders accept all of these, so this check is ours."""
-
-    def __call__(self, d: dict) -> dict:
-        for k in self.keys:
-            self._check(d[k])
-        return d
-
-    @staticmethod
-    def _check(img):
-        src = getattr(img, 'meta', {}).get('filename_or_obj', '?')
-        if img.ndim != 4:
-            raise ValueError(f'{src}: expected a 3-D volume; got an image of {img.ndim - 1} spatial dimension(s) '
-                             f'(shape {tuple(img.shape[1:])})')
-        if img.shape[0] != 1:
-            raise ValueError(f'{src}: expected one 3-D volume; got {img.shape[0]} channels or time points '
-                             f'(a 4-D series, shape {tuple(img.shape)}); split it first')
-        if min(img.shape[1:]) < MIN_AXIS_VOXELS:
-            raise ValueError(f'{src}: {tuple(img.shape[1:])} voxels is not a 3-D CT volume (a single slice or a few '
-                             f'voxels); a scan needs at least {MIN_AXIS_VOXELS} voxels along each axis')
-        if torch.isnan(torch.as_tensor(img)).any():
-            raise ValueError(f'{src}: the volume has NaN voxels')
-        if torch.isinf(torch.as_tensor(img)).any():
-            raise ValueError(f'{src}: the volume has infinite voxels (an intensity scale, NIfTI scl_slope or DICOM '
-                             'RescaleSlope, too large for the values?)')
-        if torch.as_tensor(img).amin() == torch.as_tensor(img).amax():
-            raise ValueError(f'{src}: the volume has a single value everywhere ({float(img.flatten()[0])})')
-        a = np.asarray(torch.as_tensor(img.affine, dtype=torch.float64))[:3, :3]
-        if not np.all(np.isfinite(a)) or _singular(a):  # whatever the reader (DICOM too): a grid with no size
-            bad = 'not finite' if not np.all(np.isfinite(a)) else 'singular'
-            raise ValueError(f'{src}: its voxel-to-mm matrix is {bad} (voxel size {sizes_text(float(v) for v in np.linalg.norm(a, axis=0))} mm), so the voxel '
-                             'size is unknown; fix the header')
-
-
-NOT_CT_BELOW = -500.0  # HU: a CT holds air (about -1000 HU) around the body or in the lungs, so some voxel lies below
-
-
-class _CheckCT(MapTransform):
-    """Refuse what loads as a volume but is not a CT in Hounsfield units, which would otherwise train silently: a label
-    map or a mask (a few integer values, no air), intensities stored without the scanner's rescale (air near 0, 1024
-    above HU), an MR or PET volume (no air at -1000 HU). The reason says which. A DICOM series whose Modality is not
-    CT is refused before loading (`_check_dicom_series`)."""
-
-    def __call__(self, d: dict) -> dict:
-        for k in self.keys:
-            x = torch.as_tensor(d[k])
-            lo = float(x.amin())
-            if lo < NOT_CT_BELOW:
-                continue
-            src = getattr(d[k], 'meta', {}).get('filename_or_obj', '?')
-            step = max(1, round((x.numel() / 2e6) ** (1 / 3)))  # a 2-million-voxel sample is enough to count values
-            sample = x[0, ::step, ::step, ::step]
-            values = torch.unique(sample)
-            if -100 <= lo <= 100 and float(x.amax()) > 1000:
-                reason = (f'its lowest value is {lo:g}, where air would be -1000 HU: values about 1024 above HU '
-                          '(stored without the rescale intercept: DICOM RescaleIntercept, NIfTI scl_inter)?')
-            elif len(values) <= 256 and bool((values == values.round()).all()):
-                shown = ', '.join(f'{float(v):g}' for v in values[:6]) + (', ...' if len(values) > 6 else '')
-                reason = f'an integer map with {len(values)} values ({shown}): a label map or a mask?'
-            else:
-                reason = f'no voxel below {NOT_CT_BELOW:g} (lowest {lo:g}), while a CT holds air at about -1000 HU'
-            raise ValueError(f'{src}: not a CT in Hounsfield units: {reason}')
-        return d
-
-
-MAX_RESAMPLED_VOXELS = 2 ** 29  # 2 GiB as float32 (resampling holds a few copies): a header error, not a scan
-
-
-class _CheckResampledSize(MapTransform):
-    """Before resampling: the size the volume will have, refused above `MAX_RESAMPLED_VOXELS` with the memory it would
-    take (a 480 KB scan with 20 mm voxels would take 11.6 GB at 2 mm)."""
-
-    def __init__(self, keys, spacing):
-        super().__init__(keys)
-        self.spacing = spacing
-
-    def __call__(self, d: dict) -> dict:
-        from monai.data.utils import affine_to_spacing
-        for k in self.keys:
-            img = d[k]
-            now = affine_to_spacing(torch.as_tensor(img.affine), r=3)
-            size = [int(np.ceil(n * float(s) / t)) for n, s, t in zip(img.shape[1:], now, self.spacing)]
-            if int(np.prod(size, dtype=np.int64)) > MAX_RESAMPLED_VOXELS:
-                src = getattr(img, 'meta', {}).get('filename_or_obj', '?')
-                gib = np.prod(size, dtype=np.int64) * 4 / 2 ** 30
-                raise ValueError(f'{src}: resampled from {sizes_text(float(v) for v in now)} mm to '
-                                 f'{sizes_text(map(float, self.spacing))} mm it would be {sizes_text(size)} voxels '
-                                 f'({gib:.1f} GiB as float32, a few times that while resampling; the limit is '
-                                 f'{MAX_RESAMPLED_VOXELS:,} voxels): check the voxel size in its header')
-        return d
-
-
-class _CheckFinite(MapTransform):
-    "After a transform that can create NaN or infinity (resampling): a volume with any, refused naming the scan."
-
-    def __init__(self, keys, after: str):
-        super().__init__(keys)
-        self.after = after
-
-    def __call__(self, d: dict) -> dict:
-        for k in self.keys:
-            if not bool(torch.isfinite(torch.as_tensor(d[k])).all()):
-                src = getattr(d[k], 'meta', {}).get('filename_or_obj', '?')
-                raise ValueError(f'{src}: NaN or infinite voxels {self.after} (intensities too large to interpolate: '
-                                 'check its intensity scale, NIfTI scl_slope or DICOM RescaleSlope)')
-        return d
-
 # %% ../nbs/01_data.ipynb #5cfa9b3f
 def _positive(x):
     "Foreground after the HU window: anything above its lower bound (air and lung are 0)."
     return x > 0
+
+
+def scan_item(path: Path, spacing=None) -> dict:
+    """The item of a scan in the cache (MONAI's `PersistentDataset` names the cache file by it): its absolute path, its
+    stamp (`file_stamp`) and a voxel size given for it (`find_ct_scans(spacings=)`), which is also in the stamp, so that
+    another given size makes another cache entry. `CTVolumes` and `preprocess_scans` make the same items."""
+    item = {'image': str(Path(path).absolute()), 'stamp': file_stamp(Path(path))}
+    if spacing is not None:
+        item['spacing'] = ' '.join(f'{float(v):g}' for v in spacing)
+        item['stamp'] += f"-given {item['spacing']} mm"
+    return item
 
 
 def file_stamp(p: Path) -> str:
@@ -690,11 +417,11 @@ class CTVolumes(Dataset):
     """
 
     def __init__(self, scans: Sequence, prep: CTPreprocess, cache_dir=None, on_error: str = 'raise',
-                 progress: bool = True):
+                 progress: bool = True, spacings: dict | None = None):
         from fastprogress.fastprogress import progress_bar
         from monai.data import PersistentDataset
         check_option(on_error, ('raise', 'skip'), 'on_error')
-        self.prep = prep
+        self.prep, self.spacings = prep, spacings or {}
         if cache_dir is None:  # a temporary cache lives as long as the dataset (or the process), no longer
             cache_dir = tempfile.mkdtemp(prefix='dagman_ct_cache_')
             weakref.finalize(self, shutil.rmtree, cache_dir, True)
@@ -731,12 +458,12 @@ class CTVolumes(Dataset):
     def _bad(self, path: str, reason: str, on_error: str, cause: BaseException | None = None) -> None:
         if on_error == 'raise':
             raise ValueError(f'{path}: cannot be used as a CT volume: {reason}') from cause
-        warnings.warn(f'skipping {path}: {reason}', stacklevel=3)
+        warn_once(f'skipping {path}: {reason}', stacklevel=3)
         self.skipped.append((path, reason))
 
     def _items(self, scans) -> list[dict]:
         # Absolute paths: the cache entry (its name hashes the item) and the index then hold wherever the run starts.
-        return [{'image': str(Path(p).absolute()), 'stamp': file_stamp(Path(p))} for p in scans]
+        return [scan_item(Path(p), self.spacings.get(str(Path(p).absolute()))) for p in scans]
 
     def _transform(self):
         return self.prep.transform()
@@ -836,7 +563,7 @@ def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 
 
     Args:
         source: a folder (searched recursively for .nii, .nii.gz and DICOM series), a list of paths, or a CSV
-            with a `path` column; None: every scan of the index `preprocess_scans` wrote in `cache_dir` for these
+            with a `path` column (and optionally `spacing`: a voxel size for files without a valid one); None: every scan of the index `preprocess_scans` wrote in `cache_dir` for these
             settings (its skipped scans go by `on_error` like any bad scan).
         crop: crop size (an int or 3 ints); smaller volumes are padded.
         spacing: target voxel size in mm (an int/float or 3 of them).
@@ -858,8 +585,9 @@ def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 
     found_skipped: list = []
     if source is None:
         source = _indexed_source(cache_dir, prep, on_error, found_skipped)
-    scans = find_ct_scans(source, on_error, found_skipped)
-    vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress)
+    spacings: dict = {}
+    scans = find_ct_scans(source, on_error, found_skipped, spacings)
+    vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress, spacings=spacings)
     vols.skipped[:0] = found_skipped  # entries the search left out come first
     train, valid = split_indices(len(vols), valid_pct, seed)
     dls = _views_dls(vols, (train * crops_per_scan, valid), bs, num_workers, crop=crop, views=views,
@@ -880,7 +608,7 @@ def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list)
                                 f'`dagman preprocess DATA --cache-dir {cache_dir} {_settings_text(prep)}` first, or give '
                                 'the scans')
     if (folder / JOURNAL_FILE).exists():
-        warnings.warn(f'{folder}: a preprocess run did not finish; using the {len(rows)} scans it indexed so far',
+        warn_once(f'{folder}: a preprocess run did not finish; using the {len(rows)} scans it indexed so far',
                       stacklevel=3)
     for path, row in rows.items():
         if not row['stamp']:  # an entry the search could not use (a dangling link, a CSV line without a path)
@@ -889,7 +617,7 @@ def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list)
             skipped.append((path, row['reason']))
     gone = [p for p, row in rows.items() if row['stamp'] and not Path(p).exists()]
     if gone:  # deleted since `dagman preprocess`: left out (running it again drops them from the index)
-        warnings.warn(f'{len(gone)} scan(s) of {folder / INDEX_FILE} no longer exist and are left out, e.g. {gone[0]}; '
+        warn_once(f'{len(gone)} scan(s) of {folder / INDEX_FILE} no longer exist and are left out, e.g. {gone[0]}; '
                       f'dagman preprocess again removes them from the index', stacklevel=3)
     gone = set(gone)
     return [p for p, row in rows.items() if row['stamp'] and p not in gone]

@@ -18,7 +18,7 @@ import torch
 
 from .core import HU_WINDOW, SPACING, FolderLock, as_triple, atomic_path, write_text_atomic
 from .data import (INDEX_COLUMNS, INDEX_FILE, JOURNAL_FILE, CTPreprocess, cache_file_name, cache_file_whole,
-                              ct_preprocess, failure_reason, file_stamp, find_ct_scans, read_index_rows, sizes_text)
+                              ct_preprocess, failure_reason, find_ct_scans, read_index_rows, scan_item, sizes_text)
 
 # %% auto #0
 __all__ = ['read_ct_index', 'preprocess_scans']
@@ -50,11 +50,13 @@ def _index_row(path: str, stamp: str, status: str, reason: str = '', **info) -> 
             'source_spacing': '', 'cache': '', **info}
 
 
-def _preprocess_one(path: str, stamp: str) -> tuple[dict, bool]:
+def _preprocess_one(path: str, stamp: str, spacing: str | None = None) -> tuple[dict, bool]:
     """Preprocess one scan into the cache (in a worker): its index row, and whether it was computed (False: its cache
     file was already there, e.g. written just before a run was killed)."""
     from monai.data import PersistentDataset
-    item = {'image': path, 'stamp': stamp}  # the item `CTVolumes` makes: the same cache file
+    item = {'image': path, 'stamp': stamp}  # the item `CTVolumes` makes (`scan_item`): the same cache file
+    if spacing is not None:
+        item['spacing'] = spacing
     ds = PersistentDataset([item], transform=_WORKER['transform'], cache_dir=_WORKER['cache_dir'])
     name = cache_file_name(ds, item)
     if (_WORKER['cache_dir'] / name).is_file() and not cache_file_whole(_WORKER['cache_dir'] / name):
@@ -90,7 +92,7 @@ def _worker_pool(workers: int, prep: CTPreprocess, cache_dir: Path):
 
 
 def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
-    """Yield `(row, computed)` for every `(path, stamp)` of `jobs`, `workers` processes at a time.
+    """Yield `(row, computed)` for every `(path, stamp, spacing)` of `jobs`, `workers` processes at a time.
 
     A worker that dies (a reader crashing on a corrupt file, the kernel killing it for memory) breaks the whole pool
     (`BrokenProcessPool`): the scans that were in flight are tried again one at a time in a fresh pool, and a scan
@@ -120,7 +122,7 @@ def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
                     except BrokenProcessPool:
                         broken = True
                         if alone:
-                            yield _index_row(*job, 'skipped', 'the worker process died while preprocessing it (a '
+                            yield _index_row(job[0], job[1], 'skipped', 'the worker process died while preprocessing it (a '
                                              'reader crashed on the file, or it ran out of memory)'), True
                         else:
                             suspects.append(job)
@@ -198,8 +200,8 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
         write_text_atomic(settings, json.dumps(asdict(prep), indent=1) + '\n')
         with warnings.catch_warnings():  # the entries left out are indexed (and returned): no warning per entry
             warnings.simplefilter('ignore')
-            found: list = []
-            scans = find_ct_scans(source, 'skip', found)
+            found, spacings = [], {}
+            scans = find_ct_scans(source, 'skip', found, spacings)
         rows = read_index_rows(folder)
         _write_index(folder, rows.values())  # the last run's journal folded in: the new journal starts empty
         current, jobs, stale = [], [], set()
@@ -211,7 +213,8 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
             path = str(Path(p).absolute())
             current.append(path)
             try:
-                stamp = file_stamp(Path(p))
+                item = scan_item(Path(p), spacings.get(path))
+                stamp = item['stamp']
             except OSError as e:  # removed or unreadable since the search
                 rows[path] = _index_row(path, '', 'skipped', f'cannot be read ({e.strerror or e})')
                 continue
@@ -221,7 +224,7 @@ def preprocess_scans(source, cache_dir, crop=128, spacing=SPACING, hu_range=HU_W
                 continue  # done before (a truncated cache file is done again)
             if row is not None and row['cache']:
                 stale.add(row['cache'])  # the cache file of an older version of the scan
-            jobs.append((path, stamp))
+            jobs.append((path, stamp, item.get('spacing')))
         current = list(dict.fromkeys(current))
         reused, computed = len(current) - len(jobs), 0
         (folder / JOURNAL_FILE).unlink(missing_ok=True)  # a new file, never one a link planted there points to

@@ -318,11 +318,12 @@ def _preprocess_shares(source, crop: int, spacing: float, cache_dir) -> None:
     from dagman_fast.distributed import barrier, rank, world_size
     with warnings.catch_warnings():  # the loaders say it all again, once, afterwards
         warnings.simplefilter('ignore')
-        share = find_ct_scans(source, 'skip', [])[rank()::world_size()]
+        spacings: dict = {}  # voxel sizes a CSV gives: the same cache entries as the loaders' (`scan_item`)
+        share = find_ct_scans(source, 'skip', [], spacings)[rank()::world_size()]
         try:
             if share:
                 CTVolumes(share, ct_preprocess(as_triple(crop, 'crop'), spacing, HU_WINDOW, 0.0), cache_dir,
-                          on_error='skip', progress=rank() == 0)
+                          on_error='skip', progress=rank() == 0, spacings=spacings)
         except ValueError:  # no usable scan in this share: the loaders will say which and why
             pass
     barrier()

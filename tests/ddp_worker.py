@@ -210,6 +210,8 @@ if __name__ == '__main__':
         draws(args.out, args.bs, args.resume, args.epochs)
     else:
         dict(step=step, metrics=metrics)[args.mode](args.out, args.bs)
-    if torch.distributed.is_initialized():  # end the group before exit: gloo's threads torn down at interpreter exit
-        torch.distributed.barrier()         # can abort a rank ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    from dagman_fast.distributed import exit_process
+    exit_process(0)  # as the dagman command: DDP leaves gloo's threads running, and exit-time teardown can abort

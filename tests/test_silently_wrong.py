@@ -303,3 +303,22 @@ def test_evaluate_refuses_data_of_another_size_than_the_classifier_was_trained_o
     assert_one_line_error(err, 'fine-tuned on 28^3 images; these are 64x64x64', '--size 28')
     rc, _, err = run_cli(capsys, 'evaluate', str(out / 'classifier.pth'), '--out', str(tmp_path / 'ev28'))
     assert rc == 0, err  # the control: its own size
+
+
+def test_a_voxel_size_given_in_a_csv_is_used_for_files_without_a_valid_one(tmp_path):
+    "The way to use a `.npy` or a scan with a broken header: a CSV with its voxel size; the volume is then to scale."
+    hu = _ct((24, 24, 24))
+    np.save(tmp_path / 'scan.npy', hu.astype(np.int16))
+    srow = np.diag([3.0, 3.0, 3.0, 1.0])
+    srow[:, 2] = 0
+    _raw_header_nifti(tmp_path / 'singular.nii.gz', hu, srow=srow)
+    ref = _nifti(tmp_path / 'ref.nii.gz', hu, affine=np.diag([3.0, 3.0, 3.0, 1.0]))  # the same voxels, 3 mm, valid
+    (tmp_path / 'scans.csv').write_text('path,spacing\nscan.npy,3\nsingular.nii.gz,3 3 3\nref.nii.gz,\n')
+    dls = ct_ssl_dls(tmp_path / 'scans.csv', crop=16, bs=1, cache_dir=tmp_path / 'cache', progress=False)
+    assert len(dls.volumes) == 3 and not dls.skipped
+    npy, singular, want = (dls.volumes[i] for i in range(3))
+    assert min(want.shape[1:]) > 16  # the body (16 voxels of 3 mm) at 2 mm; at 1 mm it would be 8 voxels, padded to 16
+    assert torch.equal(npy, want) and torch.equal(singular, want)  # at 3 mm, as the valid file: not 1 mm
+    (tmp_path / 'bad.csv').write_text('path,spacing\nscan.npy,0\n')
+    with pytest.raises(ValueError, match=r"bad.csv, line 2: spacing '0': expected one voxel size or three"):
+        ct_ssl_dls(tmp_path / 'bad.csv', crop=16, bs=1, cache_dir=tmp_path / 'cache', progress=False)
