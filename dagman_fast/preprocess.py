@@ -36,6 +36,8 @@ _WORKER: dict = {}  # the state of a preprocessing worker process, set once by `
 
 def _worker_init(settings: str, cache_dir: str, tmp_dir: str) -> None:
     "A preprocessing worker: one torch thread (the workers are the parallelism), its transform built once."
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to answer (see `_worker_pool`)
     torch.set_num_threads(1)
     # MONAI writes each cache file in a temporary folder, then moves it into the cache: in the cache's own filesystem
     # the move is an atomic rename, so a killed worker never leaves a half-written cache file (across filesystems
@@ -70,6 +72,30 @@ def _preprocess_one(path: str, stamp: str, spacing: str | None = None) -> tuple[
                       source_shape=out.get('source_shape', ''), source_spacing=out.get('source_spacing', '')), computed
 
 
+def _worker_pid(_) -> int:
+    "A worker's process id, after a moment (so that the warm-up tasks spread over the workers)."
+    import time
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def _start_forkserver_deaf_to_ctrl_c() -> None:
+    """Start the forkserver with SIGINT ignored, a disposition it and every worker forked from it keep: Ctrl-C reaches
+    the whole process group, and the parent alone should answer it (`core.stop_on_signals`: one line, the pool shut
+    down), not each worker with a traceback. SIGINT is ignored in the parent only while the server process starts."""
+    import multiprocessing.forkserver
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        multiprocessing.forkserver.ensure_running()
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def _worker_pool(workers: int, prep: CTPreprocess, cache_dir: Path):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -79,10 +105,15 @@ def _worker_pool(workers: int, prep: CTPreprocess, cache_dir: Path):
     ctx = mp.get_context('forkserver' if 'forkserver' in mp.get_all_start_methods() else 'spawn')
     if ctx.get_start_method() == 'forkserver':
         ctx.set_forkserver_preload([__name__])
+        _start_forkserver_deaf_to_ctrl_c()
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                initargs=(json.dumps(asdict(prep)), str(cache_dir), str(cache_dir / '.tmp')))
     try:
-        pool.submit(int).result()  # a worker that cannot even start would otherwise look like a crash on each scan
+        # every worker started (a worker that cannot even start would otherwise look like a crash on each scan, and
+        # one still starting when a stop ends the parent would print a traceback)
+        for _ in range(8):
+            if len(set(pool.map(_worker_pid, range(2 * workers)))) >= workers:
+                break
     except BrokenProcessPool:
         pool.shutdown(wait=False)
         raise RuntimeError('the preprocessing worker processes die as they start: a script that calls '
@@ -134,6 +165,11 @@ def _pool_rows(jobs: list, workers: int, prep: CTPreprocess, cache_dir: Path):
                               'reading one at a time', stacklevel=2)
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = _worker_pool(workers, prep, cache_dir)
+    except BaseException:  # stopped (Ctrl-C, SIGTERM) or failed: the workers end now, quietly, and are waited for
+        for proc in list(getattr(pool, '_processes', {}).values()):  # what they were writing is in .tmp (removed next run)
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 

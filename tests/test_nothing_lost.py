@@ -353,3 +353,23 @@ def test_resume_continues_the_method_settings_and_data_the_folder_records(tmp_pa
     assert 'method smit, encoder swin-tiny, crop 32' in printed and 'at epoch 2' in printed
     ck = torch.load(ckpt, weights_only=True)
     assert (ck['epoch'], ck['config']['dagman']['mask_ratio'], ck['config']['dagman']['out_dim']) == (2, 0.6, 64)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_preprocess_ends_in_one_line_without_the_workers_tracebacks(tmp_path):
+    "Ctrl-C reaches the whole process group: the parent answers it in one line; the workers ignore it and are ended."
+    from dagman_fast.data import synthetic_ct
+    synthetic_ct(tmp_path / 'scans', n=12, size=96)
+    cache = tmp_path / 'cache'
+    proc = subprocess.Popen([sys.executable, '-m', 'dagman_fast.cli', 'preprocess', str(tmp_path / 'scans'),
+                             '--cache-dir', str(cache), '--crop', '32', '--workers', '2'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    deadline = time.time() + 300
+    while not list(cache.rglob('*.pt')) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, 'preprocessing ended before it could be stopped'
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130
+    assert err.strip() == 'dagman: stopped by SIGINT', err[-2000:]
