@@ -147,7 +147,7 @@ def test_finetune_and_evaluate(tmp_path, capsys):
 
 
 def _fake_seg_pair(folder, name, seed):
-    "A 40^3 soft-tissue volume at 2 mm with a bright cube (label values 3 and 4) and a dark slab (7)."
+    "A 40^3 soft-tissue volume at 2 mm, air at one edge, with a bright cube (label values 3 and 4) and a dark slab (7)."
     rng = np.random.default_rng(seed)
     hu = rng.normal(40, 15, (40, 40, 40)).astype(np.float32)
     lab = np.zeros((40, 40, 40), np.uint8)
@@ -157,6 +157,7 @@ def _fake_seg_pair(folder, name, seed):
     lab[4 + o:8 + o, 5:17, 6:18] = 4  # the same object, another label value: merged by --labels 3,4
     hu[22:34, 20:36, 10 + o:30 + o] -= 120
     lab[22:34, 20:36, 10 + o:30 + o] = 7
+    hu[:, :, :2] = -1000.0  # a strip of air at the edge of the field, as every CT has (no air: not a CT)
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     paths = folder / f'{name}_ct.nii.gz', folder / f'{name}_seg.nii.gz'
     nib.save(nib.Nifti1Image(hu, aff), str(paths[0]))
