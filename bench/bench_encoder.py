@@ -2,6 +2,7 @@
 
     python bench/bench_encoder.py                       # swin-smit, 64^3, batch 2, fp32, CPU (the issue's setting)
     python bench/bench_encoder.py --size 96 --batch 1 --reps 3
+    python bench/bench_encoder.py --amp bf16            # both under CPU bf16 autocast (fast where the CPU has AVX512-BF16/AMX)
 
 Same weights, same input, same loss (mean squared distance of each of the five normalised maps to a fixed random
 target, summed: the two losses agree only if the maps do).
@@ -9,6 +10,10 @@ target, summed: the two losses agree only if the maps do).
 Time: one subprocess holds both models and alternates their steps (drifts of a shared machine hit both alike);
 median of `--reps` steps each, after `--warmup`. Run it on an idle machine: two processes competing for 2 cores
 slow PyTorch's spinning OpenMP threads by an order of magnitude.
+
+FLOPs: counted once per model with `count_flops` (PyTorch's `FlopCounterMode`) on one step, ours through the reference
+attention path (plain matmuls the counter knows), MONAI's as it runs: two independent counts of the same network.
+Achieved TFLOP/s = FLOPs / median time; MFU = that over the CPU's measured matmul peak in the step's dtype.
 
 Peak memory: each model in its own fresh subprocess; the rise of the peak resident set during one step above the
 resident set before it (Linux `VmHWM`, reset through `/proc/self/clear_refs`), i.e. activations, gradients and
@@ -65,10 +70,13 @@ def worker(args) -> dict:
     with torch.no_grad():  # a fixed random target per map, so that equal losses mean equal maps
         targets = [torch.randn(f.shape, generator=gen) for f in models['ours'][1](x)]
 
+    amp = args.amp == 'bf16'
+
     def step(impl):
         model, run = models[impl]
         model.zero_grad(set_to_none=True)
-        loss = sum((f - t).pow(2).mean() for f, t in zip(run(x), targets))
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            loss = sum((f.float() - t).pow(2).mean() for f, t in zip(run(x), targets))
         loss.backward()
         return loss.item()
 
@@ -84,6 +92,13 @@ def worker(args) -> dict:
         return {args.impl: dict(loss=loss, peak_mib=(_status_kib('VmHWM') - base) / 1024, exact_peak=exact)}
     runs = models
     res = {impl: dict(times=[]) for impl in runs}
+    from dagman_fast.train_utils import count_flops
+    counted = build_encoder(args.preset, sa_stage=None, drop_path_rate=0.0, attn_impl='reference').train()
+    counted.load_state_dict(models['ours'][0].state_dict())
+    models['ours-counted'] = (counted, counted.forward_features)
+    for impl in list(res):
+        res[impl]['flops'] = count_flops(step, 'ours-counted' if impl == 'ours' else impl)[1]
+    del models['ours-counted'], counted
     for _ in range(args.warmup):
         for impl in runs:
             step(impl)
@@ -97,6 +112,17 @@ def worker(args) -> dict:
     return res
 
 
+def _cpu_model() -> str:
+    "The CPU model as `lscpu` names it (CPU timings are only comparable on one model)."
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='swin-smit')
@@ -106,6 +132,7 @@ def main():
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument('--attn-impl', default='auto')
+    p.add_argument('--amp', choices=['fp32', 'bf16'], default='fp32', help='bf16: both models under CPU bf16 autocast')
     p.add_argument('--impl', choices=['ours', 'monai'], help=argparse.SUPPRESS)
     p.add_argument('--measure', choices=['time', 'memory'], help=argparse.SUPPRESS)
     p.add_argument('--out', help=argparse.SUPPRESS)
@@ -135,11 +162,18 @@ def main():
         for impl in ('monai', 'ours'):
             res[impl].update(run('memory', impl)[impl])
     m, o = res['monai'], res['ours']
-    print(f'device: CPU ({platform.processor() or platform.machine()}), {args.threads} threads; torch {torch.__version__}, '
-          f'monai {monai.__version__}; {args.preset}, {args.size}^3, batch {args.batch}, fp32, forward+backward')
-    print(f'{"":8}{"median s":>10}{"peak MiB":>10}  steps (s)')
+    from dagman_fast.train_utils import mfu, peak_tflops
+    torch.set_num_threads(args.threads)
+    peak, source = peak_tflops('cpu', torch.bfloat16 if args.amp == 'bf16' else torch.float32)
+    print(f'device: CPU ({_cpu_model()}), {args.threads} threads; torch {torch.__version__}, '
+          f'monai {monai.__version__}; {args.preset}, {args.size}^3, batch {args.batch}, {args.amp}, forward+backward')
+    print(f'FLOPs of one step: ours {o["flops"] / 1e9:.2f} G, MONAI {m["flops"] / 1e9:.2f} G (counted apart); '
+          f'CPU peak {peak:.3f} TFLOP/s ({source})')
+    print(f'{"":8}{"median s":>10}{"peak MiB":>10}{"TFLOP/s":>9}{"MFU":>7}  steps (s)')
     for name, r in (('MONAI', m), ('ours', o)):
-        print(f'{name:8}{r["median_s"]:10.3f}{r["peak_mib"]:10.0f}  ' + ' '.join(f'{t:.3f}' for t in r['times']))
+        rate = r['flops'] / r['median_s'] / 1e12
+        print(f'{name:8}{r["median_s"]:10.3f}{r["peak_mib"]:10.0f}{rate:9.3f}{mfu(r["flops"], r["median_s"], peak):7.1%}  '
+              + ' '.join(f'{t:.3f}' for t in r['times']))
     print(f'loss: MONAI {m["loss"]:.6f}, ours {o["loss"]:.6f} (same weights, input and targets)')
     print(f'speed-up (MONAI time / ours): {m["median_s"] / o["median_s"]:.2f}x   '
           f'peak memory ratio (ours / MONAI): {o["peak_mib"] / m["peak_mib"]:.2f}')

@@ -17,7 +17,7 @@ import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle and fine_tune 
 from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import AccumMetric, ActivationType, accuracy, skm_to_fastai
-from fastai.optimizer import Adam
+from .train_utils import FusedAdamW
 
 from .checkpoint import load_model, resolve_encoder, save_model
 from .callback_base import unwrap
@@ -25,7 +25,7 @@ from .core import NODULE_HU_WINDOW, atomic_path, check_option, check_ratio
 from .data import medmnist_file
 from .distributed import all_sum, rank, world_size
 from .learner import FineTuneLearner
-from .swin import ViTEncoder, encoder_groups, pad_to_encoder, set_drop_path
+from .swin import ViTEncoder, compile_blocks, encoder_groups, pad_to_encoder, set_drop_path
 
 # %% auto #0
 __all__ = ['MEDMNIST3D_CLASSES', 'NODULE_LABEL_RULES', 'POOLS', 'CLASSIFIER_FORMAT', 'medmnist3d_dls', 'check_class_labels',
@@ -467,7 +467,7 @@ class Augment3D(Callback):
 def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None, linear_probe: bool = False,
                 pool: str = 'avg', n_out: int | None = None, dropout: float = 0.0, lr: float = 1e-3, wd: float = 0.05,
                 metrics=None, class_weights='balanced', augment=True, drop_path: float | None = 0.1,
-                norm: bool = True, **kwargs) -> FineTuneLearner:
+                norm: bool = True, compile: bool = False, **kwargs) -> FineTuneLearner:
     """A fastai `Learner` for classification with a (pretrained) encoder and a linear head.
 
     Args:
@@ -490,6 +490,7 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
             `cls_augment()`).
         drop_path: the encoder's stochastic depth while fine-tuning (`set_drop_path`; default 0.1, the rate of
             `swin-smit`), or None to keep the encoder's own.
+        compile: compile the encoder's blocks (`compile_blocks`, regional `torch.compile`; off by default).
         **kwargs: passed to fastai's `Learner` (e.g. `path`, `cbs`).
 
     The defaults are the fine-tuning recipe (BENCHMARKS.md#classification-adrenalmnist3d): standardised features, balanced class weights,
@@ -507,6 +508,8 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
     enc = resolve_encoder(encoder, preset or ('swin-smit' if arch == 'swin' else 'vit-base'))
     if drop_path is not None:
         set_drop_path(enc, drop_path)
+    if compile:
+        compile_blocks(enc)
     model = ClsModel(enc, n_out, pool, dropout, frozen_encoder=linear_probe, norm=norm)
     if isinstance(class_weights, str):
         check_option(class_weights, ('balanced',), 'class_weights')
@@ -524,7 +527,7 @@ def cls_learner(dls, encoder=None, arch: str = 'swin', preset: str | None = None
     if norm:
         cbs = [FeatureStats()] + cbs
     kwargs['cbs'] = cbs
-    learn = FineTuneLearner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=Adam, lr=lr, wd=wd,
+    learn = FineTuneLearner(dls, model, loss_func=CrossEntropyLossFlat(weight=class_weights), opt_func=FusedAdamW, lr=lr, wd=wd,
                        splitter=cls_splitter, metrics=cls_metrics(n_out) if metrics is None else metrics,
                        train_bn=False, **kwargs)
     learn.ddp_find_unused = True  # the encoder's mask token (and with avg pooling the SA module's norm) never serve

@@ -187,6 +187,9 @@ def _pretrain_parser(sub) -> None:
     s.add_argument('--tensorboard', metavar='DIR', default=None,
                    help="also log to TensorBoard in DIR (fastai's TensorBoardCallback, with every figure of the CSV "
                         'log); needs pip install "dagman_fast[tensorboard]"')
+    s.add_argument('--compile', action='store_true',
+                   help='compile the encoder blocks with torch.compile (regional; minutes of compiling first, worth '
+                        'it on a GPU for long runs; off by default)')
     s.set_defaults(func=('recipes', 'pretrain'))
 
 
@@ -237,6 +240,8 @@ def _finetune_parser(sub) -> None:
     s.add_argument('--lr', type=_float_range(0), default=1e-3)
     s.add_argument('--fraction', type=_float_range(0, 1), default=1.0,
                    help='stratified share of the training set (few-shot), in (0, 1]')
+    s.add_argument('--compile', action='store_true',
+                   help="compile the encoder's blocks with torch.compile (regional; off by default)")
     s.set_defaults(func=('tasks', 'finetune'))
 
 

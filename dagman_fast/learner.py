@@ -18,7 +18,6 @@ import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle, lr_find to Le
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.callback.training import GradientClip
-from fastai.optimizer import Adam
 from fastcore.foundation import L
 
 from .callbacks import AttentionGuidedMasking, EMATeacher, FreezeLastLayer, NoisyTeacher, PretrainLog
@@ -28,8 +27,9 @@ from .core import atomic_path, check_option
 from .distributed import DistributedLearner, rank, world_size
 from .encoder_configs import ViTConfig, encoder_config
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
+from .swin import compile_blocks
 from .schedule import layer_decay_lrs, warmup_cosine_scheds
-from .train_utils import (DeviceMixedPrecision, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
+from .train_utils import (DeviceMixedPrecision, FusedAdamW, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
                                      StopOnNaN)
 
 # %% auto #0
@@ -94,7 +94,7 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
                    wd: float = 0.05, amp: str | bool | None = None, checkpoint: str | None = 'checkpoint.pth',
                    checkpoint_every: int = 1, log: str | None = 'pretrain_log.csv', path=None, cbs=None,
                    scale_lr: bool = False, wd_final: float | None = None, defaults: dict | None = None,
-                   **cfg) -> DAGMaNLearner:
+                   compile: bool = False, **cfg) -> DAGMaNLearner:
     """A fastai `Learner` that pretrains an encoder with DAGMaN (or one of the baselines in `METHODS`) on `dls`.
 
     Args:
@@ -105,7 +105,8 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
         method: a name in `METHODS`: 'dagman' (the paper), the baselines 'smit', 'ibot3d', 'mst', 'attmask', or an
             ablation ('sa-only', 'nt-only', 'sa-stage-1'..'sa-stage-4', 'no-aitd', 'no-ampd', 'no-gitd', 'no-amip').
         encoder: a preset name in `PRESETS` or a `SwinConfig`/`ViTConfig`; its `img_size` becomes the crop of `dls`.
-        lr, wd: AdamW (fastai's Adam with decoupled weight decay; no decay on norms and biases) with PyTorch's AdamW
+        lr, wd: AdamW (`FusedAdamW`: fastai's Adam with decoupled weight decay, one multi-tensor update per group;
+            no decay on norms and biases) with PyTorch's AdamW
             betas (0.9, 0.999) and eps 1e-8; `fit_warmup_cosine` keeps the betas constant.
         scale_lr: DINO's rule, `lr * batch / 256` with `batch` the scans of one step over all processes.
         wd_final: the weight decay `fit_warmup_cosine` ends at, on a cosine from `wd` (DINO: 0.04 to 0.4).
@@ -118,6 +119,8 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
         defaults: `DAGMaNConfig` and encoder fields below the method's and the user's (`**cfg`): the settings of a
             run's size, `run_defaults(preset, crop, kind)`. Precedence: `**cfg` > the method > `defaults` > the
             config's own defaults (and the `encoder` config's fields).
+        compile: compile the encoder blocks of the student and the teacher (`compile_blocks`: regional `torch.compile`);
+            off by default: on the CPU it gained 1.1x for minutes of compiling (`BENCHMARKS.md`, "Compiled blocks").
         **cfg: any other `DAGMaNConfig` field, e.g. `mask_ratio=0.6, loss_weights={'amip': 0.5}`, or a field of the
             encoder's config, e.g. `sa_stage=2, drop_path_rate=0.0`.
 
@@ -155,6 +158,9 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
     if ('vit' if isinstance(ecfg, ViTConfig) else 'swin') != arch and method == 'attmask':
         raise ValueError(f"method 'attmask' runs on a ViT; got a {type(ecfg).__name__}")
     model = DAGMaNModel(ecfg, config)
+    if compile:
+        for branch in (model.student, model.teacher):
+            compile_blocks(branch.encoder)
     callbacks = [EMATeacher(), AttentionGuidedMasking(), FreezeLastLayer(), StopOnNaN(), StopOnDivergence()]
     if config.noisy_teacher and config.patch_drop > 0:
         callbacks.append(NoisyTeacher())
@@ -179,7 +185,7 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
     if log:
         callbacks.append(PretrainLog(log))
     # PyTorch's AdamW betas and eps (fastai's Adam defaults to sqr_mom 0.99, eps 1e-5), as DINO and SMIT train
-    adamw = partial(Adam, mom=0.9, sqr_mom=0.999, eps=1e-8)
+    adamw = partial(FusedAdamW, mom=0.9, sqr_mom=0.999, eps=1e-8)
     if scale_lr:  # DINO: lr = base_lr * batch_size_per_gpu * world_size / 256
         lr = lr * dls.train.bs * world_size() / 256
     learn = DAGMaNLearner(dls, model, loss_func=DAGMaNLoss(model), opt_func=adamw, lr=lr, wd=wd,

@@ -16,14 +16,14 @@ import fastai.callback.progress  # noqa: F401  fastai's progress bars (and learn
 import fastai.callback.schedule  # noqa: F401  adds fit_one_cycle and fine_tune to Learner
 from fastai.learner import Learner
 from fastai.metrics import Metric
-from fastai.optimizer import Adam
+from .train_utils import FusedAdamW
 from torch.utils.data import Dataset
 
 from .checkpoint import load_model, resolve_encoder, save_model
 from .core import HU_WINDOW, SPACING, as_triple, atomic_path
 from .data import CTPreprocess, CTVolumes, ct_preprocess, file_stamp, label_groups, split_indices
 from .learner import FineTuneLearner
-from .swin import SwinEncoder, encoder_groups
+from .swin import SwinEncoder, compile_blocks, encoder_groups
 
 # %% auto #0
 __all__ = ['SEGMENTER_FORMAT', 'SegVolumes', 'seg_pairs_dls', 'SegModel', 'seg_splitter', 'DiceCE', 'DiceScore', 'seg_learner',
@@ -212,15 +212,17 @@ class DiceScore(Metric):
 
 
 def seg_learner(dls, encoder=None, n_classes: int | None = None, preset: str = 'swin-smit', lr: float = 1e-3,
-                wd: float = 0.05, norm_name: str = 'instance', **kwargs) -> FineTuneLearner:
+                wd: float = 0.05, norm_name: str = 'instance', compile: bool = False, **kwargs) -> FineTuneLearner:
     """A fastai `Learner` for segmentation: a (pretrained) Swin encoder and MONAI's SwinUNETR decoder, Dice + CE
     loss, Dice metric. `encoder` as in `cls_learner`; `n_classes` defaults to `dls.c` (background included).
-    `learn.fine_tune(epochs, base_lr)` trains the decoder with the encoder frozen first."""
+    `learn.fine_tune(epochs, base_lr)` trains the decoder with the encoder frozen first. `compile`: compile the
+    encoder's blocks (`compile_blocks`, regional `torch.compile`; off by default)."""
     n_classes = n_classes or getattr(dls, 'c', None)
     if not n_classes or n_classes < 2:
         raise ValueError(f'need at least 2 classes (background + one): pass n_classes= (dls.c is {getattr(dls, "c", None)})')
-    model = SegModel(resolve_encoder(encoder, preset), n_classes, norm_name)
-    learn = FineTuneLearner(dls, model, loss_func=DiceCE(), opt_func=Adam, lr=lr, wd=wd, splitter=seg_splitter,
+    enc = resolve_encoder(encoder, preset)
+    model = SegModel(compile_blocks(enc) if compile else enc, n_classes, norm_name)
+    learn = FineTuneLearner(dls, model, loss_func=DiceCE(), opt_func=FusedAdamW, lr=lr, wd=wd, splitter=seg_splitter,
                        metrics=[DiceScore(n_classes)], train_bn=False, **kwargs)
     learn.ddp_find_unused = True  # the encoder's mask token and SA module never serve the decoder
     return learn

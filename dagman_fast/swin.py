@@ -23,7 +23,7 @@ from .windows import Triple, WindowPlan, permute_tokens, relative_position_index
 # %% auto #0
 __all__ = ['PatchEmbed', 'EncoderOutput', 'ViTEncoder', 'SwinEncoder', 'build_encoder', 'DropPath', 'WindowAttention', 'Mlp',
            'SwinBlock', 'PatchMerging', 'SwinStage', 'Attention', 'ViTBlock', 'SAOutput', 'SemanticAttention',
-           'pad_offsets', 'pad_to_encoder', 'set_drop_path', 'encoder_groups']
+           'pad_offsets', 'pad_to_encoder', 'set_drop_path', 'encoder_groups', 'compile_blocks']
 
 # %% ../nbs/02_swin.ipynb #084097da
 def _channels_first_norm(t: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -642,3 +642,22 @@ def encoder_groups(enc: SwinEncoder | ViTEncoder) -> list[list]:
                 i = 0  # patch embedding, mask token
             groups[i].append(p)
     return [g for g in groups if g]
+
+# %% ../nbs/02_swin.ipynb #3792f6b9
+def compile_blocks(encoder: SwinEncoder | ViTEncoder, **compile_kwargs) -> SwinEncoder | ViTEncoder:
+    """Compile each Swin block, patch merging and ViT/SA block of `encoder` with `torch.compile` (regional
+    compilation, static shapes); changes `encoder` in place and returns it. Weights, `state_dict` names and results
+    are unchanged (to float tolerance: fused kernels sum in another order).
+
+    The GELU recomputation of `Mlp` is turned off in compiled blocks: the compiler chooses what to keep for backward
+    itself. `compile_kwargs` go to `torch.compile` (e.g. `mode='max-autotune'`). The first step of each block shape
+    pays the compile time (measured in `BENCHMARKS.md`, "Compiled blocks").
+    """
+    compile_kwargs = {'dynamic': False, **compile_kwargs}
+    for m in encoder.modules():
+        if isinstance(m, (SwinBlock, ViTBlock)):
+            m.mlp.recompute_gelu = False
+        if isinstance(m, (SwinBlock, ViTBlock, PatchMerging)):
+            m.compile(**compile_kwargs)
+    encoder.compiled = True
+    return encoder

@@ -141,7 +141,7 @@ def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
     o.update(size=size, bs=dls.train.bs, class_weights=o['class_weights'] or 'balanced',
              drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
              label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
-    learn = cls_learner(dls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=out,
+    learn = cls_learner(dls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=out, compile=o['compile'],
                         class_weights=None if o['class_weights'] == 'none' else 'balanced',
                         augment=not o['no_augment'], drop_path=o['drop_path'])
     if not _fit(learn, world, dls.train.bs, o['tensorboard'], **train):  # rank 0 saves and scores alone
@@ -249,7 +249,8 @@ def _finetune_seg(out: Path, o: dict, train: dict) -> dict:
     if not dls.valid_volumes:
         raise RunError('no validation volume: give --valid-seg IMAGE LABEL, split=valid rows or --valid-pct')
     check_out(out)
-    learn = seg_learner(dls, encoder=o['encoder'] or _random_encoder(o['preset'], o['crop']), lr=o['lr'], path=out)
+    learn = seg_learner(dls, encoder=o['encoder'] or _random_encoder(o['preset'], o['crop']), lr=o['lr'], path=out,
+                        compile=o['compile'])
     if not _fit(learn, world, o['bs'], o['tensorboard'], **train):  # rank 0 saves and scores alone
         return {}
     held_out = [[str(Path(p).resolve()) for p in v['pair']] for v in dls.valid_volumes]  # any working directory
@@ -278,13 +279,14 @@ def finetune(out='dagman_cls', *, medmnist: str | None = None, root=None, nodule
              pool: str = 'avg', tensorboard=None, epochs: int = 20, schedule: str | None = None,
              layer_decay: float | None = None, pct_start: float | None = None, freeze_epochs: int | None = None,
              class_weights: str | None = None, no_augment: bool = False, drop_path: float | None = None,
-             lr: float = 1e-3, fraction: float = 1.0) -> dict:
+             lr: float = 1e-3, fraction: float = 1.0, compile: bool = False) -> dict:
     """Fine-tune (or with `linear_probe` probe) `encoder` (a file of `pretrain`, a checkpoint or public weights; None:
     a random `preset`) for classification (`medmnist` + `root`, or `nodules`) or segmentation (`seg` pairs or
     `seg_csv`, with `labels`), and write the model, `results.json` and its plots to `out`. `schedule`: 'recipe'
     (classification's default: layer-wise LR decay `layer_decay`, warm-up over the share `pct_start` of the steps, the
     best validation epoch kept) or 'fastai' (segmentation's: `fine_tune`, `freeze_epochs` frozen first). Returns the
-    results (empty on the other processes of a data-parallel run)."""
+    results (empty on the other processes of a data-parallel run). `compile`: regional `torch.compile` of the
+    encoder's blocks (`compile_blocks`)."""
     o = {k: v for k, v in locals().items() if k != 'out'}
     from dagman_fast.recipes import require_tensorboard
     is_seg = bool(seg or seg_csv)
