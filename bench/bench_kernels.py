@@ -25,6 +25,7 @@ H200 4800, A100 80GB 2039, A100 40GB 1555 GB/s).
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -228,21 +229,32 @@ def test_topk_mask(benchmark, request, impl):
     _record(benchmark, request, attn.numel() * 4 + noise.numel() * 4 + b * n)
 
 
-@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'triton', 'auto'])
+@pytest.mark.parametrize('impl', ['reference', 'sdpa', 'triton', 'auto', 'compiled'])
 def test_encoder_forward_backward(benchmark, request, impl):
+    """The whole encoder's forward and backward; 'compiled': the 'auto' path with `compile_blocks` (its compile time
+    is spent in the untimed warm-up and recorded). `extra_info['flops']`: the step's FLOPs, counted once on the
+    reference path (`count_flops`), from which `gpu_summary.py` gives TFLOP/s and MFU."""
     if impl == 'triton' and not TRITON:
         pytest.skip('Triton needs CUDA')
+    from dagman_fast.swin import compile_blocks
+    from dagman_fast.train_utils import count_flops
     benchmark.group = 'encoder-fwdbwd'
     preset, crop, bs = ('swin-smit', 128, 2) if CUDA else ('swin-tiny', 64, 1)
-    enc = build_encoder(preset, attn_impl=impl, drop_path_rate=0.0).to(DEVICE)
+    enc = build_encoder(preset, attn_impl='auto' if impl == 'compiled' else impl, drop_path_rate=0.0).to(DEVICE)
+    if impl == 'compiled':
+        compile_blocks(enc)
     x = torch.randn(bs, 1, crop, crop, crop, device=DEVICE)
 
-    def step():
+    def step(model=enc):
         with torch.autocast(DEVICE, dtype=DTYPE, enabled=CUDA):
-            out = enc(x)
+            out = model(x)
         sum(f.float().mean() for f in out.features).backward()
         _sync()
+    t0 = time.perf_counter()
     peak = _warm_up(step)
+    benchmark.extra_info['warmup_s'] = round(time.perf_counter() - t0, 1)
     benchmark(step)
+    counted = build_encoder(preset, attn_impl='reference', drop_path_rate=0.0).to(DEVICE)
+    benchmark.extra_info['flops'] = count_flops(step, counted)[1]
     benchmark.extra_info['shape'] = f'{preset} {crop}^3 bs {bs}'
     _record(benchmark, request, 0, peak)

@@ -44,8 +44,10 @@ from dagman_fast.train_utils import StepTimer
 PARTS = ['data', 'teacher', 'masking', 'student', 'losses', 'backward', 'ema', 'other']
 
 
-def _learner(dls, method, args, attn_impl, amp):
+def _learner(dls, method, args, attn_impl, amp, compile=False):
     kw = {} if amp == 'default' else dict(amp=False if amp == 'fp32' else amp)
+    if compile:  # only then: a baseline revision's learner may not know the option
+        kw['compile'] = True
     return dagman_learner(dls, method=method, encoder=args.encoder, checkpoint=None, log=None, attn_impl=attn_impl,
                           path=tempfile.mkdtemp(), out_dim=args.out_dim, head_hidden=args.head_hidden, **kw)
 
@@ -76,7 +78,7 @@ def step_flops(dls, method, args) -> int:
 
 def run(dls, method, args, attn_impl='auto', amp='default'):
     set_seed(0)
-    learn = _learner(dls, method, args, attn_impl, amp)
+    learn = _learner(dls, method, args, attn_impl, amp, args.compile)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     timer = StepTimer(warmup=args.warmup)
@@ -101,6 +103,8 @@ def main():
     p.add_argument('--attn-impls', nargs='+', default=['auto'], help="the encoder's attention paths to compare")
     p.add_argument('--amps', nargs='+', default=['default'], choices=['default', 'fp32', 'bf16'],
                    help="autocast of each run ('default': the learner's choice, fp32 on the CPU)")
+    p.add_argument('--compile', action='store_true',
+                   help='compile the encoder blocks (compile_blocks); the compile time falls in the untimed warm-up')
     p.add_argument('--baseline', default=None, metavar='REV', help="also time the library of git revision REV")
     p.add_argument('--json', default=None, help='also write the per-part times here')
     p.add_argument('--timing-only', action='store_true', help=argparse.SUPPRESS)  # a baseline's run: no FLOPs
@@ -126,7 +130,7 @@ def main():
         for impl in args.attn_impls:
             for amp in args.amps:
                 name = '/'.join([method] + ([impl] if len(args.attn_impls) > 1 else [])
-                                + ([amp] if len(args.amps) > 1 else []))
+                                + ([amp] if len(args.amps) > 1 else [])) + ('+compile' if args.compile else '')
                 t0 = time.perf_counter()
                 results[name], n = run(dls, method, args, impl, amp)
                 peaks[name] = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None
@@ -157,7 +161,7 @@ def main():
         print('| run | s/step | TFLOP/s | MFU |')
         print('|---|---|---|---|')
     for name, r in results.items():
-        f = flops.get(name.split('/')[0].split('@')[0])
+        f = flops.get(name.split('@')[0].split('/')[0].split('+')[0])  # by method
         if f is None:
             continue
         secs = sum(r.values())

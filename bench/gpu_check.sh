@@ -3,6 +3,7 @@
 #
 #     bash bench/gpu_check.sh [OUT_DIR]             # OUT_DIR defaults to $OUT, else ./gpu_check_out
 #     bash bench/gpu_check.sh OUT_DIR learns        # only the 'learns' part (about 9 minutes: its own command)
+#     bash bench/gpu_check.sh OUT_DIR compiled      # only the 'compiled' part (compile_blocks; about 5 minutes)
 #
 # Needs only the project's dev install (`pip install -e ".[dev]"` over a CUDA build of torch). In under 8 minutes
 # on one GPU it writes, under OUT_DIR:
@@ -12,11 +13,14 @@
 #                   interpreted (bf16, paper-scale shapes, 'auto' picking the kernel)
 #     kernels       bench/bench_kernels.py -> kernels.json (pytest-benchmark): one block's window attention forward
 #                   and forward+backward for eager, SDPA, NATTEN (where installed) and Triton; the top-k mask
-#                   kernel; the whole swin-smit encoder at 128^3 in bf16 for every attn_impl
+#                   kernel; the whole swin-smit encoder at 128^3 in bf16 for every attn_impl, with its FLOPs
 #     flex          the same attention benchmarks with compiled FlexAttention -> flex.json (its own part: compiling
 #                   takes a while, and a time limit there must not lose the other results)
 #     pretrain      bench/bench_pretrain.py -> pretrain.json: a DAGMaN step at the paper's scale (swin-smit, 128^3
-#                   crops, batch 2 x 2 views, bf16) with eager attention and with the Triton kernels, in parts
+#                   crops, batch 2 x 2 views, bf16) with eager attention and with the Triton kernels, in parts,
+#                   with the step's FLOPs, TFLOP/s and MFU
+#     compiled      (only when named) the encoder and the step above with compile_blocks (regional torch.compile)
+#                   -> compiled.json, pretrain_compiled.json; the compile time is in the untimed warm-up
 #     augment       bench/bench_augment.py -> augment.json: fine-tuning's batch augmentation, MONAI per volume
 #                   against BatchAugment3D, on the CPU and the GPU
 #     learns        (only when named) bench/bench_collapse.py: swin-smit pretrained at 64^3 with the library's
@@ -83,13 +87,18 @@ want flex && part flex 90 "$PY" "${bench[@]}" -k flex --benchmark-json "$out/fle
 want pretrain && part pretrain 120 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 \
   --warmup 3 --methods dagman --attn-impls reference triton --json "$out/pretrain.json"
 want augment && part augment 60 "$PY" bench/bench_augment.py --reps 5 --json "$out/augment.json"
+if want compiled; then
+  part compiled-encoder 200 "$PY" "${bench[@]}" -k 'encoder and compiled' --benchmark-json "$out/compiled.json"
+  part compiled-step 240 "$PY" bench/bench_pretrain.py --encoder swin-smit --crop 128 --bs 2 --steps 8 \
+    --warmup 3 --methods dagman --attn-impls triton --compile --json "$out/pretrain_compiled.json"
+fi
 if want learns; then  # the defaults at a GPU's scale: 8 minutes of swin-smit at 64^3, then the monitors' table
   data=synthetic; [ -d ../shared/data/lidc_idri ] && data=ct
   part learns 560 "$PY" bench/bench_collapse.py --data "$data" --configs default --encoder swin-smit --crop 64 \
     --bs 8 --steps 3000 --max-minutes 8 --out "$out/learns"
   "$PY" bench/bench_collapse.py --table "$out/learns" | tee -a "$out/summary.md"
 fi
-if want kernels || want pretrain; then
+if want kernels || want pretrain || want compiled; then
   "$PY" bench/gpu_summary.py "$out" >"$out/summary.md" 2>&1 || failed+=("summary")
   cat "$out/summary.md"
 fi

@@ -33,7 +33,7 @@ from .scan_checks import (MIN_AXIS_VOXELS, NIFTI_SUFFIXES, _CheckCT, _CheckFinit
 __all__ = ['INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'warn_once', 'find_ct_scans', 'synthetic_ct',
            'demo_ct_scans', 'CTPreprocess', 'label_groups', 'scan_item', 'file_stamp', 'failure_reason',
            'read_index_rows', 'cache_file_name', 'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess',
-           'split_indices', 'ct_ssl_dls', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
+           'split_indices', 'ct_ssl_dls', 'PrefetchDataLoader', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
 def warn_once(message: str, stacklevel: int = 2) -> None:
@@ -627,11 +627,14 @@ def _views_dls(vols, split: tuple, bs: int, num_workers: int, **views_kw):
     """The self-supervised `DataLoaders` of both SSL loaders: `TwoViews` over the `(train, valid)` index lists of
     `vols`, every tensor of a batch an input (no target in self-supervision), batches on fastai's default device."""
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
     from fastai.torch_core import default_device  # batches go to the GPU when there is one
     train, valid = (TwoViews(torch.utils.data.Subset(vols, idx), **views_kw) for idx in split)
-    dls = DataLoaders(DataLoader(train, bs=bs, shuffle=True, drop_last=len(train) >= bs, num_workers=num_workers),
-                      DataLoader(valid, bs=bs, shuffle=False, num_workers=num_workers), device=default_device())
+    device = default_device()
+    pin = torch.device(device).type == 'cuda'  # pinned host batches: their copies to the GPU can overlap the step
+    dls = DataLoaders(PrefetchDataLoader(train, bs=bs, shuffle=True, drop_last=len(train) >= bs, num_workers=num_workers,
+                                         pin_memory=pin),
+                      PrefetchDataLoader(valid, bs=bs, shuffle=False, num_workers=num_workers, pin_memory=pin),
+                      device=device)
     dls.n_inp, dls.volumes, dls.skipped = train.views, vols, []
     dls.show_batch = lambda max_n=2, mask=None, path=None: show_batch_3d(dls.one_batch(), mask, max_n, path)
     return dls
@@ -645,6 +648,70 @@ def _settings_text(prep: CTPreprocess) -> str:
     if tuple(prep.hu_range) != HU_WINDOW:
         text += f' --hu-range {prep.hu_range[0]:g} {prep.hu_range[1]:g}'
     return text
+
+# %% ../nbs/01_data.ipynb #f552ba39
+from fastai.data.load import DataLoader as _FastaiDataLoader
+
+
+class PrefetchDataLoader(_FastaiDataLoader):
+    """fastai's `DataLoader` that keeps one batch ahead on a CUDA device: while the model trains on batch i, batch i+1
+    (prepared on the host, in pinned memory with `pin_memory=True`) is already being copied on a side stream with
+    `non_blocking` copies, and the training stream waits for that copy on the GPU (an event), never on the host.
+    fastai's own loader copies each batch when it is asked for it, on the training stream, so the step waits for the
+    copy. `after_batch` transforms run on the device, on the training stream, as in fastai's.
+
+    `prefetch`: None (default) on CUDA devices only; True forces the one-ahead loop elsewhere (the CPU has no copy to
+    overlap: tests). The loop is fastai 2.8's `DataLoader.__iter__` with the copy moved one batch ahead.
+    """
+
+    def __init__(self, *args, prefetch: bool | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefetch = prefetch
+
+    def _prefetching(self) -> bool:
+        cuda = self.device is not None and torch.device(self.device).type == 'cuda'
+        return cuda if self.prefetch is None else self.prefetch and self.device is not None
+
+    def __iter__(self):
+        if not self._prefetching():
+            yield from super().__iter__()
+            return
+        from contextlib import nullcontext
+
+        from fastai.data.load import _loaders
+        from fastai.torch_core import to_device
+        cuda = torch.device(self.device).type == 'cuda'
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        self.randomize()
+        self.before_iter()
+        self._DataLoader__idxs = self.get_idxs()  # fastai's private name: read by its `sample`
+        ahead = None
+        for b in _loaders[self.fake_l.num_workers == 0](self.fake_l):
+            if self.pin_memory and type(b) == list:
+                b = tuple(b)  # as fastai: pinning turns tuples into lists
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                b = to_device(b, self.device, non_blocking=True)
+                done = torch.cuda.Event() if cuda else None
+                if cuda:
+                    done.record(stream)
+            if ahead is not None:
+                yield self._ready(*ahead)
+            ahead = (b, done)
+        if ahead is not None:
+            yield self._ready(*ahead)
+        self.after_iter()
+        if hasattr(self, 'it'):
+            del self.it
+
+    def _ready(self, b, done):
+        "The batch `b` once its copy is done, for the current (training) stream; then fastai's `after_batch`."
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            from fastai.torch_core import apply
+            # the side stream does not reuse the batch's memory while the step still reads it
+            apply(lambda t: t.record_stream(current) if isinstance(t, torch.Tensor) else t, b)
+        return self.after_batch(b)
 
 # %% ../nbs/01_data.ipynb #bd1aebb6
 def show_batch_3d(batch, mask=None, max_n: int = 2, path=None, title: str | None = None):

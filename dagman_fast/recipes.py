@@ -484,7 +484,7 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
              resume=None, save_every: int = 1, spacing: float | None = None, cache_dir=None, on_error: str = 'raise',
              valid_pct: float | None = None, workers: int = 0, crops_per_scan: int | None = None,
              synthetic: int | None = None, seed: int | None = None, attn_stats_every: int | None = None,
-             tensorboard=None, compile: bool = False, **cfg) -> int:
+             tensorboard=None, compile: bool = False, amp: str | None = None, **cfg) -> int:
     """Pretrain an encoder with `method` (`METHODS`) and write the run to `out`; 0 when done, 3 when it diverged.
 
     Data: `data` (a folder, scan paths or a CSV), else the scans indexed in `cache_dir` by `preprocess`, else
@@ -493,7 +493,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
     `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: 10 by default.
     `warmup`: epochs of linear warm-up (10% of `epochs` by default). `compile`: regional `torch.compile` of the
-    encoder blocks (`compile_blocks`). `**cfg`: `DAGMaNConfig` and encoder fields.
+    encoder blocks (`compile_blocks`). `amp`: 'bf16', 'fp16' or 'fp32' (default: bf16 on CUDA, fp32 on the CPU;
+    'bf16' on a CPU with native bf16 is about 1.5x faster). `**cfg`: `DAGMaNConfig` and encoder fields.
 
     A `resume`d run continues the run its folder records (`config.json`, the checkpoint): its epochs, method, preset,
     crop, batch size, learning rate, warm-up, spacing, seed, validation share, crops per scan, `**cfg` settings and
@@ -539,7 +540,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
         say(f'{kind} run: {len(dls.train)} steps of {bs} x 2 views per epoch; run defaults {defaults}')
         cbs = [AttentionStatsLog(attn_stats_every)] if attn_stats_every else []
         learn = dagman_learner(dls, method=method, encoder=preset, path=out, lr=lr, checkpoint_every=save_every,
-                               cbs=cbs, defaults=defaults, compile=compile, **cfg)
+                               cbs=cbs, defaults=defaults, compile=compile,
+                               amp=False if amp == 'fp32' else amp, **cfg)
         add_tensorboard(learn, tensorboard)
         start = learn.resume(ckpt) if ckpt is not None else 0
         if ckpt is not None:

@@ -154,18 +154,21 @@ class FusedAdamW(Optimizer):
     the state layout of every checkpoint.
     """
 
+    skips_found_inf = True  # `StopOnNaN` may hand it a device flag instead of reading the loss every step
+
     def __init__(self, params, lr=1e-3, mom: float = 0.9, sqr_mom: float = 0.99, eps: float = 1e-5, wd: float = 0.01,
                  decouple_wd: bool = True, fused: bool | None = None):
         if not decouple_wd:
             raise ValueError('FusedAdamW decouples the weight decay (AdamW); use fastai.optimizer.Adam for L2 decay')
         super().__init__(params, [], lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
-        self.fused = fused
+        self.fused, self.found_inf = fused, None
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise NotImplementedError('fastai optimizers do not support closures')
         from torch.optim.adam import adam
+        found_inf, self.found_inf = self.found_inf, None  # a 0-dim float flag on the device: 1 skips this step
         for pg, hyper in zip(self.param_lists, self.hypers):
             buckets: dict = {}
             for p in pg:
@@ -181,36 +184,85 @@ class FusedAdamW(Optimizer):
             for (device, dtype, do_wd), ps in buckets.items():
                 sts = [self.state[p] for p in ps]
                 fused = self.fused if self.fused is not None else dtype in (torch.float32, torch.bfloat16, torch.float16)
+                if found_inf is not None and not fused and found_inf.item():
+                    continue  # only the fused kernel skips on the device; the foreach path reads the flag
                 adam(ps, [p.grad for p in ps], [s['grad_avg'] for s in sts], [s['sqr_avg'] for s in sts], [],
                      [s['step'] for s in sts], foreach=None if fused else True, fused=fused or None,
+                     found_inf=found_inf.to(device) if fused and found_inf is not None else None,
                      decoupled_weight_decay=True, amsgrad=False, maximize=False, beta1=float(hyper['mom']),
                      beta2=float(hyper['sqr_mom']), lr=float(hyper['lr']),
                      weight_decay=float(hyper['wd']) if do_wd else 0.0, eps=float(hyper['eps']))
 
 # %% ../nbs/00b_train_utils.ipynb #6d216551
 class StopOnNaN(Callback):
-    """Stops training at the first non-finite loss, before the backward pass, with a message naming the last
-    checkpoint that a callback with a `last_saved` path wrote (`DAGMaNCheckpoint`) and the model's loss `terms`."""
+    """Stops training at the first non-finite loss with the weights as they were before that step, with a message
+    naming the last checkpoint that a callback with a `last_saved` path wrote (`DAGMaNCheckpoint`) and the model's
+    loss `terms`.
+
+    On the CPU (and in `lr_find`) the loss is read at once and the fit stops before the backward pass. On a GPU that
+    read would wait for the whole step to finish, every step: instead (`defer`, the default where the optimiser can
+    skip a step on the device, as `FusedAdamW` can), the verdict stays on the GPU as the optimiser's `found_inf`, so
+    a non-finite step leaves the weights untouched without the host waiting; its copy to the host is read one step
+    later (or at the end of the epoch), and the fit stops then, naming the step where the loss went bad.
+    """
     order = 30
+
+    def __init__(self, defer: bool | None = None):
+        self.defer, self._pending = defer, None
+
+    def before_fit(self):
+        self._pending = None
+
+    def _deferring(self) -> bool:
+        if in_lr_find(self.learn) or not getattr(self.opt, 'skips_found_inf', False):
+            return False
+        return self.loss_grad.is_cuda if self.defer is None else self.defer
 
     def after_loss(self):
         if not self.training:
             return
-        # one scalar read per step; in a data-parallel run the verdict of all ranks (one tiny all-reduce), so that
-        # every rank stops at the same step instead of the others waiting for the stopped one's gradients
+        # in a data-parallel run the verdict of all ranks (one tiny all-reduce), so that every rank stops at the same
+        # step instead of the others waiting for the stopped one's gradients
         bad = all_max((~torch.isfinite(self.loss_grad.detach())).float())
-        if not bad:
+        if not self._deferring():
+            if bad:  # one scalar read per step
+                self._stop(float(self.loss_grad.detach()), self.epoch, self.iter, self._terms())
             return
+        self._check_pending()  # the previous step's verdict: long computed by now
+        self.opt.found_inf = bad.reshape(())  # the fused update skips the step on the device where it is 1
+        host = bad.to('cpu', non_blocking=True)
+        self._pending = (host, self.loss_grad.detach(), self.epoch, self.iter, self._terms(detach_only=True))
+
+    def after_train(self):
+        self._check_pending()
+
+    def after_fit(self):
+        self._check_pending()
+
+    def _check_pending(self):
+        if self._pending is None:
+            return
+        host, loss, epoch, it, terms = self._pending
+        self._pending = None
+        if torch.cuda.is_available() and loss.is_cuda:
+            torch.cuda.current_stream(loss.device).synchronize()  # the non-blocking copy has landed
+        if host.item():
+            self._stop(float(loss), epoch, it, {k: float(v) for k, v in terms.items()})
+
+    def _terms(self, detach_only: bool = False) -> dict:
+        terms = {k: v.detach() if torch.is_tensor(v) else v for k, v in getattr(unwrap(self.learn.model), 'terms',
+                                                                                {}).items()}
+        return terms if detach_only else {k: float(v) for k, v in terms.items()}
+
+    def _stop(self, loss: float, epoch: int, it: int, terms: dict):
         if in_lr_find(self.learn):
             raise CancelFitException  # lr_find stops and restores the weights itself
         saved = next((c.last_saved for c in self.learn.cbs if getattr(c, 'last_saved', None)), None)
         last = f'the last good checkpoint is {saved}' if saved else 'no checkpoint was written yet'
-        terms = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
-                 for k, v in getattr(unwrap(self.learn.model), 'terms', {}).items()}
         raise FloatingPointError(
-            f'loss became {float(self.loss_grad.detach())} at epoch {self.epoch}, iteration {self.iter}'
-            f'{f" (terms: {terms})" if terms else ""}; training stopped before the weights were updated; {last}. '
-            f'Lower the learning rate or keep clip_grad, then resume from the checkpoint.')
+            f'loss became {loss} at epoch {epoch}, iteration {it}{f" (terms: {terms})" if terms else ""}; training '
+            f'stopped before the weights were updated; {last}. Lower the learning rate or keep clip_grad, then resume '
+            f'from the checkpoint.')
 
 
 class StopOnDivergence(Callback):

@@ -330,3 +330,22 @@ def test_each_subcommand_is_one_library_call_with_the_same_argument_names():
                   if p.kind != p.VAR_KEYWORD}
         dests = {a.dest for a in s._actions} - {'help', 'debug'}
         assert dests - {'set'} == params, (name, sorted(dests ^ params))
+
+
+@pytest.mark.parametrize('given,expected', [('bf16', 'bf16'), ('fp32', False)])
+def test_pretrain_amp_reaches_the_learner(tmp_path, monkeypatch, given, expected):
+    import dagman_fast.learner as learner_mod
+    seen = {}
+    real = learner_mod.dagman_learner
+
+    def spy(dls, **kw):
+        seen.update(amp=kw.get('amp'), compile=kw.get('compile'))
+        learn = real(dls, **kw)
+        seen['mixed'] = [type(c).__name__ for c in learn.cbs if type(c).__name__ == 'DeviceMixedPrecision']
+        return learn
+
+    monkeypatch.setattr(learner_mod, 'dagman_learner', spy)
+    assert main(['pretrain', '--amp', given, '--out', str(tmp_path / 'run'), '--synthetic', '2', '--crop', '32',
+                 '--bs', '2', '--epochs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32']) == 0
+    assert seen['amp'] == expected and seen['compile'] is False
+    assert seen['mixed'] == (['DeviceMixedPrecision'] if expected else [])
