@@ -18,14 +18,16 @@ path (plain matmuls the counter knows; the count does not depend on the path). T
 over the device's peak in the step's dtype (`peak_tflops`: the data sheet on a GPU, a measured matmul on the CPU).
 
 `--baseline REV`: the library of git revision REV (its `dagman_fast/` and `kernels/`, exported with `git archive`)
-runs this same benchmark in a subprocess first, and its step is printed beside this tree's: "today's step" measured
-in the same run, on the same machine.
+and this tree's each run this same benchmark in a subprocess, alternately for `--rounds` rounds (REV, this tree, REV,
+this tree, ...: a drift of a shared machine hits both alike); each part is the median over the rounds, and the ratio
+of the two steps is given per round too: "today's step" measured in the same run, on the same machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,10 +108,11 @@ def main():
     p.add_argument('--compile', action='store_true',
                    help='compile the encoder blocks (compile_blocks); the compile time falls in the untimed warm-up')
     p.add_argument('--baseline', default=None, metavar='REV', help="also time the library of git revision REV")
+    p.add_argument('--rounds', type=int, default=3, help='with --baseline: alternating rounds (default 3)')
     p.add_argument('--json', default=None, help='also write the per-part times here')
     p.add_argument('--timing-only', action='store_true', help=argparse.SUPPRESS)  # a baseline's run: no FLOPs
     args = p.parse_args()
-    base = _baseline(args) if args.baseline else None
+    rounds = _rounds(args) if args.baseline else None
     data = args.data
     shared = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'lidc_idri'
     if data is None and shared.exists():
@@ -127,7 +130,7 @@ def main():
     for method in args.methods:
         if not args.timing_only:
             flops[method] = step_flops(dls, method, args)
-        for impl in args.attn_impls:
+        for impl in args.attn_impls if rounds is None else []:  # with --baseline, timed in the rounds' subprocesses
             for amp in args.amps:
                 name = '/'.join([method] + ([impl] if len(args.attn_impls) > 1 else [])
                                 + ([amp] if len(args.amps) > 1 else [])) + ('+compile' if args.compile else '')
@@ -137,10 +140,12 @@ def main():
                 dtypes[name] = 'bf16' if amp == 'bf16' or (amp == 'default' and torch.cuda.is_available()) else 'fp32'
                 print(f'{name}: {n} timed steps in {time.perf_counter() - t0:.0f} s'
                       + (f', peak memory {peaks[name]:.2f} GiB' if peaks[name] else ''))
-    if base:
-        for k, r in base['parts'].items():
-            name = f'{k}@{args.baseline}'
-            results[name], peaks[name], dtypes[name] = r, base['peak_gib'].get(k), base['dtypes'].get(k, 'fp32')
+    if rounds:
+        for tag, runs in (('', rounds['new']), (f'@{args.baseline}', rounds['old'])):
+            for k in runs[0]['parts']:
+                name = k + tag
+                results[name] = {part: statistics.median(r['parts'][k][part] for r in runs) for part in PARTS}
+                peaks[name], dtypes[name] = runs[0]['peak_gib'].get(k), runs[0]['dtypes'].get(k, 'fp32')
     print('\nmean seconds per step (share of the step)')
     print('| part | ' + ' | '.join(results) + ' |')
     print('|---|' + '---|' * len(results))
@@ -171,10 +176,12 @@ def main():
         share = 100 * (r['masking'] + r['ema']) / sum(r.values())
         print(f'{method}: masking + EMA = {share:.1f}% of the step')
     for name, r in results.items():
-        if base and '@' not in name:
-            old = results.get(f'{name}@{args.baseline}')
-            if old:
-                print(f'{name}: {sum(old.values()) / sum(r.values()):.2f}x the step of {args.baseline}')
+        if rounds and '@' not in name and f'{name}@{args.baseline}' in results:
+            old = results[f'{name}@{args.baseline}']
+            each = [sum(o['parts'][name].values()) / sum(n['parts'][name].values())
+                    for o, n in zip(rounds['old'], rounds['new'])]
+            print(f'{name}: {sum(old.values()) / sum(r.values()):.2f}x the step of {args.baseline} (medians over '
+                  f'{len(each)} alternating rounds; per round: ' + ', '.join(f'{x:.2f}x' for x in each) + ')')
     if 'dagman' in results and 'smit' in results:
         print(f'dagman / smit step time: {sum(results["dagman"].values()) / sum(results["smit"].values()):.2f}x')
     for method in args.methods:
@@ -191,29 +198,36 @@ def main():
             'peak_tflops': {d: p for d, (p, _) in peak.items()}}, indent=1))
 
 
-def _baseline(args) -> dict:
-    """This benchmark (same arguments) on the library of git revision `args.baseline`, in a subprocess: its results.
+def _rounds(args) -> dict:
+    """This benchmark (same arguments, timing only) in subprocesses, alternately on the library of git revision
+    `args.baseline` and on this tree, `args.rounds` times each: `{'old': [results...], 'new': [results...]}`.
     The old `dagman_fast/` and `kernels/` are exported to a temporary folder laid out as an install (kernels inside
     the package) and put first on the path; this script and its options stay the same."""
     root = Path(__file__).resolve().parents[1]
+    argv = list(sys.argv[1:])
+    for flag, n in (('--baseline', 2), ('--json', 2), ('--rounds', 2)):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + n]
+    res = {'old': [], 'new': []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         archive = subprocess.run(['git', '-C', str(root), 'archive', args.baseline, 'dagman_fast', 'kernels'],
                                  check=True, capture_output=True).stdout
-        subprocess.run(['tar', '-x', '-C', str(tmp)], input=archive, check=True)
-        (tmp / 'kernels').rename(tmp / 'dagman_fast' / 'kernels')
-        out = tmp / 'baseline.json'
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index('--baseline')
-        del argv[i:i + 2]
-        if '--json' in argv:
-            j = argv.index('--json')
-            del argv[j:j + 2]
-        argv += ['--json', str(out), '--timing-only']
-        env = dict(os.environ, PYTHONPATH=str(tmp) + os.pathsep + os.environ.get('PYTHONPATH', ''), PYTHONSAFEPATH='1')
-        print(f'baseline: the library of {args.baseline}', flush=True)
-        subprocess.run([sys.executable, __file__] + argv, check=True, env=env)
-        return json.loads(out.read_text())
+        (tmp / 'old').mkdir()
+        subprocess.run(['tar', '-x', '-C', str(tmp / 'old')], input=archive, check=True)
+        (tmp / 'old' / 'kernels').rename(tmp / 'old' / 'dagman_fast' / 'kernels')
+        for r in range(args.rounds):
+            for which in ('old', 'new'):
+                out = tmp / f'{which}{r}.json'
+                env = dict(os.environ, PYTHONSAFEPATH='1')
+                if which == 'old':
+                    env['PYTHONPATH'] = str(tmp / 'old') + os.pathsep + os.environ.get('PYTHONPATH', '')
+                print(f'round {r + 1}/{args.rounds}: {args.baseline if which == "old" else "this tree"}', flush=True)
+                subprocess.run([sys.executable, __file__] + argv + ['--json', str(out), '--timing-only'], check=True,
+                               env=env, stdout=subprocess.DEVNULL)
+                res[which].append(json.loads(out.read_text()))
+    return res
 
 
 if __name__ == '__main__':

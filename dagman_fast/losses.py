@@ -287,7 +287,13 @@ def pixel_shuffle_3d(x: torch.Tensor, factor) -> torch.Tensor:
 
 
 class ReconHead(nn.Module):
-    "AMIP's decoder: a 1x1x1 convolution to `stride^3 * out_channels` values per token, then a 3-D pixel shuffle."
+    """AMIP's decoder: a 1x1x1 convolution to `stride^3 * out_channels` values per token, then a 3-D pixel shuffle.
+
+    The convolution runs as the matmul it is (`F.linear` over channels-last tokens, with the `Conv3d`'s own weights,
+    so checkpoints are unchanged): its weight is the largest tensor of the model (384 x 32768 for `swin-tiny` at 64^3),
+    and the CPU's convolution path spent 0.36 s of a 2.2 s step on it (re-laying out the weight every call), against
+    about 10 ms as a matmul.
+    """
 
     def __init__(self, in_dim: int, stride, out_channels: int = 1):
         super().__init__()
@@ -296,7 +302,9 @@ class ReconHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "`(b, in_dim, d, h, w)` tokens -> `(b, out_channels, d*s0, h*s1, w*s2)` voxels."
-        return pixel_shuffle_3d(self.proj(x), self.stride)
+        y = F.linear(rearrange(x, 'b c d h w -> b d h w c'), self.proj.weight.flatten(1), self.proj.bias)
+        f0, f1, f2 = self.stride
+        return rearrange(y, 'b d h w (c p q r) -> b c (d p) (h q) (w r)', p=f0, q=f1, r=f2)
 
 
 def amip_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -108,10 +108,12 @@ def count_flops(fn, *args, **kwargs) -> tuple:
     return out, counter.get_total_flops()
 
 
-def _cpu_matmul_tflops(dtype: torch.dtype, n: int = 1536, reps: int = 8) -> float:
-    "The CPU's best rate on `reps` square fp32/bf16 matmuls of side `n` with the threads torch uses: its usable peak."
+def _cpu_matmul_tflops(dtype: torch.dtype, n: int = 1536, reps: int = 16) -> float:
+    """The CPU's best rate on `reps` square fp32/bf16 matmuls of side `n` with the threads torch uses: its usable peak.
+    Best of many, after a few untimed ones: on a shared 2-core VM single runs vary by 20%."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up (thread pool, packing buffers)
+    for _ in range(3):
+        a @ b  # warm-up (thread pool, packing buffers, clock)
     best = float('inf')
     for _ in range(reps):
         t0 = time.perf_counter()

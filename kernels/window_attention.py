@@ -80,6 +80,21 @@ def _combined_mask(bias, mask):
     return bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)
 
 
+def _cpu_flash(q, k, v, m, scale, nw: int):
+    """PyTorch's CPU flash kernel on `((b nw), nh, wn, hd)` with the combined mask `m: (nw|1, nh, wn, wn)`.
+
+    The kernel broadcasts a mask over the batch only by a size-1 dim, so with a shift mask it runs one image at a
+    time: its nw windows meet the (nw, nh, wn, wn) mask exactly, with no expanded copy. (`F.scaled_dot_product_attention`
+    on a 5-D view broadcasts it too, but takes the math path: the whole attention matrix, and a "safe" softmax that
+    scans it for fully masked rows, which cost a third of the teacher's forward on the CPU.)
+    """
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if m.shape[0] == 1:
+        return flash(q, k, v, attn_mask=m, scale=scale)[0]
+    return torch.cat([flash(q[i:i + nw], k[i:i + nw], v[i:i + nw], attn_mask=m, scale=scale)[0]
+                      for i in range(0, q.shape[0], nw)])
+
+
 class _CPUWindowAttention(torch.autograd.Function):
     """Flash forward (stores the packed qkv and the output, never the attention matrix) and a backward that
     recomputes the attention of `chunk` window-heads at a time (128 was fastest on a 2-core AVX Xeon for stage 1 of
@@ -101,15 +116,7 @@ class _CPUWindowAttention(torch.autograd.Function):
         bnw, wn, _, nh, hd = qkv.shape
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # ((b nw), nh, wn, hd) strided views
         nw = 1 if mask is None else mask.shape[0]
-        m = _combined_mask(bias, mask).to(qkv.dtype)  # (nw|1, nh, wn, wn)
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        if mask is None:
-            out = flash(q, k, v, attn_mask=m, scale=scale)[0]
-        else:
-            # The kernel broadcasts a mask over the batch only by a size-1 dim, so run one image at a time:
-            # its nw windows meet the (nw, nh, wn, wn) mask exactly, with no expanded copy.
-            out = torch.cat([flash(q[i:i + nw], k[i:i + nw], v[i:i + nw], attn_mask=m, scale=scale)[0]
-                             for i in range(0, bnw, nw)])
+        out = _cpu_flash(q, k, v, _combined_mask(bias, mask).to(qkv.dtype), scale, nw)
         ctx.save_for_backward(qkv, bias, mask, out)
         ctx.scale, ctx.chunk = scale, chunk
         return out
@@ -150,6 +157,9 @@ class _CPUWindowAttention(torch.autograd.Function):
         return dqkv, dbias.to(bias.dtype), None, None, None
 
 
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu')
+
+
 def _cpu_grad_path(*tensors) -> bool:
     "True where `_CPUWindowAttention` runs: on the CPU, with autograd recording (PyTorch >= 2.3 has its flash kernel)."
     return (tensors[0].device.type == 'cpu' and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -173,6 +183,9 @@ def window_attention_sdpa(q, k, v, bias, mask=None, scale=None, chunk=128):
             # of the attention-matrix size; the Triton kernel will build the mask from window coordinates instead).
             m = m.unsqueeze(0).expand(bnw // nw, -1, -1, -1, -1).reshape(bnw, nh, wn, wn)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+        if q.device.type == 'cpu' and _HAS_CPU_FLASH and not grad:
+            return _cpu_flash(q, k, v, m, scale, nw)  # no autograd here: the flash kernel has no backward
         # A 5-D view lets the (nw, nh, wn, wn) mask broadcast over the batch without a copy.
         shape = (bnw // nw, nw, nh, wn, hd)
         out = F.scaled_dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=m,

@@ -228,31 +228,59 @@ def _launch_args(qkv, bias, window, shift, num_heads, scale, wpp):
     return common, meta, (num_heads, n_prog), c
 
 
-class _WindowAttentionGrid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, bias, window, shift, num_heads, scale, wpp):
-        qkv = qkv.contiguous()
-        common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
-        out = torch.empty(*qkv.shape[:4], c, dtype=qkv.dtype, device=qkv.device)
-        bias_c = bias.contiguous()
-        warps = window_attention_config(bias.shape[-1], meta['HD'], qkv.dtype)['num_warps']
-        _kernel[grid](qkv, out, bias_c, out, out, out, *common, num_heads, **meta, BACKWARD=False, num_warps=warps)
-        ctx.save_for_backward(qkv, bias_c, out)
-        ctx.args = (window, shift, num_heads, scale, wpp)
-        return out
+# The kernel as two PyTorch custom operators with an autograd formula: `torch.compile` keeps each as one opaque node
+# of its graph (the compiled blocks of `compile_blocks` call it without a graph break, and the compiler never traces
+# into the Triton launch); eager calls go through the same operators.
+@torch.library.custom_op('dagman_fast::window_attention_grid', mutates_args=())
+def _window_attention_grid_op(qkv: torch.Tensor, bias: torch.Tensor, window: list[int], shift: list[int],
+                              num_heads: int, scale: float | None, wpp: int | None) -> torch.Tensor:
+    qkv = qkv.contiguous()
+    common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
+    out = torch.empty(*qkv.shape[:4], c, dtype=qkv.dtype, device=qkv.device)
+    warps = window_attention_config(bias.shape[-1], meta['HD'], qkv.dtype)['num_warps']
+    _kernel[grid](qkv, out, bias.contiguous(), out, out, out, *common, num_heads, **meta, BACKWARD=False,
+                  num_warps=warps)
+    return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        qkv, bias, out = ctx.saved_tensors
-        window, shift, num_heads, scale, wpp = ctx.args
-        common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
-        dqkv = torch.empty_like(qkv)
-        wn = bias.shape[-1]
-        partial = torch.empty(grid[1], num_heads, wn, wn, dtype=torch.float32, device=qkv.device)
-        warps = window_attention_config(wn, meta['HD'], qkv.dtype, backward=True)['num_warps']
-        _kernel[grid](qkv, out, bias, dout.contiguous(), dqkv, partial, *common, num_heads, **meta, BACKWARD=True,
-                      num_warps=warps)
-        return dqkv, partial.sum(0).to(bias.dtype), None, None, None, None, None
+
+@_window_attention_grid_op.register_fake
+def _(qkv, bias, window, shift, num_heads, scale, wpp):
+    return qkv.new_empty(*qkv.shape[:4], qkv.shape[-1] // 3)
+
+
+@torch.library.custom_op('dagman_fast::window_attention_grid_backward', mutates_args=())
+def _window_attention_grid_backward_op(qkv: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                                       window: list[int], shift: list[int], num_heads: int, scale: float | None,
+                                       wpp: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    qkv, bias = qkv.contiguous(), bias.contiguous()
+    common, meta, grid, c = _launch_args(qkv, bias, window, shift, num_heads, scale, wpp)
+    dqkv = torch.empty_like(qkv)
+    wn = bias.shape[-1]
+    partial = torch.empty(grid[1], num_heads, wn, wn, dtype=torch.float32, device=qkv.device)
+    warps = window_attention_config(wn, meta['HD'], qkv.dtype, backward=True)['num_warps']
+    _kernel[grid](qkv, out.contiguous(), bias, dout.contiguous(), dqkv, partial, *common, num_heads, **meta,
+                  BACKWARD=True, num_warps=warps)
+    return dqkv, partial.sum(0).to(bias.dtype)
+
+
+@_window_attention_grid_backward_op.register_fake
+def _(qkv, bias, out, dout, window, shift, num_heads, scale, wpp):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(bias)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, bias, window, shift, num_heads, scale, wpp = inputs
+    ctx.save_for_backward(qkv, bias, output)
+    ctx.args = (window, shift, num_heads, scale, wpp)
+
+
+def _backward(ctx, dout):
+    qkv, bias, out = ctx.saved_tensors
+    dqkv, dbias = _window_attention_grid_backward_op(qkv, bias, out, dout, *ctx.args)
+    return dqkv, dbias, None, None, None, None, None
+
+
+_window_attention_grid_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kernel_dtype(x: torch.Tensor) -> torch.dtype:
@@ -295,4 +323,4 @@ def window_attention_grid(qkv: torch.Tensor, bias: torch.Tensor, window, shift, 
     if not qkv.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
         raise RuntimeError("the Triton window attention runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1, "
                            "for tests); on the CPU use attn_impl='sdpa' or 'auto'")
-    return _WindowAttentionGrid.apply(qkv, bias, tuple(window), tuple(shift), num_heads, scale, windows_per_program)
+    return _window_attention_grid_op(qkv, bias, list(window), list(shift), num_heads, scale, windows_per_program)

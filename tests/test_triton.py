@@ -79,6 +79,39 @@ def test_window_attention_grid_matches_eager_forward_and_gradients(grid, window,
     assert rel_err(out, ref) < tol and rel_err(dqkv, rq) < tol and rel_err(dbias, rb) < tol
 
 
+def test_kernel_is_one_custom_op_inside_a_compiled_graph():
+    """`torch.compile` with `fullgraph=True` (any graph break is an error) over the kernel's forward and backward: the
+    kernel is the custom operator `dagman_fast::window_attention_grid` (and its backward), opaque to the compiler,
+    and the compiled result equals the eager one. Without the custom op the compiler would have to trace the
+    Triton launch itself."""
+    torch.manual_seed(0)
+    grid, window, shift, nh, hd = CASES[1]
+    wn = window[0] * window[1] * window[2]
+    qkv = torch.randn(2, *grid, 3 * nh * hd, device=DEVICE, requires_grad=True)
+    bias = (torch.randn(nh, wn, wn, device=DEVICE) * 0.5).requires_grad_()
+
+    def f(qkv, bias):
+        return window_attention_grid(qkv, bias, window, shift, nh).square().sum()
+
+    seen = []
+
+    def backend(gm, example_inputs):  # records the graph dynamo hands over, then runs it as it is
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    loss = compiled(qkv, bias)
+    dqkv, dbias = torch.autograd.grad(loss, (qkv, bias))
+    rq, rb = torch.autograd.grad(f(qkv, bias), (qkv, bias))
+    assert len(seen) == 1
+    ops = {str(n.target) for n in seen[0].graph.nodes if n.op == 'call_function'}
+    assert any('window_attention_grid' in o for o in ops), ops
+    torch.testing.assert_close(dqkv, rq)
+    torch.testing.assert_close(dbias, rb)
+    assert hasattr(torch.ops.dagman_fast, 'window_attention_grid_backward')
+
+
 def test_shift_mask_in_the_kernel_matters():
     "The same inputs without the shift give another result: the kernel's mask is not a no-op."
     torch.manual_seed(1)
