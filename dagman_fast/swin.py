@@ -654,6 +654,11 @@ def compile_blocks(encoder: SwinEncoder | ViTEncoder, **compile_kwargs) -> SwinE
     pays the compile time (measured in `BENCHMARKS.md`, "Compiled blocks").
     """
     compile_kwargs = {'dynamic': False, **compile_kwargs}
+    # Every Swin block runs the same `forward`, and dynamo counts recompiles per function: each stage, shift, grad mode
+    # (student and teacher) and batch size is a graph of its own (about 32 in a DAGMaN step), far above its default
+    # limit of 8, past which the remaining blocks would silently run eagerly.
+    import torch._dynamo.config as dynamo_config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     for m in encoder.modules():
         if isinstance(m, (SwinBlock, ViTBlock)):
             m.mlp.recompute_gelu = False

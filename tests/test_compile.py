@@ -67,3 +67,14 @@ def _cls_dls():
     from fastai.data.load import DataLoader
     items = [(torch.randn(1, 32, 32, 32), torch.tensor(i % 2)) for i in range(4)]
     return DataLoaders(DataLoader(items, bs=2), DataLoader(items, bs=2))
+
+
+def test_compile_blocks_raises_dynamos_recompile_limit():
+    import torch._dynamo.config as dynamo_config
+    before = dynamo_config.recompile_limit
+    try:
+        dynamo_config.recompile_limit = 8
+        compile_blocks(build_encoder('swin-tiny', img_size=32))
+        assert dynamo_config.recompile_limit >= 64  # 4 stages x 2 shifts x grad/no grad x batch sizes share forward
+    finally:
+        dynamo_config.recompile_limit = before
