@@ -29,7 +29,7 @@ from .encoder_configs import ViTConfig, encoder_config
 from .model import METHODS, DAGMaNConfig, DAGMaNLoss, DAGMaNModel
 from .swin import compile_blocks
 from .schedule import layer_decay_lrs, warmup_cosine_scheds
-from .train_utils import (DeviceMixedPrecision, FusedAdamW, NoSkippedRows, SkipEmptyValidation, StopOnDivergence,
+from .train_utils import (DeviceMixedPrecision, FusedAdamW, NoSkippedRows, NoStepSync, SkipEmptyValidation, StopOnDivergence,
                                      StopOnNaN)
 
 # %% auto #0
@@ -181,7 +181,7 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
         callbacks.append(DeviceMixedPrecision(amp))
     if checkpoint:
         callbacks.append(DAGMaNCheckpoint(checkpoint, every=checkpoint_every))
-    callbacks += [SkipEmptyValidation(), NoSkippedRows()]
+    callbacks += [SkipEmptyValidation(), NoSkippedRows(), NoStepSync()]
     if log:
         callbacks.append(PretrainLog(log))
     # PyTorch's AdamW betas and eps (fastai's Adam defaults to sqr_mom 0.99, eps 1e-5), as DINO and SMIT train

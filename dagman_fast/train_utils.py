@@ -12,7 +12,7 @@ from fastai.optimizer import Optimizer
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
-from fastai.learner import Recorder
+from fastai.learner import AvgSmoothLoss, Recorder
 from fastcore.foundation import L
 from torch.amp import GradScaler, autocast
 
@@ -21,7 +21,7 @@ from .distributed import all_max, all_mean
 
 # %% auto #0
 __all__ = ['PEAK_TFLOPS', 'StepTimer', 'count_flops', 'peak_tflops', 'mfu', 'FusedAdamW', 'StopOnNaN', 'StopOnDivergence',
-           'DeviceMixedPrecision', 'SkipEmptyValidation', 'NoSkippedRows', 'tensorboard_callback']
+           'DeviceMixedPrecision', 'NoStepSync', 'SkipEmptyValidation', 'NoSkippedRows', 'tensorboard_callback']
 
 # %% ../nbs/00b_train_utils.ipynb #53e6ae65
 class StepTimer(Callback):
@@ -319,6 +319,58 @@ class DeviceMixedPrecision(MixedPrecision):
         # fastai's before_fit, on the CPU: bf16 has fp32's range, so the scaler stays off (it only passes steps on)
         self.autocast = autocast('cpu', dtype=torch.bfloat16)
         self.learn.scaler, self.scales = GradScaler('cpu', enabled=False), L()
+
+# %% ../nbs/00b_train_utils.ipynb #1bb33470
+class _DeviceSmoothLoss(AvgSmoothLoss):
+    "fastai's smoothed training loss (`AvgSmoothLoss`), averaged over the processes on the device instead of on the host."
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = all_mean(learn.loss.detach().float().mean())  # an all-reduce stays on the GPU; fastai gathers to the CPU
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+
+class NoStepSync(Callback):
+    """Keeps fastai's per-step loss bookkeeping off the host on a GPU. fastai's `Recorder` moves every step's loss to
+    the CPU for its smoothed `train_loss`, and the progress bar prints it with `.item()`: two waits for the whole step
+    on the GPU, every step. Here the smoothed loss stays on the device (the same formula, averaged over processes by
+    an all-reduce), and the progress bar shows the latest value whose copy to pinned host memory has landed (usually
+    the previous step's), checked with an event, never waited for. The epoch's `train_loss` is read once, at its end.
+
+    Active when the batches are on CUDA (`force=True`: also elsewhere, for tests); never in `lr_find`, which reads the
+    loss every step to stop at divergence.
+    """
+    order = 55  # after the Recorder (50) sets `learn.smooth_loss`, before the progress bar (60) prints it
+
+    def __init__(self, force: bool = False):
+        self.force = force
+
+    def before_fit(self):
+        dev = getattr(self.dls, 'device', None)
+        self.active = (self.force or (dev is not None and torch.device(dev).type == 'cuda')) and not in_lr_find(self.learn)
+        if self.active:
+            rec = self.learn.recorder
+            rec.smooth_loss = _DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+        self._buf, self._done, self._shown = None, None, torch.tensor(float('nan'))
+
+    def after_batch(self):
+        if not (self.active and self.training):
+            return
+        val = self.learn.smooth_loss
+        if not (torch.is_tensor(val) and val.is_cuda):
+            return  # nothing asynchronous to keep apart
+        if self._done is not None and self._done.query():
+            self._shown = self._buf.clone()  # the last copy that has landed
+        if self._done is None or self._done.query():
+            if self._buf is None:
+                self._buf = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self._buf.copy_(val.detach().float(), non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        self.learn.smooth_loss = self._shown
+
+
+
 
 # %% ../nbs/00b_train_utils.ipynb #39fc7f45
 class SkipEmptyValidation(Callback):
