@@ -22,7 +22,7 @@ from .train_utils import FusedAdamW
 from .checkpoint import load_model, resolve_encoder, save_model
 from .callback_base import unwrap
 from .core import NODULE_HU_WINDOW, atomic_path, check_option, check_ratio
-from .data import medmnist_file
+from .data import PrefetchDataLoader, medmnist_file
 from .distributed import all_sum, rank, world_size
 from .learner import FineTuneLearner
 from .swin import ViTEncoder, compile_blocks, encoder_groups, pad_to_encoder, set_drop_path
@@ -38,13 +38,14 @@ __all__ = ['MEDMNIST3D_CLASSES', 'NODULE_LABEL_RULES', 'POOLS', 'CLASSIFIER_FORM
 def _labelled_dls(splits: dict, bs: int, num_workers: int, classes: int):
     "fastai DataLoaders (train shuffled, valid) over `{split: (images (n, 1, d, h, w) float, labels (n,) long)}`."
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
     from fastai.torch_core import default_device  # batches go to the GPU when there is one
     ds = {k: torch.utils.data.TensorDataset(*v) for k, v in splits.items()}
-    dls = DataLoaders(DataLoader(ds['train'], bs=bs, shuffle=True, num_workers=num_workers),
-                      DataLoader(ds['valid'], bs=bs, num_workers=num_workers), device=default_device())
+    device = default_device()
+    pin = torch.device(device).type == 'cuda'  # pinned batches, copied one step ahead (`PrefetchDataLoader`)
+    dls = DataLoaders(PrefetchDataLoader(ds['train'], bs=bs, shuffle=True, num_workers=num_workers, pin_memory=pin),
+                      PrefetchDataLoader(ds['valid'], bs=bs, num_workers=num_workers, pin_memory=pin), device=device)
     if 'test' in ds:
-        dls.test = DataLoader(ds['test'], bs=bs, num_workers=num_workers, device=default_device())
+        dls.test = PrefetchDataLoader(ds['test'], bs=bs, num_workers=num_workers, device=device, pin_memory=pin)
     dls.n_inp, dls.c = 1, classes
     return dls
 
