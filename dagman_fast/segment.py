@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 
 from .checkpoint import load_model, resolve_encoder, save_model
 from .core import HU_WINDOW, SPACING, as_triple, atomic_path
-from .data import CTPreprocess, CTVolumes, ct_preprocess, file_stamp, label_groups, split_indices
+from .data import (CTPreprocess, CTVolumes, PrefetchDataLoader, ct_preprocess, file_stamp, label_groups,
+                              split_indices)
 from .learner import FineTuneLearner
 from .swin import SwinEncoder, compile_blocks, encoder_groups
 
@@ -89,7 +90,6 @@ def seg_pairs_dls(pairs, label_values: Sequence, crop=96, spacing=SPACING, hu_ra
     whole-volume evaluation (`predict_volume`).
     """
     from fastai.data.core import DataLoaders
-    from fastai.data.load import DataLoader
     from fastai.torch_core import default_device  # batches go to the GPU when there is one
     groups = label_groups(label_values)
     crop = as_triple(crop, 'crop')
@@ -111,10 +111,13 @@ def seg_pairs_dls(pairs, label_values: Sequence, crop=96, spacing=SPACING, hu_ra
     else:
         idx = split_indices(len(vols), valid_pct, seed)
     subsets = [torch.utils.data.Subset(vols, ix) for ix in idx]
-    dls = DataLoaders(DataLoader(_SegCrops(subsets[0], crop, repeats=samples_per_volume), bs=bs, shuffle=True,
-                                 num_workers=num_workers),
-                      DataLoader(_SegCrops(subsets[1], crop, flip_prob=0.0), bs=bs, num_workers=num_workers),
-                      device=default_device())
+    device = default_device()
+    pin = device.type == 'cuda'  # pinned batches, copied one step ahead on a side stream (`PrefetchDataLoader`)
+    dls = DataLoaders(PrefetchDataLoader(_SegCrops(subsets[0], crop, repeats=samples_per_volume), bs=bs, shuffle=True,
+                                         num_workers=num_workers, pin_memory=pin),
+                      PrefetchDataLoader(_SegCrops(subsets[1], crop, flip_prob=0.0), bs=bs, num_workers=num_workers,
+                                         pin_memory=pin),
+                      device=device)
     dls.n_inp, dls.c, dls.volumes, dls.skipped = 1, len(groups) + 1, vols, vols.skipped
     dls.label_groups, dls.prep = groups, prep
     pair = lambda i: tuple(map(str, vols._pairs[vols.index[i]]))

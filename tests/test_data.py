@@ -251,6 +251,11 @@ def test_seg_pairs_select_and_remap_labels(tmp_path):
     assert int((vol['label'] == 1).sum()) == int((lab == 7).sum())  # same grid (2 mm), nearest: voxel counts kept
     x, y = dls.train.one_batch()
     assert x.shape == (1, 1, 16, 16, 16) and y.shape == (1, 16, 16, 16) and y.dtype == torch.int64
+    from dagman_fast.data import PrefetchDataLoader  # a batch ahead on a GPU; the one-ahead loop gives the same pairs
+    assert isinstance(dls.train, PrefetchDataLoader) and isinstance(dls.valid, PrefetchDataLoader)
+    dls.train.prefetch = True
+    x2, y2 = next(iter(dls.train))
+    assert x2.shape == x.shape and y2.shape == y.shape and y2.dtype == torch.int64
     with pytest.raises(FileNotFoundError, match='missing'):
         seg_pairs_dls([(img, tmp_path / 'missing.nii.gz')], [7], cache_dir=tmp_path / 'c', progress=False)
     with pytest.raises(ValueError, match='label_values'):
