@@ -394,14 +394,20 @@ class SwinBlock(nn.Module):
         return impl == 'auto' and fused_supported(x, wn, self.attn.qkv.in_features // self.attn.num_heads)
 
     def forward(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-        "`x: (b, d, h, w, c)` -> same shape."
+        """`x: (b, d, h, w, c)` in grid order, or `(b, n, c)` already in the window order of `plan` (`SwinStage`'s
+        layout: the windows are then views, nothing is permuted) -> the same shape and order."""
         if self.use_checkpoint and torch.is_grad_enabled():
             x = checkpoint(self.attn_residual, x, plan, use_reentrant=False)
             return checkpoint(self.mlp_residual, x, use_reentrant=False)
         return self.mlp_residual(self.attn_residual(x, plan))
 
     def attn_residual(self, x: torch.Tensor, plan: WindowPlan) -> torch.Tensor:
-        "`x + drop_path(attn(norm1(x)))` on the windows of `plan`; `x: (b, d, h, w, c)`."
+        "`x + drop_path(attn(norm1(x)))` on the windows of `plan`; `x: (b, d, h, w, c)` or `(b, n, c)` in window order."
+        if x.dim() == 3:  # window order: each window is `wn` consecutive tokens
+            b, n, c = x.shape
+            wn = plan.window[0] * plan.window[1] * plan.window[2]
+            y = self.attn(self.norm1(x).view(-1, wn, c), plan.mask).view(b, n, c)
+            return x + self.drop_path(y)
         b, d, h, w, c = x.shape
         y = self.norm1(x)
         pd, ph, pw = plan.pad
@@ -444,8 +450,21 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(8 * dim)
         self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "`x: (b, d, h, w, c)` with even d, h, w -> `(b, d/2, h/2, w/2, 2c)`."
+    def merge_order(self, grid: Triple) -> torch.Tensor:
+        """The permutation of a `grid`'s flattened tokens into merge order: the 8 sub-voxels of each merged token
+        consecutive, in the order this merging concatenates them. `x.flatten(1, 3)[:, order].view(b, d/2, h/2, w/2,
+        8c)` is what `forward` concatenates, as one gather (`SwinStage` folds it into its last window permutation)."""
+        idx = torch.arange(grid[0] * grid[1] * grid[2]).view(*grid)
+        idx = rearrange(idx, '(d p1) (h p2) (w p3) -> d h w (p1 p2 p3)', p1=2, p2=2, p3=2)
+        if self.merging == 'legacy':
+            idx = idx[..., _LEGACY_MERGE_ORDER]
+        return idx.flatten()
+
+    def forward(self, x: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+        """`x: (b, d, h, w, c)` with even d, h, w -> `(b, d/2, h/2, w/2, 2c)`; with `gathered`, `x` is already
+        `(b, d/2, h/2, w/2, 8c)` in `merge_order`."""
+        if gathered:
+            return self.reduction(self.norm(x))
         if self.merging == 'v2':
             x = rearrange(x, 'b (d p1) (h p2) (w p3) c -> b d h w (p1 p2 p3 c)', p1=2, p2=2, p3=2)
         else:
@@ -459,6 +478,14 @@ class SwinStage(nn.Module):
 
     `use_checkpoint`: gradient checkpointing of the blocks (see `SwinBlock`); the merging is not checkpointed (what
     it keeps is freed early in the backward, before the blocks' recomputation, so it does not raise the peak).
+
+    `window_layout` (default True): where the blocks cut windows by permuting tokens (the SDPA and reference paths;
+    not the Triton kernel, which addresses windows in grid order by arithmetic), the stage keeps its tokens in the
+    current block's window order: one gather into the first block's windows, one from each block's windows to the
+    next block's (shifted) windows, and one from the last into patch merging's order, where the grid layout takes
+    two per block (into the windows and back) and a copy for the merging: `depth + 1` gathers instead of
+    `2 * depth + 1`, forward and backward. The forward is the same to the bit (the same operations on the same
+    windows); gradients to float rounding (the gathers accumulate in another order).
     """
 
     def __init__(self, dim: int, depth: int, num_heads: int, window_size: Sequence[int], *, mlp_ratio: float = 4.0,
@@ -474,7 +501,9 @@ class SwinStage(nn.Module):
                       qkv_bias=qkv_bias, drop_path=dp[i], attn_impl=attn_impl, use_checkpoint=use_checkpoint)
             for i in range(depth))
         self.downsample = PatchMerging(dim, merging)
+        self.window_layout = True
         self._plans: dict = {}
+        self._moves: dict = {}
 
     def plans(self, grid: Triple, device) -> tuple[WindowPlan, WindowPlan]:
         "The (unshifted, shifted) window plans for `grid`, built once per resolution and device."
@@ -484,12 +513,40 @@ class SwinStage(nn.Module):
                                 window_plan(grid, self.window_size, self.shift_size, device))
         return self._plans[key]
 
+    def moves(self, grid: Triple, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The gathers of the window layout on `grid` as (perm, inverse) pairs: into block 0's window order, from
+        block i-1's to block i's, and from the last block's into `PatchMerging.merge_order`. Cached per grid."""
+        key = (grid, str(device))
+        if key not in self._moves:
+            plans = [self.plans(grid, device)[i % 2] for i in range(len(self.blocks))]
+            orders = [p.perm for p in plans] + [self.downsample.merge_order(grid).to(device)]
+            invs = [p.inv for p in plans]
+            # tokens in order a read grid[perm_a]; order b at k reads grid[perm_b[k]] = (tokens in a)[inv_a[perm_b[k]]]
+            moves = [(orders[0], invs[0])] + [(invs[i][orders[i + 1]], None) for i in range(len(plans))]
+            self._moves[key] = [(p, q if q is not None else p.argsort()) for p, q in moves]
+        return self._moves[key]
+
+    def _use_window_layout(self, x: torch.Tensor, plans: tuple[WindowPlan, WindowPlan]) -> bool:
+        wn = plans[0].window[0] * plans[0].window[1] * plans[0].window[2]
+        return (self.window_layout and not any(p.pad != (0, 0, 0) for p in plans)
+                and all(g % 2 == 0 for g in x.shape[1:4])
+                and not any(b.attn_probe is not None for b in self.blocks) and not self.blocks[0]._fused(x, wn))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         "`x: (b, d, h, w, c)` -> `(b, d/2, h/2, w/2, 2c)`."
-        plans = self.plans(tuple(x.shape[1:4]), x.device)
+        grid = tuple(x.shape[1:4])
+        plans = self.plans(grid, x.device)
+        if not self._use_window_layout(x, plans):
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, plans[i % 2])
+            return self.downsample(x)
+        b, c = x.shape[0], x.shape[-1]
+        moves = self.moves(grid, x.device)
+        t = x.reshape(b, -1, c)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, plans[i % 2])
-        return self.downsample(x)
+            t = blk(permute_tokens(t, *moves[i]), plans[i % 2])
+        t = permute_tokens(t, *moves[-1]).view(b, grid[0] // 2, grid[1] // 2, grid[2] // 2, 8 * c)
+        return self.downsample(t, gathered=True)
 
 # %% ../nbs/02_swin.ipynb #9dd7b092
 class Attention(nn.Module):

@@ -684,3 +684,64 @@ def test_vit_bad_input():
         enc(torch.zeros(1, 1, 32, 32, 36))
     with pytest.raises(ValueError, match='5-D'):
         enc(torch.zeros(1, 32, 32, 32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage's window-order token layout against the grid layout
+# ---------------------------------------------------------------------------------------------------------------
+
+def _set_window_layout(enc, on: bool):
+    from dagman_fast.swin import SwinStage
+    for m in enc.modules():
+        if isinstance(m, SwinStage):
+            m.window_layout = on
+    return enc
+
+
+@pytest.mark.parametrize('impl,merging,depths,checkpointed', [
+    ('reference', 'v2', (2, 2, 2, 2), False),
+    ('sdpa', 'legacy', (2, 2, 2, 2), False),
+    ('sdpa', 'v2', (1, 3, 2, 1), True),  # odd depths: the last block's windows are unshifted or shifted
+])
+def test_window_layout_equals_grid_layout(impl, merging, depths, checkpointed):
+    "The same forward to the bit and the same gradients to float rounding, with a mask token and SA."
+    torch.manual_seed(0)
+    a = randomize_(_sa_encoder(attn_impl=impl, merging=merging, depths=depths, use_checkpoint=checkpointed))
+    x, mask = torch.randn(2, 1, 64, 64, 64), torch.rand(2, 32, 32, 32) < 0.4
+    runs = []
+    for on in (False, True):
+        _set_window_layout(a, on).zero_grad()
+        out = a(x, mask=mask)
+        (map_loss(out.features) + out.tokens.square().mean()).backward()
+        runs.append((out.features, {n: p.grad.clone() for n, p in a.named_parameters()}))
+    assert_maps_close(runs[1][0], runs[0][0], atol=0, rtol=0)
+    for n, g in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][n], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f'{n}: {m}')
+    assert all(s._moves for s in a.stages), 'every 64^3 stage divides into windows: the layout should be taken'
+
+
+def test_window_layout_falls_back_where_it_cannot_apply():
+    "A padded stage, a layout turned off or an attention probe keep the grid layout (and the results)."
+    enc = randomize_(tiny_encoder(attn_impl='reference')).eval()
+    with torch.no_grad():
+        enc.forward_features(torch.randn(1, 1, 96, 96, 96))  # stage grids 48, 24, 12, 6: the 6^3 stage is padded
+    assert [bool(s._moves) for s in enc.stages] == [True, True, True, False]
+    stage = enc.stages[0]
+    x = torch.randn(1, 8, 8, 8, 12)
+    plans = stage.plans((8, 8, 8), x.device)
+    assert stage._use_window_layout(x, plans)
+    stage.blocks[1].attn_probe = lambda *a: None
+    assert not stage._use_window_layout(x, plans)
+    stage.blocks[1].attn_probe, stage.window_layout = None, False
+    assert not stage._use_window_layout(x, plans)
+
+
+@pytest.mark.parametrize('merging', ['v2', 'legacy'])
+def test_merge_order_gathers_what_patch_merging_concatenates(merging):
+    from dagman_fast.swin import PatchMerging
+    pm = randomize_(PatchMerging(5, merging))
+    x = torch.randn(2, 4, 6, 8, 5)
+    order = pm.merge_order((4, 6, 8))
+    assert sorted(order.tolist()) == list(range(4 * 6 * 8))
+    gathered = x.flatten(1, 3)[:, order].view(2, 2, 3, 4, 40)
+    torch.testing.assert_close(pm(gathered, gathered=True), pm(x), atol=0, rtol=0)
