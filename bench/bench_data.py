@@ -3,9 +3,15 @@
 
     python bench/bench_data.py                 # 3 real CTs, crop 128 at 2 mm, 3 epochs each
     python bench/bench_data.py --crop 96 --epochs 5 --num-workers 2
+    python bench/bench_data.py --augment       # where the views' flips and jitter run: host or device (`augment_on`)
 
 Both pipelines produce the same thing: two random crops of each preprocessed volume per sample. The first epoch of
 `ct_ssl_dls` (which reads every scan and fills the cache) is reported apart from the steady state.
+
+`--augment`: the host's time per batch (batch 2 x 2 views at `--crop`, cached volumes, `num_workers=0`, the main
+process's share of a step on a GPU) with the flips and jitter on the host (MONAI per view) and with only the crops
+there (`augment_on='device'`), alternated; then `TwoViews.batch_augment` on the batch's device (CUDA when present,
+else the CPU, where it only shows the work moved).
 """
 from __future__ import annotations
 
@@ -69,7 +75,11 @@ def main():
     p.add_argument('--synthetic', type=int, default=0,
                    help='instead of the real scans, this many synthetic CT volumes (MONAI generator) written as NIfTI '
                         'to a temporary folder: shows how memory scales with the number of scans')
+    p.add_argument('--augment', action='store_true', help="time the host's share with augment_on 'host' and 'device'")
+    p.add_argument('--reps', type=int, default=20, help='with --augment: batches per setting')
     args = p.parse_args()
+    if args.augment:
+        return _augment(args)
     if args.synthetic:
         return _synthetic(args)
     scans = [args.data / s for s in SCANS if (args.data / s).exists()]
@@ -119,6 +129,45 @@ def main():
     print(f'steady state memory (PSS), this process and its {args.num_workers} worker(s) together: peak {tree.peak / 1024:.0f} MiB '
           f'({(tree.peak - base) / 1024:.0f} MiB above the process before the epochs; all preprocessed volumes '
           f'together: {vol_mib:.0f} MiB)')
+
+
+def _augment(args):
+    "The host's time per batch with the views' flips and jitter on the host or left to the device."
+    import platform
+    import statistics
+
+    from dagman_fast.data import ct_ssl_dls, demo_ct_scans
+    scans = [args.data / s for s in SCANS if (args.data / s).exists()] or demo_ct_scans()
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    with tempfile.TemporaryDirectory() as cache:
+        kw = dict(crop=args.crop, bs=2, cache_dir=cache, progress=False)
+        dls = {on: ct_ssl_dls(scans, augment_on=on, **kw) for on in ('host', 'device')}
+        times = {'host': [], 'device': []}
+        for _ in range(args.reps):
+            for on in times:
+                ds = dls[on].train.dataset
+                t0 = time.perf_counter()
+                # the host's work for one batch: 2 samples' views, collated (no copy to a device, no after_batch)
+                batch = [torch.stack(v) for v in zip(*(ds[i % len(ds)] for i in range(2)))]
+                times[on].append(time.perf_counter() - t0)
+        aug = dls['device'].train.dataset.batch_augment
+        views = tuple(v.to(device) for v in batch)
+        dev_times = []
+        for _ in range(args.reps + 1):
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            aug(views)
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            dev_times.append(time.perf_counter() - t0)
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+               platform.processor())
+    h, d = statistics.median(times['host']), statistics.median(times['device'])
+    print(f'{len(scans)} scans, batch 2 x 2 views of {args.crop}^3, median of {args.reps}; {cpu}, torch {torch.__version__}')
+    print(f'host per batch, flips and jitter on the host:   {h * 1e3:7.1f} ms')
+    print(f'host per batch, crops only (augment_on=device):  {d * 1e3:7.1f} ms   ({h / d:.1f}x less host time)')
+    print(f'batch_augment of the batch on {device}:            {statistics.median(dev_times[1:]) * 1e3:7.1f} ms')
 
 
 def _synthetic(args):

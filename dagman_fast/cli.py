@@ -171,7 +171,8 @@ def _pretrain_parser(sub) -> None:
     s.add_argument('--on-error', choices=['raise', 'skip'], default='raise', help="bad scans: 'raise' or 'skip'")
     s.add_argument('--valid-pct', type=_float_range(0, 1, lo_open=False), default=None,
                    help='share of scans held out for a validation loss (default 0)')
-    s.add_argument('--workers', type=_int_min(0), default=0, help='DataLoader worker processes (default 0)')
+    s.add_argument('--workers', type=_int_min(0), default=None,
+                   help='DataLoader worker processes making the views (default: 0 on the CPU, up to 4 on a GPU)')
     s.add_argument('--crops-per-scan', type=_int_min(1), default=None, metavar='N',
                    help='random crops of each scan per epoch (default 1; 40 in the demo on its two scans)')
     s.add_argument('--synthetic', type=_int_min(1), default=None, metavar='N',

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,7 @@ from typing import Sequence
 # %% auto #0
 __all__ = ['HU_WINDOW', 'SPACING', 'NODULE_HU_WINDOW', 'KEY_PREFIXES', 'SPAN_HELP', 'strip_prefixes', 'as_triple', 'check_option',
            'check_ratio', 'RunError', 'FolderLock', 'atomic_path', 'write_text_atomic', 'Stopped', 'stop_on_signals',
-           'signals_deferred', 'parse_span', 'span_steps', 'ema_cosine']
+           'signals_deferred', 'parse_span', 'span_steps', 'ema_cosine', 'warn_once', 'split_indices']
 
 # %% ../nbs/00_core.ipynb #b2fc22fb
 HU_WINDOW = (-175.0, 250.0)  # HU mapped to [0, 1] (the paper and SMIT)
@@ -240,3 +241,18 @@ def ema_cosine(start: float, step: int, total: int) -> float:
     if total <= 0:
         return start
     return 1 - (1 - start) * (math.cos(math.pi * min(step, total) / total) + 1) / 2
+
+# %% ../nbs/00_core.ipynb #969a7c96
+def warn_once(message: str, stacklevel: int = 2) -> None:
+    """`warnings.warn` on the first process only: in a data-parallel run every process reads the same scans and would
+    repeat each skip (the `RANK` torchrun sets; no process group needed, so it works before one exists)."""
+    if int(os.environ.get('RANK', '0')) == 0:
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def split_indices(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
+    "Train and valid indices of `n` items, `valid_pct` held out by a seeded permutation (seed None: 0)."
+    import torch  # here: the rest of `core` needs no torch
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed or 0)).tolist()
+    n_valid = min(int(round(valid_pct * n)), n - 1)
+    return sorted(order[n_valid:]), sorted(order[:n_valid])

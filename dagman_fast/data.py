@@ -24,25 +24,19 @@ import torch
 from monai.transforms import MapTransform
 from torch.utils.data import Dataset
 
-from .core import HU_WINDOW, SPACING, as_triple, atomic_path, check_option, check_ratio
+from .core import (HU_WINDOW, SPACING, as_triple, atomic_path, check_option, check_ratio, split_indices,
+                              warn_once)
 from .scan_checks import (MIN_AXIS_VOXELS, NIFTI_SUFFIXES, _CheckCT, _CheckFinite, _CheckResampledSize,  # noqa: F401
                                      _CheckScanFile, _CheckVolume, _CheckWindowed, _GivenSpacing, _is_dicom_file,
                                      _is_nifti, _LabelOnImageGrid, _SourceInfo, parse_spacing, sizes_text)
 
 # %% auto #0
-__all__ = ['INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'warn_once', 'find_ct_scans', 'synthetic_ct',
-           'demo_ct_scans', 'CTPreprocess', 'label_groups', 'scan_item', 'file_stamp', 'failure_reason',
-           'read_index_rows', 'cache_file_name', 'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess',
-           'split_indices', 'ct_ssl_dls', 'PrefetchDataLoader', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
+__all__ = ['INDEX_COLUMNS', 'INDEX_FILE', 'JOURNAL_FILE', 'MEDMNIST3D', 'find_ct_scans', 'synthetic_ct', 'demo_ct_scans',
+           'CTPreprocess', 'label_groups', 'scan_item', 'file_stamp', 'failure_reason', 'read_index_rows',
+           'cache_file_name', 'cache_file_whole', 'CTVolumes', 'TwoViews', 'ct_preprocess', 'ct_ssl_dls',
+           'PrefetchDataLoader', 'show_batch_3d', 'medmnist_file', 'medmnist3d_ssl_dls']
 
 # %% ../nbs/01_data.ipynb #a0a73dd3
-def warn_once(message: str, stacklevel: int = 2) -> None:
-    """`warnings.warn` on the first process only: in a data-parallel run every process reads the same scans and would
-    repeat each skip (the `RANK` torchrun sets; no process group needed, so it works before one exists)."""
-    if int(os.environ.get('RANK', '0')) == 0:
-        warnings.warn(message, stacklevel=stacklevel + 1)
-
-
 def find_ct_scans(source, on_error: str = 'raise', skipped: list | None = None,
                   spacings: dict | None = None) -> list[Path]:
     """The scans `source` names, in a stable order.
@@ -151,8 +145,7 @@ def synthetic_ct(folder, n: int = 8, size=96, spacing: float = 2.0, seed: int = 
     d, h, w = as_triple(size, 'size')
     if n < 1:
         raise ValueError(f'n must be at least 1; got {n}')
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder := Path(folder)).mkdir(parents=True, exist_ok=True)
     rs = np.random.RandomState(seed)
     yy, xx = np.meshgrid(np.linspace(-1, 1, h), np.linspace(-1, 1, w), indexing='ij')
     body = ((yy / 0.8) ** 2 + (xx / 0.9) ** 2 <= 1)[None]
@@ -501,29 +494,31 @@ class TwoViews(Dataset):
         intensity: scale and shift jitter amplitude (each applied with probability 0.5).
         region: None for independent crops anywhere in the volume; a size (at least `crop`) to take the views as
             sub-crops of one random region of that size, as SMIT does.
+        augment: 'host' (MONAI's transforms per view, here) or 'device': only the crops here, the flips and jitter in
+            `batch_augment` on the batch's device (the SSL loaders' choice on a GPU, `bench/bench_data.py --augment`).
     """
 
     def __init__(self, volumes: Dataset, crop, views: int = 2, flip_prob: float = 0.5, intensity: float = 0.1,
-                 region=None):
+                 region=None, augment: str = 'host'):
         from monai import transforms as T
         self.volumes, self.views, self.crop = volumes, views, as_triple(crop, 'crop')
+        self.flip_prob, self.intensity = flip_prob, intensity
+        self.augment = check_option(augment, ('host', 'device'), 'augment')
         self.region = None if region is None else as_triple(region, 'region')
         if self.region is not None and any(r < c for r, c in zip(self.region, self.crop)):
             raise ValueError(f'region {self.region} must be at least the crop {self.crop} on every axis')
         self.region_tf = None if self.region is None else T.RandSpatialCrop(self.region, random_size=False)
-        self.tf = T.Compose([
-            T.RandSpatialCrop(self.crop, random_size=False),
-            *(T.RandFlip(prob=flip_prob, spatial_axis=a) for a in range(3)),
-            T.RandScaleIntensity(factors=intensity, prob=0.5),
-            T.RandShiftIntensity(offsets=intensity, prob=0.5),
-        ])
+        jitter = [*(T.RandFlip(prob=flip_prob, spatial_axis=a) for a in range(3)),
+                  T.RandScaleIntensity(factors=intensity, prob=0.5), T.RandShiftIntensity(offsets=intensity, prob=0.5)]
+        self.tf = T.Compose([T.RandSpatialCrop(self.crop, random_size=False)] + (jitter if augment == 'host' else []))
 
     def __len__(self):
         return len(self.volumes)
 
     def _view(self, vol):
         self.tf.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ())))
-        return torch.as_tensor(self.tf(vol)).clamp_(0, 1).contiguous()
+        v = torch.as_tensor(self.tf(vol))  # a crop alone is a view of a volume in [0, 1]: one copy, nothing to clip
+        return (v.clamp_(0, 1) if self.augment == 'host' else v).contiguous()
 
     def __getitem__(self, i) -> tuple:
         vol = self.volumes[i]
@@ -531,6 +526,18 @@ class TwoViews(Dataset):
             self.region_tf.set_random_state(seed=int(torch.randint(0, 2 ** 31 - 1, ())))
             vol = self.region_tf(vol)
         return tuple(self._view(vol) for _ in range(self.views))
+
+    def batch_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A host view's flips and jitter (same order and distributions), drawn per volume for a batch of views
+        `(b, 1, d, h, w)` (or a tuple of them, each its own draws) on its device from its torch generator; in [0, 1]."""
+        if isinstance(x, (tuple, list)):
+            return tuple(map(self.batch_augment, x))
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        draw = lambda: torch.rand(shape, device=x.device)  # noqa: E731
+        for axis in range(x.ndim - 3, x.ndim):
+            x = torch.where(draw() < self.flip_prob, x.flip(axis), x)
+        x = x * torch.where(draw() < 0.5, 1 + self.intensity * (draw() * 2 - 1), 1.0)
+        return (x + torch.where(draw() < 0.5, self.intensity * (draw() * 2 - 1), 0.0)).clamp_(0, 1)
 
 # %% ../nbs/01_data.ipynb #f32b32db
 def ct_preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreprocess:
@@ -546,17 +553,10 @@ def ct_preprocess(crop, spacing, hu_range, valid_pct, pad_to=None) -> CTPreproce
     return CTPreprocess(spacing=spacing, hu_range=tuple(float(h) for h in hu_range), crop=pad_to or crop)
 
 
-def split_indices(n: int, valid_pct: float, seed: int | None) -> tuple[list, list]:
-    "Train and valid indices of `n` items, `valid_pct` held out by a seeded permutation (seed None: 0)."
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed or 0)).tolist()
-    n_valid = min(int(round(valid_pct * n)), n - 1)
-    return sorted(order[n_valid:]), sorted(order[:n_valid])
-
-
 def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 2, views: int = 2, cache_dir=None,
                on_error: str = 'raise', valid_pct: float = 0.0, num_workers: int = 0, seed: int | None = None,
                flip_prob: float = 0.5, intensity: float = 0.1, view_region=None, crops_per_scan: int = 1,
-               progress: bool = True):
+               augment_on: str = 'auto', progress: bool = True):
     """fastai `DataLoaders` of `views` random views per CT volume, for self-supervised pretraining.
 
     Each batch is a tuple of `views` tensors `(bs, 1, *crop)`, float in [0, 1].
@@ -576,6 +576,7 @@ def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 
         view_region: None (independent crops) or a size: views are sub-crops of one random region (SMIT).
         crops_per_scan: how often each training scan is drawn per epoch, each time with new random crops (a few
             large scans give many batches, as MONAI's `num_samples`); validation scans are drawn once.
+        augment_on: where the views' flips and jitter run: 'auto' (the GPU if batches go there), 'host' or 'device'.
     """
     crop = as_triple(crop, 'crop')
     if isinstance(crops_per_scan, bool) or not isinstance(crops_per_scan, int) or crops_per_scan < 1:
@@ -590,7 +591,7 @@ def ct_ssl_dls(source, crop=128, spacing=SPACING, hu_range=HU_WINDOW, bs: int = 
     vols = CTVolumes(scans, prep, cache_dir=cache_dir, on_error=on_error, progress=progress, spacings=spacings)
     vols.skipped[:0] = found_skipped  # entries the search left out come first
     train, valid = split_indices(len(vols), valid_pct, seed)
-    dls = _views_dls(vols, (train * crops_per_scan, valid), bs, num_workers, crop=crop, views=views,
+    dls = _views_dls(vols, (train * crops_per_scan, valid), bs, num_workers, augment_on, crop=crop, views=views,
                      flip_prob=flip_prob, intensity=intensity, region=view_region)
     dls.skipped, dls.prep = vols.skipped, prep
     return dls
@@ -608,8 +609,7 @@ def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list)
                                 f'`dagman preprocess DATA --cache-dir {cache_dir} {_settings_text(prep)}` first, or give '
                                 'the scans')
     if (folder / JOURNAL_FILE).exists():
-        warn_once(f'{folder}: a preprocess run did not finish; using the {len(rows)} scans it indexed so far',
-                      stacklevel=3)
+        warn_once(f'{folder}: a preprocess run did not finish; using the {len(rows)} scans it indexed', stacklevel=3)
     for path, row in rows.items():
         if not row['stamp']:  # an entry the search could not use (a dangling link, a CSV line without a path)
             if on_error == 'raise':
@@ -623,18 +623,18 @@ def _indexed_source(cache_dir, prep: CTPreprocess, on_error: str, skipped: list)
     return [p for p, row in rows.items() if row['stamp'] and p not in gone]
 
 
-def _views_dls(vols, split: tuple, bs: int, num_workers: int, **views_kw):
+def _views_dls(vols, split: tuple, bs: int, num_workers: int, augment_on: str = 'auto', **views_kw):
     """The self-supervised `DataLoaders` of both SSL loaders: `TwoViews` over the `(train, valid)` index lists of
-    `vols`, every tensor of a batch an input (no target in self-supervision), batches on fastai's default device."""
+    `vols`, every tensor an input (no target), on fastai's default device; `augment_on` as `ct_ssl_dls`'s."""
     from fastai.data.core import DataLoaders
     from fastai.torch_core import default_device  # batches go to the GPU when there is one
-    train, valid = (TwoViews(torch.utils.data.Subset(vols, idx), **views_kw) for idx in split)
     device = default_device()
     pin = torch.device(device).type == 'cuda'  # pinned host batches: their copies to the GPU can overlap the step
-    dls = DataLoaders(PrefetchDataLoader(train, bs=bs, shuffle=True, drop_last=len(train) >= bs, num_workers=num_workers,
-                                         pin_memory=pin),
-                      PrefetchDataLoader(valid, bs=bs, shuffle=False, num_workers=num_workers, pin_memory=pin),
-                      device=device)
+    on = check_option(augment_on, ('auto', 'host', 'device'), 'augment_on').replace('auto', 'device' if pin else 'host')
+    train, valid = (TwoViews(torch.utils.data.Subset(vols, idx), augment=on, **views_kw) for idx in split)
+    kw = dict(num_workers=num_workers, pin_memory=pin, **({'after_batch': train.batch_augment} if on == 'device' else {}))
+    dls = DataLoaders(PrefetchDataLoader(train, bs=bs, shuffle=True, drop_last=len(train) >= bs, **kw),
+                      PrefetchDataLoader(valid, bs=bs, shuffle=False, **kw), device=device)
     dls.n_inp, dls.volumes, dls.skipped = train.views, vols, []
     dls.show_batch = lambda max_n=2, mask=None, path=None: show_batch_3d(dls.one_batch(), mask, max_n, path)
     return dls

@@ -431,6 +431,13 @@ def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
     return epochs or planned or 10
 
 
+def _loader_workers(workers: int | None, cuda: bool) -> int:
+    "`workers` when given; else 0 on the CPU, and on CUDA up to 4, one per CPU this process may use."
+    if workers is not None:
+        return workers
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1) if cuda else 0
+
+
 def _pretrain_dls(out: Path, data, kind: str, indexed: int, crop: int, bs: int, *, medmnist, root, size, spacing,
                   cache_dir, on_error, valid_pct, workers, crops_per_scan, synthetic, seed):
     "The DataLoaders of a pretraining run of `kind` ('ct', 'demo', 'medmnist'), and what it said about them."
@@ -482,7 +489,7 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
              method: str | None = None, preset: str | None = None, epochs: int | None = None,
              crop: int | None = None, bs: int | None = None, lr: float | None = None, warmup: float | None = None,
              resume=None, save_every: int = 1, spacing: float | None = None, cache_dir=None, on_error: str = 'raise',
-             valid_pct: float | None = None, workers: int = 0, crops_per_scan: int | None = None,
+             valid_pct: float | None = None, workers: int | None = None, crops_per_scan: int | None = None,
              synthetic: int | None = None, seed: int | None = None, attn_stats_every: int | None = None,
              tensorboard=None, compile: bool = False, amp: str | None = None, **cfg) -> int:
     """Pretrain an encoder with `method` (`METHODS`) and write the run to `out`; 0 when done, 3 when it diverged.
@@ -491,7 +498,9 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     `medmnist` (a MedMNIST 3-D flag, with `root`), else the demo (the two shipped CTs; `synthetic=N` volumes instead).
     Defaults by device and data: `preset` `default_preset` (swin-smit on CUDA, swin-tiny on the CPU; ViT for attmask),
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
-    `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: 10 by default.
+    `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: 10 by default. `workers`
+    (DataLoader processes making the views): 0 on the CPU (they would take cores from the step), on CUDA up to 4,
+    one per CPU the process may use (the views are made while the GPU steps).
     `warmup`: epochs of linear warm-up (10% of `epochs` by default). `compile`: regional `torch.compile` of the
     encoder blocks (`compile_blocks`). `amp`: 'bf16', 'fp16' or 'fp32' (default: bf16 on CUDA, fp32 on the CPU;
     'bf16' on a CPU with native bf16 is about 1.5x faster). `**cfg`: `DAGMaNConfig` and encoder fields.
@@ -533,7 +542,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
         say(f'method {method}, encoder {preset}, crop {crop}, {"CUDA" if cuda else "CPU"}')
         dls = _pretrain_dls(out, data, kind, indexed, crop, bs, medmnist=medmnist, root=root, size=size,
                             spacing=spacing, cache_dir=cache_dir, on_error=on_error, valid_pct=valid_pct,
-                            workers=workers, crops_per_scan=crops_per_scan, synthetic=synthetic, seed=seed)
+                            workers=_loader_workers(workers, cuda), crops_per_scan=crops_per_scan,
+                            synthetic=synthetic, seed=seed)
         for path, reason in dls.skipped:
             say(f'skipped {path}: {reason}', file=sys.stderr)
         defaults = run_defaults(preset, crop, kind)

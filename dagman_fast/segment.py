@@ -20,9 +20,8 @@ from .train_utils import FusedAdamW
 from torch.utils.data import Dataset
 
 from .checkpoint import load_model, resolve_encoder, save_model
-from .core import HU_WINDOW, SPACING, as_triple, atomic_path
-from .data import (CTPreprocess, CTVolumes, PrefetchDataLoader, ct_preprocess, file_stamp, label_groups,
-                              split_indices)
+from .core import HU_WINDOW, SPACING, as_triple, atomic_path, split_indices
+from .data import CTPreprocess, CTVolumes, PrefetchDataLoader, ct_preprocess, file_stamp, label_groups
 from .learner import FineTuneLearner
 from .swin import SwinEncoder, compile_blocks, encoder_groups
 

@@ -349,3 +349,12 @@ def test_pretrain_amp_reaches_the_learner(tmp_path, monkeypatch, given, expected
                  '--bs', '2', '--epochs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32']) == 0
     assert seen['amp'] == expected and seen['compile'] is False
     assert seen['mixed'] == (['DeviceMixedPrecision'] if expected else [])
+
+
+def test_pretrain_loader_workers_by_device():
+    "`--workers` unset: none on the CPU (they would take the step's cores), up to 4 on CUDA; a given number is kept."
+    from dagman_fast.recipes import _loader_workers
+    assert _loader_workers(None, cuda=False) == 0
+    assert _loader_workers(3, cuda=True) == 3 and _loader_workers(0, cuda=True) == 0
+    import os
+    assert _loader_workers(None, cuda=True) == min(4, len(os.sched_getaffinity(0)))

@@ -442,3 +442,53 @@ def test_demo_scans_are_real_chest_ct_at_2mm(tmp_path):
         assert sum(p.stat().st_size for p in paths) < 4e6
     dls = _dls(paths, tmp_path, crop=32, bs=2)
     assert len(dls.volumes) == 2 and all(v.shape[-1] == 112 and min(v.shape[1:3]) > 128 for v in dls.volumes)  # 2 mm
+
+
+def test_views_augmented_on_the_device_match_the_host_distribution():
+    """`augment='device'`: the dataset gives plain crops; `batch_augment` flips each volume of the batch per axis with
+    `flip_prob`, then scales by 1 + U(-i, i) and shifts by U(-i, i), each with probability 0.5, clipped to [0, 1]."""
+    import itertools
+
+    from dagman_fast.data import TwoViews
+    vol = 0.25 + 0.5 * torch.rand(1, 12, 12, 12)  # inside [0, 1] with room for the jitter: no clipping
+    plain = TwoViews([vol], 12, augment='device')
+    assert type(plain.tf.transforms[-1]).__name__ == 'RandSpatialCrop'  # no flips or jitter on the host
+    assert all(torch.equal(v, vol) for v in plain[0])  # the crop of a volume its size: the volume, unchanged
+    flipped = {fl: vol.flip([1 + a for a in range(3) if fl[a]]) for fl in itertools.product((0, 1), repeat=3)}
+    torch.manual_seed(0)
+    y = plain.batch_augment(vol.expand(400, 1, 12, 12, 12).contiguous())
+    flips, scaled, shifted = torch.zeros(3), 0, 0
+    for out in y:
+        # each output is one of the 8 flips under an intensity map a * v + b: find it by least squares
+        fits = []
+        for fl, c in flipped.items():
+            a = float(((out - out.mean()) * (c - c.mean())).sum() / ((c - c.mean()) ** 2).sum())
+            b = float(out.mean() - a * c.mean())
+            fits.append((float((out - (a * c + b)).abs().max()), fl, a, b))
+        err, fl, a, b = min(fits)
+        assert err < 1e-5 and 0.9 - 1e-6 <= a <= 1.1 + 1e-6 and abs(b) <= 0.1 + 1e-6
+        flips += torch.tensor(fl, dtype=torch.float32)
+        scaled, shifted = scaled + (abs(a - 1) > 1e-6), shifted + (abs(b) > 1e-6)
+    assert all(150 < f < 250 for f in flips.tolist()), flips  # each axis flipped about half the time
+    assert 150 < scaled < 250 and 150 < shifted < 250, (scaled, shifted)
+    assert float(plain.batch_augment(torch.ones(8, 1, 4, 4, 4)).max()) <= 1  # clipped
+    v1, v2 = plain.batch_augment((y[:8], y[:8]))  # a tuple of views: each view its own draws
+    assert not torch.equal(v1, v2)
+
+
+def test_ssl_loaders_augment_on_the_device_per_view(tmp_path):
+    "`augment_on='device'`: fastai's `after_batch` augments each view with its own draws; bad values are refused."
+    paths = [_nifti(tmp_path / 'a.nii.gz', _phantom())]
+    host = _dls(paths, tmp_path, bs=1)
+    assert host.train.dataset.augment == 'host'  # on the CPU 'auto' keeps MONAI's per-view transforms
+    dev = _dls(paths, tmp_path, bs=1, augment_on='device', flip_prob=1.0, intensity=0.0)
+    assert dev.train.dataset.augment == dev.valid.dataset.augment == 'device'
+    torch.manual_seed(0)
+    raw = dev.train.dataset[0]  # what the host made: plain crops
+    torch.manual_seed(0)
+    v1, v2 = dev.train.one_batch()
+    # flip_prob 1 flips all three axes of each view, on the device side
+    torch.testing.assert_close(v1[0], raw[0].flip([1, 2, 3]).clamp(0, 1))
+    torch.testing.assert_close(v2[0], raw[1].flip([1, 2, 3]).clamp(0, 1))
+    with pytest.raises(ValueError, match='augment_on'):
+        _dls(paths, tmp_path, augment_on='gpu')
