@@ -31,8 +31,9 @@ from .swin import ViTEncoder, compile_blocks, encoder_groups, pad_to_encoder, se
 __all__ = ['MEDMNIST3D_CLASSES', 'NODULE_LABEL_RULES', 'POOLS', 'CLASSIFIER_FORMAT', 'medmnist3d_dls', 'check_class_labels',
            'nodule_labels', 'nodule_crops_dls', 'sensitivity', 'specificity', 'auc_score', 'cls_metrics', 'FeatureNorm',
            'FeatureStats', 'ClsModel', 'cls_splitter', 'balanced_class_weights', 'cls_augment', 'BatchAugment3D',
-           'Augment3D', 'cls_learner', 'few_shot_indices', 'stratified_folds', 'subset_dls', 'summarize',
-           'evaluate_classifier', 'plot_roc', 'save_classifier', 'load_classifier']
+           'Augment3D', 'cls_learner', 'few_shot_indices', 'stratified_folds', 'cv_splits', 'labelled_items', 'cv_dls',
+           'subset_dls', 'summarize', 'evaluate_classifier', 'cls_scores', 'plot_roc', 'save_classifier',
+           'load_classifier']
 
 # %% ../nbs/06_classify.ipynb #13047394
 def _labelled_dls(splits: dict, bs: int, num_workers: int, classes: int):
@@ -555,6 +556,60 @@ def stratified_folds(labels, k: int = 3, seed: int = 0) -> list[tuple[np.ndarray
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
 
 
+def cv_splits(labels, folds: int = 3, test=0.2, seed: int = 0) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """The paper's evaluation protocol (Appendix B) as indices into `labels`: a test set held out untouched, then
+    `folds` stratified cross-validation folds of the rest (the development set).
+
+    Args:
+        labels: one class per labelled item, development and test together.
+        test: the held-out items: an index array (an official test split) or a share of all items, drawn
+            stratified with `seed`.
+    Returns:
+        `(test_idx, [(train_idx, valid_idx), ...])`: every development item is validated in exactly one fold, and no
+        fold trains or validates on a test item.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f'folds must be an integer >= 2; got {folds!r}')
+    if np.ndim(test) == 0:
+        check_ratio(float(test), 'test', low_open=True, high_open=True)
+        from sklearn.model_selection import train_test_split
+        dev, test_idx = train_test_split(np.arange(n), test_size=float(test), stratify=labels, random_state=seed)
+    else:
+        test_idx = np.unique(np.asarray(test, dtype=np.int64))
+        if len(test_idx) and (test_idx[0] < 0 or test_idx[-1] >= n):
+            raise ValueError(f'test indices must be in 0..{n - 1}; got {test_idx[0]}..{test_idx[-1]}')
+        dev = np.setdiff1d(np.arange(n), test_idx)
+    counts = np.bincount(labels[dev])
+    if (counts[counts > 0] < folds).any():
+        raise ValueError(f'{folds}-fold cross-validation needs at least {folds} development items of each class; '
+                         f'the development set has {dict(enumerate(counts.tolist()))} per class')
+    return np.sort(test_idx), [(dev[tr], dev[va]) for tr, va in stratified_folds(labels[dev], folds, seed)]
+
+
+def labelled_items(dls) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+    """Every labelled item of classification `dls` (of `medmnist3d_dls`, `nodule_crops_dls`): `(x, y, test_idx)`,
+    train, valid and then `dls.test` concatenated, `test_idx` the positions of the test items (None without a test
+    split). What `cv_splits` and `cv_dls` take."""
+    parts = [dls.train.dataset, dls.valid.dataset]
+    if getattr(dls, 'test', None) is not None:
+        parts.append(dls.test.dataset)
+    x, y = (torch.cat([p.tensors[k] for p in parts]) for k in (0, 1))
+    n_dev = len(parts[0]) + len(parts[1])
+    return x, y, (np.arange(n_dev, len(y)) if len(parts) == 3 else None)
+
+
+def cv_dls(x: torch.Tensor, y: torch.Tensor, train_idx, valid_idx, test_idx=None, classes: int = 2, bs: int = 32,
+           num_workers: int = 0):
+    "The `DataLoaders` of one fold over `labelled_items`: train and valid, and `dls.test` when `test_idx` is given."
+    take = lambda idx: (x[torch.as_tensor(idx)], y[torch.as_tensor(idx)])  # noqa: E731
+    splits = {'train': take(train_idx), 'valid': take(valid_idx)}
+    if test_idx is not None and len(test_idx):
+        splits['test'] = take(test_idx)
+    return _labelled_dls(splits, bs, num_workers, classes)
+
+
 def subset_dls(dls, train_idx, valid_idx=None, bs: int | None = None):
     """`DataLoaders` over a subset of `dls.train`'s dataset (and of the same dataset for validation when `valid_idx`
     is given, for k-fold; otherwise `dls.valid` is kept). Keeps `c`, `n_inp`, `test` and the device."""
@@ -602,10 +657,14 @@ def evaluate_classifier(model: ClsModel, dl) -> tuple[dict, np.ndarray, np.ndarr
         probs.append(F.softmax(model(x.to(device)).float(), -1).cpu())
         labels.append(y.cpu())
     p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    pred, c = p.argmax(1), p.shape[1]
-    res = dict(auc=auc_score(y, p), accuracy=float((pred == y).mean()), sensitivity=sensitivity(y, pred, c),
-               specificity=specificity(y, pred, c), n=int(len(y)))
-    return res, p, y
+    return cls_scores(p, y), p, y
+
+
+def cls_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
+    "AUC, accuracy, sensitivity, specificity and n of class probabilities `(n, c)` against `labels` `(n,)`."
+    pred, c = probs.argmax(1), probs.shape[1]
+    return dict(auc=auc_score(labels, probs), accuracy=float((pred == labels).mean()),
+                sensitivity=sensitivity(labels, pred, c), specificity=specificity(labels, pred, c), n=int(len(labels)))
 
 
 def plot_roc(probs: np.ndarray, labels: np.ndarray, path=None, title: str = 'ROC'):

@@ -224,7 +224,15 @@ def _finetune_parser(sub) -> None:
     s.add_argument('--pool', choices=['avg', 'cls'], default='avg', help="features: 'avg' (final tokens) or 'cls'")
     s.add_argument('--tensorboard', metavar='DIR', default=None,
                    help="also log losses and metrics to TensorBoard in DIR (fastai's TensorBoardCallback)")
-    s.add_argument('--epochs', type=_int_min(1), default=20)
+    s.add_argument('--epochs', type=_int_min(1), default=None, help='default 20 (1000 with --protocol paper)')
+    s.add_argument('--folds', type=_int_min(2), default=None, metavar='K',
+                   help="classification: the paper's evaluation, stratified K-fold cross-validation on the development "
+                        'set with a test set held out untouched; every fold model and their ensemble are scored on it')
+    s.add_argument('--test-split', default=None, metavar='official|SHARE',
+                   help="with --folds: the held-out test set, 'official' (the dataset's own test split; the default "
+                        'when it has one) or a share drawn stratified with --seed (default 0.2 otherwise)')
+    s.add_argument('--protocol', choices=['default', 'paper'], default='default',
+                   help="'paper': the paper's fine-tuning (batch 40, 1000 epochs, --folds 3); options given win")
     s.add_argument('--schedule', choices=['recipe', 'fastai'], default=None,
                    help="'recipe' (default for classification): every layer trains from the first step with layer-wise "
                         "LR decay, warm-up then cosine, and the epoch with the best validation AUC is kept and scored "

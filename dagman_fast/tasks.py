@@ -12,13 +12,16 @@ from .core import HU_WINDOW, SPACING, RunError, write_text_atomic
 from .recipes import add_tensorboard, check_out, check_replicas, end_distributed, finite, run_cache_dir, run_folder, say
 
 # %% auto #0
-__all__ = ['CLS_DATA', 'SEG_DATA', 'CLS_ONLY', 'SEG_ONLY', 'check_task_options', 'seg_pairs', 'volume_names', 'finetune',
-           'evaluate', 'analyze']
+__all__ = ['CLS_DATA', 'SEG_DATA', 'CLS_ONLY', 'FINETUNE_PROTOCOLS', 'SEG_ONLY', 'check_task_options', 'seg_pairs',
+           'volume_names', 'finetune', 'evaluate', 'analyze']
 
 # %% ../nbs/07c_tasks.ipynb #63757b20
 CLS_DATA = ('medmnist', 'root', 'nodules', 'size', 'seed', 'label_rule')  # saved with a classifier
 SEG_DATA = ('labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')  # saved with a segmenter
 CLS_ONLY = ('medmnist', 'nodules', 'root', 'size', 'label_rule', 'class_weights', 'no_augment', 'drop_path')
+# The fine-tuning protocols by name: the paper's (Appendix B: batch 40, 1,000 epochs, 3-fold cross-validation with a
+# held-out test set) and the cheaper default; a value given explicitly wins over its protocol's.
+FINETUNE_PROTOCOLS = {'default': dict(bs=None, epochs=20, folds=None), 'paper': dict(bs=40, epochs=1000, folds=3)}
 SEG_ONLY = ('seg', 'seg_csv', 'valid_seg', 'labels', 'label_names', 'crop', 'spacing', 'hu_range', 'roi')
 
 
@@ -155,6 +158,93 @@ def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
     print(f'classifier saved to {out / "classifier.pth"}; results {out / "results.json"}, ROC curves in {out}')
     return res
 
+
+def _test_share(test_split, has_official: bool):
+    "`--test-split`: 'official' (the dataset's own test split), a share in (0, 1), or None (official if any, else 0.2)."
+    if test_split in (None, 'official'):
+        if has_official:
+            return 'official'
+        if test_split == 'official':
+            raise RunError('--test-split official: this dataset has no test split; give a share, e.g. --test-split 0.2')
+        return 0.2
+    try:
+        share = float(test_split)
+    except (TypeError, ValueError):
+        share = -1.0
+    if not 0 < share < 1:
+        raise RunError(f"--test-split must be 'official' or a share in (0, 1); got {test_split!r}")
+    return share
+
+
+def _finetune_cls_folds(out: Path, o: dict, train: dict) -> dict:
+    """The paper's protocol: `o['folds']`-fold stratified cross-validation on the development set, each fold's model
+    scored on its validation fold and on the untouched test set, then the folds' mean probabilities (their ensemble)
+    on the test set. One process: the folds run one after another."""
+    import numpy as np
+    import torch
+    from fastai.torch_core import set_seed
+
+    from dagman_fast.classify import (cls_learner, cls_scores, cv_dls, cv_splits, evaluate_classifier, few_shot_indices,
+                                      labelled_items, plot_roc, save_classifier, summarize)
+    from dagman_fast.distributed import world_size
+    if world_size() > 1:
+        raise RunError('--folds trains its folds one after another in one process: run it without torchrun')
+    if not 0 < o['fraction'] <= 1:
+        raise RunError(f"--fraction must be in (0, 1]; got {o['fraction']}")
+    set_seed(o['seed'])
+    dls = _cls_dls(o['medmnist'], o['root'], o['nodules'], o['size'], o['bs'], o['seed'], o['label_rule'])
+    x, y, official = labelled_items(dls)
+    share = _test_share(o['test_split'], official is not None)
+    try:
+        test_idx, folds = cv_splits(y.numpy(), o['folds'], official if share == 'official' else share, o['seed'])
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    size, bs = int(x.shape[-1]), dls.train.bs
+    o.update(size=size, bs=bs, test_split=share, class_weights=o['class_weights'] or 'balanced',
+             drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
+             label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
+    held = 'the official test split' if share == 'official' else f'a stratified {share:g} of all'
+    say(f"{o['folds']}-fold stratified cross-validation on {len(y) - len(test_idx)} development items; "
+        f"{len(test_idx)} test items held out ({held})")
+    runs, test_probs = [], []
+    for k, (tr, va) in enumerate(folds, 1):
+        fold_out = out / f'fold{k}'
+        fold_out.mkdir(exist_ok=True)
+        set_seed(o['seed'])  # every fold starts from the same random state (the same random encoder, if any)
+        if o['fraction'] < 1:
+            tr = tr[few_shot_indices(y[tr].numpy(), o['fraction'], seed=o['seed'])]
+        fdls = cv_dls(x, y, tr, va, test_idx, classes=dls.c, bs=bs)
+        encoder = o['encoder'] or _random_encoder(o['preset'], -(-size // 32) * 32)
+        say(f'fold {k}/{len(folds)}: {len(tr)} training, {len(va)} validation items')
+        learn = cls_learner(fdls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=fold_out,
+                            compile=o['compile'], class_weights=None if o['class_weights'] == 'none' else 'balanced',
+                            augment=not o['no_augment'], drop_path=o['drop_path'])
+        _fit(learn, 1, bs, o['tensorboard'], **train)
+        save_classifier(learn.model, fold_out / 'classifier.pth', data={n: o[n] for n in CLS_DATA})
+        fold = dict(fold=k, n_train=len(tr), n_valid=len(va), **_kept(learn),
+                    valid=_cls_report(learn.model, fdls, fold_out, 'valid'))
+        scores, probs, labels = evaluate_classifier(learn.model, fdls.test)
+        plot_roc(probs, labels, fold_out / 'roc_test.png', title=f'ROC (fold {k}, test, n={len(labels)})')
+        fold['test'] = finite(scores)
+        runs.append(fold)
+        test_probs.append(probs)
+        write_text_atomic(fold_out / 'results.json', json.dumps(fold, indent=1, default=str) + '\n')
+    ensemble = np.mean(test_probs, axis=0)
+    plot_roc(ensemble, labels, out / 'roc_test_ensemble.png', title=f'ROC (ensemble of {len(folds)} folds, test)')
+    res = dict(config=o, n_dev=int(len(y) - len(test_idx)), n_test=int(len(test_idx)),
+               test_counts=np.bincount(labels, minlength=dls.c).tolist(), folds=runs,
+               valid=summarize([r['valid'] for r in runs]), test=summarize([r['test'] for r in runs]),
+               test_ensemble=finite(cls_scores(ensemble, labels)))
+    write_text_atomic(out / 'results.json', json.dumps(res, indent=1, default=str) + '\n')
+    print(f"{'fold':<12} {'valid AUC':>16} {'test AUC':>16}")
+    for r in runs:
+        print(f"{r['fold']:<12} {r['valid']['auc']:>16.4f} {r['test']['auc']:>16.4f}")
+    ms = lambda part: f"{res[part]['auc']['mean']:.4f} +- {res[part]['auc']['std']:.4f}"  # noqa: E731
+    print(f"{'mean +- sd':<12} {ms('valid'):>16} {ms('test'):>16}")
+    print(f"the {len(runs)} fold models' mean probabilities on the test set: AUC {res['test_ensemble']['auc']:.4f}")
+    print(f'classifiers in {out}/fold*/classifier.pth; results {out / "results.json"}; ROC curves as PNG')
+    return res
+
 # %% ../nbs/07c_tasks.ipynb #e382e539
 def seg_pairs(seg=None, valid_seg=None, seg_csv=None) -> tuple[list, list]:
     """Training and validation (image, label) pairs from `seg` / `valid_seg` and `seg_csv` (columns image, label and
@@ -276,20 +366,36 @@ def finetune(out='dagman_cls', *, medmnist: str | None = None, root=None, nodule
              label_names=None, crop: int | None = None, spacing: float | None = None, hu_range=None,
              roi: int | None = None, cache_dir=None, valid_seg=None, seg_csv=None, valid_pct: float = 0.2,
              samples_per_volume: int = 4, encoder=None, preset: str | None = None, linear_probe: bool = False,
-             pool: str = 'avg', tensorboard=None, epochs: int = 20, schedule: str | None = None,
+             pool: str = 'avg', tensorboard=None, epochs: int | None = None, schedule: str | None = None,
              layer_decay: float | None = None, pct_start: float | None = None, freeze_epochs: int | None = None,
              class_weights: str | None = None, no_augment: bool = False, drop_path: float | None = None,
-             lr: float = 1e-3, fraction: float = 1.0, compile: bool = False) -> dict:
+             lr: float = 1e-3, fraction: float = 1.0, compile: bool = False, folds: int | None = None,
+             test_split=None, protocol: str = 'default') -> dict:
     """Fine-tune (or with `linear_probe` probe) `encoder` (a file of `pretrain`, a checkpoint or public weights; None:
     a random `preset`) for classification (`medmnist` + `root`, or `nodules`) or segmentation (`seg` pairs or
     `seg_csv`, with `labels`), and write the model, `results.json` and its plots to `out`. `schedule`: 'recipe'
     (classification's default: layer-wise LR decay `layer_decay`, warm-up over the share `pct_start` of the steps, the
     best validation epoch kept) or 'fastai' (segmentation's: `fine_tune`, `freeze_epochs` frozen first). Returns the
     results (empty on the other processes of a data-parallel run). `compile`: regional `torch.compile` of the
-    encoder's blocks (`compile_blocks`)."""
+    encoder's blocks (`compile_blocks`).
+
+    `folds`: the paper's evaluation (classification): stratified `folds`-fold cross-validation on the development set
+    and a test set held out untouched (`test_split`: 'official', the dataset's own, or a share drawn stratified with
+    `seed`; default the official one, else 0.2), each fold's model scored on the test set and the folds' ensemble too
+    (`cv_splits`). `protocol`: 'default' (`bs` 32, 20 `epochs`) or 'paper' (Appendix B: `bs` 40, 1,000 `epochs`,
+    3 folds); options given explicitly win."""
     o = {k: v for k, v in locals().items() if k != 'out'}
+    from dagman_fast.core import check_option
     from dagman_fast.recipes import require_tensorboard
     is_seg = bool(seg or seg_csv)
+    preset = FINETUNE_PROTOCOLS[check_option(protocol, tuple(FINETUNE_PROTOCOLS), 'protocol')]
+    for k, v in preset.items():
+        o[k] = v if o[k] is None else o[k]
+    epochs = o['epochs']
+    if is_seg and (o['folds'] or test_split is not None or protocol != 'default'):
+        raise RunError('--folds, --test-split and --protocol are for classification')
+    if test_split is not None and not o['folds']:
+        raise RunError('--test-split goes with --folds (without it the test set is the dataset\'s own)')
     require_tensorboard(tensorboard)
     check_task_options(o, seg=is_seg)
     o['schedule'] = schedule or ('fastai' if is_seg else 'recipe')
@@ -301,7 +407,7 @@ def finetune(out='dagman_cls', *, medmnist: str | None = None, root=None, nodule
     if not is_seg:
         _check_cls_data(medmnist, root, nodules)  # before the output folder is made
     with run_folder(out) as out:  # made, locked for the run, removed again if the run fails before writing in it
-        return (_finetune_seg if is_seg else _finetune_cls)(out, o, train)
+        return (_finetune_seg if is_seg else _finetune_cls_folds if o['folds'] else _finetune_cls)(out, o, train)
 
 
 def evaluate(classifier, *, out='dagman_cls', split: str = 'test', medmnist: str | None = None, root=None,

@@ -358,3 +358,46 @@ def test_pretrain_loader_workers_by_device():
     assert _loader_workers(3, cuda=True) == 3 and _loader_workers(0, cuda=True) == 0
     import os
     assert _loader_workers(None, cuda=True) == min(4, len(os.sched_getaffinity(0)))
+
+
+def _fake_nodules(path, n=30, seed=0):
+    "Nodule crops in the layout of the LIDC file: HU images at 32^3, median malignancy 1-5, readers per nodule."
+    rng = np.random.default_rng(seed)
+    median = rng.choice([1.0, 2.0, 2.5, 4.0, 4.5, 5.0], n)
+    hu = rng.normal(-700, 100, (n, 32, 32, 32)) + (median > 3)[:, None, None, None] * 500
+    np.savez(path, images_32=hu.astype(np.int16), malignancy_median=median, n_readers=np.full(n, 4))
+    return path
+
+
+def test_finetune_folds_with_a_held_out_test_set(tmp_path, capsys):
+    """`--folds 3`: three fold models, each validated on its own fold and scored on one untouched test set (a
+    stratified share of the nodules, or MedMNIST's official split), then their ensemble; mean and sd over folds."""
+    import json
+    npz = _fake_nodules(tmp_path / 'nodules.npz')
+    out = tmp_path / 'cv'
+    common = ['--preset', 'swin-tiny', '--epochs', '1', '--bs', '4', '--no-augment']
+    assert main(['finetune', '--nodules', str(npz), '--size', '32', '--folds', '3', '--test-split', '0.2', *common,
+                 '--out', str(out)]) == 0
+    res = json.loads((out / 'results.json').read_text())
+    assert (res['n_dev'], res['n_test'], len(res['folds'])) == (24, 6, 3)
+    assert [f['n_valid'] for f in res['folds']] == [8, 8, 8] and all(f['n_train'] == 16 for f in res['folds'])
+    assert all(f['test']['n'] == 6 for f in res['folds'])  # every fold scored on the same test set
+    aucs = [f['test']['auc'] for f in res['folds']]
+    assert res['test']['auc']['values'] == aucs and res['test']['auc']['n'] == 3
+    assert res['test']['auc']['mean'] == pytest.approx(np.mean(aucs))
+    assert res['test']['auc']['std'] == pytest.approx(np.std(aucs, ddof=1))
+    assert set(res['test_ensemble']) >= {'auc', 'accuracy', 'sensitivity', 'specificity'} and res['test_ensemble']['n'] == 6
+    for k in (1, 2, 3):
+        assert (out / f'fold{k}' / 'classifier.pth').exists() and (out / f'fold{k}' / 'roc_test.png').exists()
+    assert (out / 'roc_test_ensemble.png').exists() and 'mean +- sd' in capsys.readouterr().out
+    _fake_medmnist(tmp_path)  # the official test split is the held-out one
+    med = ['--medmnist', 'adrenalmnist3d', '--root', str(tmp_path)]
+    assert main(['finetune', *med, '--folds', '3', *common, '--out', str(tmp_path / 'cv2')]) == 0
+    res = json.loads((tmp_path / 'cv2' / 'results.json').read_text())
+    assert res['config']['test_split'] == 'official' and res['n_test'] == 8 and res['n_dev'] == 18
+    assert_fails(capsys, ['finetune', '--nodules', str(npz), '--folds', '3', '--test-split', '1.5', '--out',
+                          str(tmp_path / 'x')], 'test-split')
+    assert_fails(capsys, ['finetune', '--nodules', str(npz), '--test-split', '0.2', '--out', str(tmp_path / 'x')],
+                 'goes with --folds')
+    assert_fails(capsys, ['finetune', '--nodules', str(npz), '--size', '32', '--folds', '20', '--out',
+                          str(tmp_path / 'x')], 'at least 20 development items')

@@ -297,3 +297,35 @@ def test_classifier_round_trip_and_evaluation(tmp_path):
     torch.save({'state_dict': {}}, tmp_path / 'other.pth')
     with pytest.raises(ValueError, match='not a classifier'):
         load_classifier(tmp_path / 'other.pth')
+
+
+@pytest.mark.parametrize('seed', [0, 1, 7])
+def test_cv_splits_stratified_disjoint_and_the_test_set_untouched(seed):
+    "On labels drawn here (three unbalanced classes): the paper's split, checked property by property."
+    import numpy as np
+
+    from dagman_fast.classify import cv_splits
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.choice(3, size=157, p=[0.6, 0.3, 0.1])
+    test, folds = cv_splits(labels, folds=3, test=0.2, seed=seed)
+    n_test = int(round(0.2 * len(labels)))
+    assert abs(len(test) - n_test) <= 1
+    share = np.bincount(labels, minlength=3) / len(labels)
+    assert np.abs(np.bincount(labels[test], minlength=3) / len(test) - share).max() < 0.05  # stratified
+    dev = np.setdiff1d(np.arange(len(labels)), test)
+    valids = np.concatenate([va for _, va in folds])
+    assert sorted(valids.tolist()) == dev.tolist()  # each development item validated exactly once
+    for tr, va in folds:
+        assert not set(tr) & set(va) and not (set(tr) | set(va)) & set(test)  # disjoint; the test set untouched
+        assert sorted(np.concatenate([tr, va]).tolist()) == dev.tolist()
+        expected = np.bincount(labels[dev], minlength=3) / 3
+        assert np.abs(np.bincount(labels[va], minlength=3) - expected).max() <= 1  # stratified folds
+    again = cv_splits(labels, folds=3, test=0.2, seed=seed)
+    assert np.array_equal(again[0], test) and all(np.array_equal(a[1], b[1]) for a, b in zip(again[1], folds))
+    official = np.arange(120, 157)  # a given test split is kept as it is
+    t2, f2 = cv_splits(labels, folds=3, test=official, seed=seed)
+    assert np.array_equal(t2, official) and max(max(tr.max(), va.max()) for tr, va in f2) < 120
+    with pytest.raises(ValueError, match='at least 5 development items'):
+        cv_splits(np.array([0] * 20 + [1] * 4), folds=5, test=0.1)
+    with pytest.raises(ValueError, match='folds'):
+        cv_splits(labels, folds=1)
