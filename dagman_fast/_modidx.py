@@ -591,6 +591,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'dagman_fast.recipes.require_tensorboard': ( 'recipes.html#require_tensorboard',
                                                                                   'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.run_cache_dir': ('recipes.html#run_cache_dir', 'dagman_fast/recipes.py'),
+                                     'dagman_fast.recipes.run_epochs': ('recipes.html#run_epochs', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.run_folder': ('recipes.html#run_folder', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.say': ('recipes.html#say', 'dagman_fast/recipes.py'),
                                      'dagman_fast.recipes.show_batch': ('recipes.html#show_batch', 'dagman_fast/recipes.py')},

@@ -152,7 +152,8 @@ def _pretrain_parser(sub) -> None:
                         f'attmask); the run defaults of its size apply below the method and --set (tiny encoders: '
                         f'heads {TINY_HEADS})')
     s.add_argument('--epochs', type=_int_min(1), default=None,
-                   help='epochs (default 10; with --resume, those the run was started with)')
+                   help="epochs (default: the paper's 800 with --data or an index, 10 for the demo and --medmnist; "
+                        'with --resume, those the run was started with)')
     s.add_argument('--crop', type=_int_min(1), default=None,
                    help='crop size (default 128 on CUDA with data, 32 for the demo and MedMNIST 28^3, else 64)')
     s.add_argument('--bs', type=_int_min(1), default=None,

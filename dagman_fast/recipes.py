@@ -21,9 +21,10 @@ from pathlib import Path
 from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple, write_text_atomic
 
 # %% auto #0
-__all__ = ['RUN_ARGS', 'coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder', 'run_cache_dir', 'check_replicas',
-           'end_distributed', 'require_tensorboard', 'add_tensorboard', 'finite', 'plain_progress', 'pretrain',
-           'one_line', 'preprocess', 'show_batch', 'check_not_an_input', 'export']
+__all__ = ['RUN_ARGS', 'PAPER_EPOCHS', 'SHORT_EPOCHS', 'coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder',
+           'run_cache_dir', 'check_replicas', 'end_distributed', 'require_tensorboard', 'add_tensorboard', 'finite',
+           'plain_progress', 'run_epochs', 'pretrain', 'one_line', 'preprocess', 'show_batch', 'check_not_an_input',
+           'export']
 
 # %% ../nbs/07b_recipes.ipynb #52a6dc27
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
@@ -411,12 +412,13 @@ def _args_of_run(ckpt: Path | None, given: dict, data: dict) -> dict:
     return args
 
 
-def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
-    """The epochs of the run: `epochs` (10 when None), or those the resumed checkpoint `ckpt` was planned with. Another
+def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int | None:
+    """The epochs of the run: `epochs` (None: the default of its kind of data, `run_epochs`), or those the resumed
+    checkpoint `ckpt` was planned with. Another
     number for a run not yet finished is an error (its learning-rate schedule spans the planned epochs); a finished run
     may be extended (more epochs: the schedule is drawn again over the longer run)."""
     if ckpt is None:
-        return 10 if epochs is None else epochs
+        return epochs
     import torch
     try:  # mmap: the header, not the 200 MB of weights and optimiser state
         ck = torch.load(ckpt, map_location='cpu', weights_only=True, mmap=True)
@@ -428,7 +430,17 @@ def _epochs_of_run(ckpt: Path | None, epochs: int | None) -> int:
         raise RunError(f'--epochs {epochs}: the run in {ckpt} was started for {planned} epochs and has done {done}; '
                        f'its learning-rate schedule spans them: resume it without --epochs (or with --epochs '
                        f'{planned})')
-    return epochs or planned or 10
+    return epochs or planned or 10  # a checkpoint written before runs recorded their plan: the old default
+
+
+# The paper's pretraining length (10,412 CTs, 800 epochs): the default of a run on real CT (`--data` or an index);
+# the demo and MedMNIST keep a short run of `SHORT_EPOCHS`.
+PAPER_EPOCHS, SHORT_EPOCHS = 800, 10
+
+
+def run_epochs(kind: str) -> int:
+    "The default epochs of a pretraining run of `kind`: the paper's 800 on real CT ('ct'), 10 for 'demo' and 'medmnist'."
+    return PAPER_EPOCHS if kind == 'ct' else SHORT_EPOCHS
 
 
 def _loader_workers(workers: int | None, cuda: bool) -> int:
@@ -498,7 +510,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     `medmnist` (a MedMNIST 3-D flag, with `root`), else the demo (the two shipped CTs; `synthetic=N` volumes instead).
     Defaults by device and data: `preset` `default_preset` (swin-smit on CUDA, swin-tiny on the CPU; ViT for attmask),
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
-    `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: 10 by default. `workers`
+    `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: the paper's 800 on real CT,
+    10 for the demo and MedMNIST (`run_epochs`). `workers`
     (DataLoader processes making the views): 0 on the CPU (they would take cores from the step), on CUDA up to 4,
     one per CPU the process may use (the views are made while the GPU steps).
     `warmup`: epochs of linear warm-up (10% of `epochs` by default). `compile`: regional `torch.compile` of the
@@ -539,6 +552,11 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
         bs = bs or dict(medmnist=32, demo=8, ct=2)[kind]
         preset = preset or default_preset(METHODS.get(method, {}).get('arch', 'swin'), cuda)
         _check_run_config(preset, crop, cfg)
+        if epochs is None:
+            epochs = run_epochs(kind)
+            say(f"{epochs} epochs, the paper's length on real CT (--epochs N to change)" if kind == 'ct' else
+                f'{epochs} epochs: the {kind} is a short run (a run on real CT, --data, defaults to the paper\'s '
+                f'{PAPER_EPOCHS}; --epochs N to change)')
         say(f'method {method}, encoder {preset}, crop {crop}, {"CUDA" if cuda else "CPU"}')
         dls = _pretrain_dls(out, data, kind, indexed, crop, bs, medmnist=medmnist, root=root, size=size,
                             spacing=spacing, cache_dir=cache_dir, on_error=on_error, valid_pct=valid_pct,

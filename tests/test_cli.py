@@ -401,3 +401,27 @@ def test_finetune_folds_with_a_held_out_test_set(tmp_path, capsys):
                  'goes with --folds')
     assert_fails(capsys, ['finetune', '--nodules', str(npz), '--size', '32', '--folds', '20', '--out',
                           str(tmp_path / 'x')], 'at least 20 development items')
+
+
+def test_pretrain_epochs_default_by_kind_of_data(tmp_path, capsys, monkeypatch):
+    "Real CT (--data or an index) defaults to the paper's 800 epochs; the demo and MedMNIST keep their short run."
+    from dagman_fast import recipes
+    assert recipes.run_epochs('ct') == recipes.PAPER_EPOCHS == 800
+    assert recipes.run_epochs('demo') == recipes.run_epochs('medmnist') == 10
+    planned = []
+
+    def fit(self, epochs, *a, **k):  # plan only: record the epochs the run would train
+        planned.append(epochs)
+    from dagman_fast.learner import DAGMaNLearner
+    monkeypatch.setattr(DAGMaNLearner, 'fit_warmup_cosine', fit)
+    monkeypatch.setattr(recipes, 'check_replicas', lambda learn: True)
+    from dagman_fast.data import demo_ct_scans
+    scan = str(demo_ct_scans()[0])
+    common = ['--crop', '32', '--bs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32']
+    main(['pretrain', '--data', scan, *common, '--out', str(tmp_path / 'ct')])
+    main(['pretrain', *common, '--out', str(tmp_path / 'demo')])
+    main(['pretrain', '--data', scan, *common, '--epochs', '3', '--out', str(tmp_path / 'given')])
+    assert planned == [800, 10, 3]
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "800 epochs, the paper's length on real CT" in text and '10 epochs: the demo is a short run' in text
