@@ -174,6 +174,9 @@ def _pretrain_parser(sub) -> None:
                    help='share of scans held out for a validation loss (default 0)')
     s.add_argument('--workers', type=_int_min(0), default=None,
                    help='DataLoader worker processes making the views (default: 0 on the CPU, up to 4 on a GPU)')
+    s.add_argument('--view-augment', choices=['flip-jitter', 'crop-only'], default=None,
+                   help="how a scan's two views differ besides their crops: 'flip-jitter' (default: random flips and "
+                        "intensity scale and shift, this library's choice) or 'crop-only' (the paper's views)")
     s.add_argument('--crops-per-scan', type=_int_min(1), default=None, metavar='N',
                    help='random crops of each scan per epoch (default 1; 40 in the demo on its two scans)')
     s.add_argument('--synthetic', type=_int_min(1), default=None, metavar='N',

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 
-from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple, write_text_atomic
+from .core import HU_WINDOW, SPACING, FolderLock, RunError, as_triple, check_option, write_text_atomic
 
 # %% auto #0
-__all__ = ['RUN_ARGS', 'PAPER_EPOCHS', 'SHORT_EPOCHS', 'coerce_setting', 'parse_settings', 'say', 'check_out', 'run_folder',
-           'run_cache_dir', 'check_replicas', 'end_distributed', 'require_tensorboard', 'add_tensorboard', 'finite',
-           'plain_progress', 'run_epochs', 'pretrain', 'one_line', 'preprocess', 'show_batch', 'check_not_an_input',
-           'export']
+__all__ = ['RUN_ARGS', 'VIEW_AUGMENTS', 'PAPER_EPOCHS', 'SHORT_EPOCHS', 'coerce_setting', 'parse_settings', 'say', 'check_out',
+           'run_folder', 'run_cache_dir', 'check_replicas', 'end_distributed', 'require_tensorboard', 'add_tensorboard',
+           'finite', 'plain_progress', 'run_epochs', 'pretrain', 'one_line', 'preprocess', 'show_batch',
+           'check_not_an_input', 'export']
 
 # %% ../nbs/07b_recipes.ipynb #52a6dc27
 _TRUE, _FALSE = ('true', '1', 'yes', 'on'), ('false', '0', 'no', 'off')
@@ -365,7 +365,13 @@ def _checkpoint_to_resume(out: Path, resume) -> Path | None:
 
 
 RUN_ARGS = ('method', 'preset', 'crop', 'bs', 'lr', 'warmup', 'spacing', 'seed', 'valid_pct', 'crops_per_scan', 'size',
-            'settings', 'data', 'medmnist', 'root', 'cache_dir', 'synthetic')  # what config.json records of a run
+            'view_augment', 'settings', 'data', 'medmnist', 'root', 'cache_dir', 'synthetic')  # config.json's record
+
+# How the two views of a scan differ besides their crops. The paper (Appendix A) names random 128^3 crops of the
+# 2 mm volumes only: 'crop-only'. The default adds MONAI's flips (each axis, probability 0.5) and intensity scale and
+# shift (amplitude 0.1, as MONAI's Swin UNETR BTCV recipe, each with probability 0.5): this library's choice, not the
+# paper's, kept because the collapse study and every figure of BENCHMARKS.md were measured with it.
+VIEW_AUGMENTS = {'flip-jitter': dict(flip_prob=0.5, intensity=0.1), 'crop-only': dict(flip_prob=0.0, intensity=0.0)}
 
 
 def _plain_arg(v):
@@ -451,14 +457,14 @@ def _loader_workers(workers: int | None, cuda: bool) -> int:
 
 
 def _pretrain_dls(out: Path, data, kind: str, indexed: int, crop: int, bs: int, *, medmnist, root, size, spacing,
-                  cache_dir, on_error, valid_pct, workers, crops_per_scan, synthetic, seed):
+                  cache_dir, on_error, valid_pct, workers, crops_per_scan, synthetic, seed, views: dict):
     "The DataLoaders of a pretraining run of `kind` ('ct', 'demo', 'medmnist'), and what it said about them."
     from dagman_fast.data import ct_ssl_dls, demo_ct_scans, medmnist3d_ssl_dls, synthetic_ct
     from dagman_fast.distributed import broadcast_object, rank, world_size
     from dagman_fast.model import DEMO_CROPS
     if kind == 'medmnist':  # the unlabelled images of a MedMNIST 3-D training split
         return medmnist3d_ssl_dls(medmnist, root, size=size or 28, crop=crop, bs=bs, valid_pct=valid_pct, seed=seed,
-                                  num_workers=workers)
+                                  num_workers=workers, **views)
     if indexed:
         say(f'no --data: pretraining on the {indexed} usable scan(s) indexed in {cache_dir} (dagman preprocess)')
     elif kind == 'demo' and synthetic:  # written once, by rank 0
@@ -478,7 +484,7 @@ def _pretrain_dls(out: Path, data, kind: str, indexed: int, crop: int, bs: int, 
         _preprocess_shares(source, crop, spacing, shared)
     shipped = kind == 'demo' and not synthetic
     return ct_ssl_dls(source, crop=crop, spacing=spacing, bs=bs, cache_dir=shared, on_error=on_error,
-                      valid_pct=valid_pct, num_workers=workers, seed=seed, progress=rank() == 0,
+                      valid_pct=valid_pct, num_workers=workers, seed=seed, progress=rank() == 0, **views,
                       crops_per_scan=crops_per_scan or (DEMO_CROPS // len(data) if shipped else 1))
 
 
@@ -503,7 +509,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
              resume=None, save_every: int = 1, spacing: float | None = None, cache_dir=None, on_error: str = 'raise',
              valid_pct: float | None = None, workers: int | None = None, crops_per_scan: int | None = None,
              synthetic: int | None = None, seed: int | None = None, attn_stats_every: int | None = None,
-             tensorboard=None, compile: bool = False, amp: str | None = None, **cfg) -> int:
+             tensorboard=None, compile: bool = False, amp: str | None = None, view_augment: str | None = None,
+             **cfg) -> int:
     """Pretrain an encoder with `method` (`METHODS`) and write the run to `out`; 0 when done, 3 when it diverged.
 
     Data: `data` (a folder, scan paths or a CSV), else the scans indexed in `cache_dir` by `preprocess`, else
@@ -511,7 +518,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     Defaults by device and data: `preset` `default_preset` (swin-smit on CUDA, swin-tiny on the CPU; ViT for attmask),
     `crop` 128 on CUDA, 64 on the CPU, 32 for the demo and MedMNIST; `bs` 2, 8 for the demo, 32 for MedMNIST.
     `method` 'dagman', `lr` 5e-4, `spacing` `SPACING`, `valid_pct` 0, `seed` 0. `epochs`: the paper's 800 on real CT,
-    10 for the demo and MedMNIST (`run_epochs`). `workers`
+    10 for the demo and MedMNIST (`run_epochs`). `view_augment`: 'flip-jitter' (default) or 'crop-only' (the paper's
+    views), see `VIEW_AUGMENTS`. `workers`
     (DataLoader processes making the views): 0 on the CPU (they would take cores from the step), on CUDA up to 4,
     one per CPU the process may use (the views are made while the GPU steps).
     `warmup`: epochs of linear warm-up (10% of `epochs` by default). `compile`: regional `torch.compile` of the
@@ -535,10 +543,11 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
     epochs = _epochs_of_run(ckpt, epochs)
     args = _args_of_run(ckpt, dict(method=method, preset=preset, crop=crop, bs=bs, lr=lr, warmup=warmup,
                                    spacing=spacing, seed=seed, valid_pct=valid_pct, crops_per_scan=crops_per_scan,
-                                   size=size, settings=cfg or None),
+                                   size=size, view_augment=view_augment, settings=cfg or None),
                         dict(data=data, medmnist=medmnist, root=root, cache_dir=cache_dir, synthetic=synthetic))
-    (method, preset, crop, bs, lr, warmup, spacing, seed, valid_pct, crops_per_scan, size, cfg, data, medmnist, root,
-     cache_dir, synthetic) = (args[k] for k in RUN_ARGS)
+    (method, preset, crop, bs, lr, warmup, spacing, seed, valid_pct, crops_per_scan, size, view_augment, cfg, data,
+     medmnist, root, cache_dir, synthetic) = (args[k] for k in RUN_ARGS)
+    view_augment = check_option(view_augment or 'flip-jitter', tuple(VIEW_AUGMENTS), 'view_augment')
     method, lr, seed = method or 'dagman', 5e-4 if lr is None else lr, seed or 0
     spacing, valid_pct, cfg = spacing or SPACING, valid_pct or 0.0, cfg or {}
     _check_medmnist(medmnist, data, root, crops_per_scan)
@@ -561,7 +570,7 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
         dls = _pretrain_dls(out, data, kind, indexed, crop, bs, medmnist=medmnist, root=root, size=size,
                             spacing=spacing, cache_dir=cache_dir, on_error=on_error, valid_pct=valid_pct,
                             workers=_loader_workers(workers, cuda), crops_per_scan=crops_per_scan,
-                            synthetic=synthetic, seed=seed)
+                            synthetic=synthetic, seed=seed, views=VIEW_AUGMENTS[view_augment])
         for path, reason in dls.skipped:
             say(f'skipped {path}: {reason}', file=sys.stderr)
         defaults = run_defaults(preset, crop, kind)
@@ -579,7 +588,8 @@ def pretrain(out='dagman_run', data=None, *, medmnist: str | None = None, root=N
             say(f'data parallel: {world} processes ({"NCCL" if cuda else "gloo"}), {bs} sample{"s" * (bs != 1)} each')
         _write_run_config(out, learn, world, bs, args={k: _plain_arg(v) for k, v in dict(
             method=method, preset=preset, crop=crop, bs=bs, lr=lr, warmup=warmup, spacing=spacing, seed=seed,
-            valid_pct=valid_pct, crops_per_scan=crops_per_scan, size=size, settings=cfg, data=data, medmnist=medmnist,
+            valid_pct=valid_pct, crops_per_scan=crops_per_scan, size=size, view_augment=view_augment, settings=cfg,
+            data=data, medmnist=medmnist,
             root=root, cache_dir=cache_dir, synthetic=synthetic).items()})
         try:
             with learn.distrib_ctx():  # DistributedDataParallel when launched by torchrun / accelerate launch

@@ -425,3 +425,22 @@ def test_pretrain_epochs_default_by_kind_of_data(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr()
     text = err.out + err.err
     assert "800 epochs, the paper's length on real CT" in text and '10 epochs: the demo is a short run' in text
+
+
+def test_pretrain_view_augment_crop_only_is_the_papers_views(tmp_path, capsys, monkeypatch):
+    "`--view-augment crop-only`: views that differ only by their crops; recorded in config.json for --resume."
+    import json
+
+    from dagman_fast import recipes
+    from dagman_fast.learner import DAGMaNLearner
+    seen = []
+    monkeypatch.setattr(DAGMaNLearner, 'fit_warmup_cosine', lambda self, *a, **k: seen.append(self.dls.train.dataset))
+    monkeypatch.setattr(recipes, 'check_replicas', lambda learn: True)
+    common = ['--crop', '32', '--bs', '1', '--epochs', '1', '--set', 'out_dim=64', '--set', 'head_hidden=32']
+    main(['pretrain', *common, '--view-augment', 'crop-only', '--out', str(tmp_path / 'paper')])
+    main(['pretrain', *common, '--out', str(tmp_path / 'default')])
+    assert [(v.flip_prob, v.intensity) for v in seen] == [(0.0, 0.0), (0.5, 0.1)]
+    recorded = [json.loads((tmp_path / r / 'config.json').read_text())['run']['args']['view_augment']
+                for r in ('paper', 'default')]
+    assert recorded == ['crop-only', 'flip-jitter']
+    assert recipes.VIEW_AUGMENTS['crop-only'] == dict(flip_prob=0.0, intensity=0.0)
