@@ -121,9 +121,14 @@ class MaskGenerator:
     Args:
         policy: one of `MASKINGS` (see the table above).
         ratio: share of the cells masked before hints (`r`, 0.7 in the paper).
-        hint_ratio: hints revealed, as a share of the masked cells (`h`: `int(h*r*N)` cells; 0.1).
-        hint_pool: the hints are drawn from the top `int(hint_pool*N)` cells (0.1, AttMask's `show_max`); when
-            that pool is smaller than the hint count, all of it is revealed.
+        hint_ratio: hints revealed, as a share of the cells selected for masking (`h`, 0.1).
+        hint_pool: where the hints come from. None (default): from all `k = int(r*N)` selected cells, `int(h*k)` of
+            them, drawn uniformly: the paper's words, "0.1 of the top tokens are left unmasked", read as 0.1 of the
+            top-`k` tokens the attention selects (the only top set the paper defines). A share: AttMask's rule
+            (`show_max`), `int(h*r*N)` hints drawn from the top `int(hint_pool*N)` cells (0.1 in AttMask; when that
+            pool is smaller than the hint count, all of it is revealed). Both reveal about `h*r*N` cells (35 of 512
+            at r=0.7, 63% masked); AttMask's keeps the hints among the very highest cells, the paper's spreads them
+            over the whole masked set.
         min_cells, aspect, max_blocks: the `block` policy's box sizes (see `block_mask`).
         generator: a `torch.Generator` for reproducible masks (default: PyTorch's global generator).
         impl: the attention policies' top-k: 'torch' (`attention_mask`), 'triton' (the fused kernel: head average,
@@ -134,7 +139,8 @@ class MaskGenerator:
     `(b, nh, N)`.
     """
 
-    def __init__(self, policy: str = 'attention', ratio: float = 0.7, hint_ratio: float = 0.1, hint_pool: float = 0.1,
+    def __init__(self, policy: str = 'attention', ratio: float = 0.7, hint_ratio: float = 0.1,
+                 hint_pool: float | None = None,
                  min_cells: int = 4, aspect: float = 0.3, max_blocks: int = 32,
                  generator: torch.Generator | None = None, impl: str = 'auto'):
         self.policy = check_option(policy, MASKINGS, 'masking')
@@ -142,7 +148,8 @@ class MaskGenerator:
         if impl == 'triton' and not triton_available('cuda'):
             raise ImportError("MaskGenerator(impl='triton') needs Triton (pip install triton); use 'torch' or 'auto'")
         for name, v in (('ratio', ratio), ('hint_ratio', hint_ratio), ('hint_pool', hint_pool)):
-            check_ratio(v, name)
+            if v is not None or name != 'hint_pool':
+                check_ratio(v, name)
         _check_block_args(min_cells, aspect, max_blocks)
         self.ratio, self.hint_ratio, self.hint_pool = ratio, hint_ratio, hint_pool
         self.min_cells, self.aspect, self.max_blocks, self.generator = min_cells, aspect, max_blocks, generator
@@ -156,7 +163,9 @@ class MaskGenerator:
         k = count(self.ratio, n)
         if self.policy != 'attention':
             return k, 0, 0
-        pool = min(count(self.hint_pool, n), k)
+        if self.hint_pool is None:  # the paper's reading: a share of the selected cells, drawn from all of them
+            return k, count(self.hint_ratio, k), k
+        pool = min(count(self.hint_pool, n), k)  # AttMask's: from the top of all cells
         return k, min(count(self.hint_ratio * self.ratio, n), pool), pool
 
     def __call__(self, batch: int, grid: Sequence[int], attn: torch.Tensor | None = None, device=None) -> torch.Tensor:

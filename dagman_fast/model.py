@@ -47,8 +47,10 @@ class DAGMaNConfig(_JSONConfig):
 
     Masking (see `dagman_fast.masking`):
         masking: one of `MASKINGS` ('attention': the paper). mask_ratio: `r` (0.7, the paper). hint_ratio: `h`
-        (0.1) and hint_pool: the hints come from the top `int(hint_pool * N)` cells (0.1); both AttMask's values, the
-        paper is silent. block_min_cells: the `block` policy's smallest box (4 cells, our choice for a 3-D grid).
+        (0.1, the paper: "0.1 of the top tokens are left unmasked"). hint_pool: None (default) reads those words as
+        0.1 of the `int(r*N)` top cells selected for masking, drawn from all of them; a share (0.1) is AttMask's rule,
+        `int(h*r*N)` hints from the top `int(hint_pool*N)` cells (see `MaskGenerator`). block_min_cells: the `block`
+        policy's smallest box (4 cells, our choice for a 3-D grid).
         mask_stage: the Swin stage whose token grid the mask lives on; None: the SA stage (3 without SA).
     Teacher:
         noisy_teacher: patch dropout on the teacher's input (the paper). patch_drop: its ratio (0.1; the paper gives no
@@ -99,7 +101,7 @@ class DAGMaNConfig(_JSONConfig):
     masking: str = 'attention'
     mask_ratio: float = 0.7
     hint_ratio: float = 0.1
-    hint_pool: float = 0.1
+    hint_pool: float | None = None
     block_min_cells: int = 4
     mask_stage: int | None = None
     noisy_teacher: bool = True
@@ -166,7 +168,8 @@ class DAGMaNConfig(_JSONConfig):
         # every term, in canonical order, as floats: equal configs compare equal and their JSON is the same
         object.__setattr__(self, 'loss_weights', {n: float(weights.get(n, PAPER_LOSS_WEIGHTS[n])) for n in LOSSES})
         for name in ('mask_ratio', 'hint_ratio', 'hint_pool', 'ema_momentum'):
-            check_ratio(getattr(self, name), name)
+            if getattr(self, name) is not None or name != 'hint_pool':
+                check_ratio(getattr(self, name), name)
         check_ratio(self.patch_drop, 'patch_drop', high_open=True)
         if 'amip' in losses and self.mask_ratio == 0:
             raise ValueError('the amip loss reconstructs masked voxels: it needs mask_ratio > 0')
@@ -198,7 +201,8 @@ METHODS = {
     # MST: mask the least attended cells ([CLS] attention from the SA module), DINO's [CLS] loss + reconstruction.
     'mst': dict(masking='low', noisy_teacher=False, losses=('aitd', 'amip'), head='mlp'),
     # AttMask: ViT, high-attention masking with hints, plain EMA teacher, iBOT's [CLS] + masked patch losses.
-    'attmask': dict(masking='attention', noisy_teacher=False, losses=('aitd', 'ampd'), head='mlp', arch='vit'),
+    'attmask': dict(masking='attention', noisy_teacher=False, losses=('aitd', 'ampd'), head='mlp', arch='vit',
+                    hint_pool=0.1),  # AttMask's hints: from the top 10% of all cells
     # Ablations of the paper: one component of DAGMaN changed, the rest as 'dagman'.
     'sa-only': dict(noisy_teacher=False),
     'nt-only': dict(masking='random'),

@@ -373,3 +373,26 @@ def test_attention_of_wrong_shape(policy, shape):
 def test_ratios_out_of_range(name, value):
     with pytest.raises(ValueError, match=name):
         MaskGenerator('attention', **{name: value})
+
+
+def test_hints_as_the_paper_words_them_and_attmasks_rule():
+    """Default (`hint_pool=None`): int(0.1 * k) of the k selected cells are revealed, drawn from all of them; AttMask's
+    rule (`hint_pool=0.1`) draws about as many from the top 10% of all cells only."""
+    import torch
+
+    from dagman_fast.masking import MaskGenerator
+    from dagman_fast.model import METHODS, DAGMaNConfig
+    attn = torch.rand(64, 512, generator=torch.Generator().manual_seed(0))
+    order = attn.argsort(1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(512).expand(64, 512))  # rank of each cell, 0 = most attended
+    for pool, top in ((None, 358), (0.1, 51)):
+        gen = MaskGenerator('attention', hint_pool=pool, generator=torch.Generator().manual_seed(1))
+        k, n_hint, drawn_from = gen.counts(512)
+        assert (k, n_hint, drawn_from) == (358, 35, top)
+        m = gen(64, (8, 8, 8), attn)
+        revealed = (rank < k) & ~m
+        assert revealed.sum(1).tolist() == [n_hint] * 64 and not (m & (rank >= k)).any()
+        deepest = rank[revealed].max().item()
+        assert deepest < top and (pool is not None or deepest > 51)  # the paper's reach beyond AttMask's pool
+    assert DAGMaNConfig().hint_pool is None and METHODS['attmask']['hint_pool'] == 0.1
