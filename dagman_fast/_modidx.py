@@ -495,6 +495,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'dagman_fast.model.DAGMaNLoss.__init__': ('model.html#dagmanloss.__init__', 'dagman_fast/model.py'),
                                    'dagman_fast.model.DAGMaNModel': ('model.html#dagmanmodel', 'dagman_fast/model.py'),
                                    'dagman_fast.model.DAGMaNModel.__init__': ('model.html#dagmanmodel.__init__', 'dagman_fast/model.py'),
+                                   'dagman_fast.model.DAGMaNModel._attention_on_cells': ( 'model.html#dagmanmodel._attention_on_cells',
+                                                                                          'dagman_fast/model.py'),
                                    'dagman_fast.model.DAGMaNModel._encode': ('model.html#dagmanmodel._encode', 'dagman_fast/model.py'),
                                    'dagman_fast.model.DAGMaNModel._global': ('model.html#dagmanmodel._global', 'dagman_fast/model.py'),
                                    'dagman_fast.model.DAGMaNModel._standardise': ( 'model.html#dagmanmodel._standardise',

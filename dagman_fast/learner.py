@@ -103,7 +103,8 @@ def dagman_learner(dls, arch: str | None = None, masking: str | None = None, noi
             `encoder` of the other kind it is an error, not ignored).
         masking, noisy_teacher, losses: override the method's (see `DAGMaNConfig`).
         method: a name in `METHODS`: 'dagman' (the paper), the baselines 'smit', 'ibot3d', 'mst', 'attmask', or an
-            ablation ('sa-only', 'nt-only', 'sa-stage-1'..'sa-stage-4', 'no-aitd', 'no-ampd', 'no-gitd', 'no-amip').
+            ablation ('sa-only', 'nt-only', 'sa-stage-1'..'sa-stage-4', 'sa-mask-stage-1'..'sa-mask-stage-4', 'no-aitd',
+            'no-ampd', 'no-gitd', 'no-amip').
         encoder: a preset name in `PRESETS` or a `SwinConfig`/`ViTConfig`; its `img_size` becomes the crop of `dls`.
         lr, wd: AdamW (`FusedAdamW`: fastai's Adam with decoupled weight decay, one multi-tensor update per group;
             no decay on norms and biases) with PyTorch's AdamW

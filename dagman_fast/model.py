@@ -51,7 +51,11 @@ class DAGMaNConfig(_JSONConfig):
         0.1 of the `int(r*N)` top cells selected for masking, drawn from all of them; a share (0.1) is AttMask's rule,
         `int(h*r*N)` hints from the top `int(hint_pool*N)` cells (see `MaskGenerator`). block_min_cells: the `block`
         policy's smallest box (4 cells, our choice for a 3-D grid).
-        mask_stage: the Swin stage whose token grid the mask lives on; None: the SA stage (3 without SA).
+        mask_stage: the Swin stage whose token grid the mask (and AMPD) lives on; None: the SA stage (3 without SA).
+        On another stage than SA's, the attention-guided policies rank the cells by the SA attention resampled to
+        the mask grid (summed over the SA tokens of a cell when SA is finer; a coarser SA token's value repeated on
+        its cells, which then rank among themselves by index).
+        global_stage: the Swin stage whose output GITD pools (None: the last; SMIT's code pools stage 3's).
     Teacher:
         noisy_teacher: patch dropout on the teacher's input (the paper). patch_drop: its ratio (0.1; the paper gives no
         value: small enough that the teacher's attention still ranks the cells, see `BENCHMARKS.md`).
@@ -104,6 +108,7 @@ class DAGMaNConfig(_JSONConfig):
     hint_pool: float | None = None
     block_min_cells: int = 4
     mask_stage: int | None = None
+    global_stage: int | None = None
     noisy_teacher: bool = True
     patch_drop: float = 0.1
     patch_drop_fill: str = 'zero'
@@ -186,14 +191,18 @@ DINO_DISTILL = dict(teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_war
                     ema_momentum=0.996, head_bn=False, norm_last_layer=True, koleo_weight=0.0, cross_view=True,
                     head='mlp')
 
+# SMIT's setting: random masking, no SA module, plain EMA teacher; MIP (L1) + masked patch + global token distillation
+# (the global token pooled from stage 3's merged tokens, as SMIT's code does); DINO's MLP head, as its paper.
+_SMIT = dict(masking='random', noisy_teacher=False, losses=('ampd', 'gitd', 'amip'), head='mlp', global_stage=3,
+            encoder=dict(sa_stage=None))
+
 METHODS = {
     'dagman': dict(),
     'dagman-dino': dict(DINO_DISTILL),
     # Baselines: each the method it is named after (see the table for what differs from its paper, and why).
     # SMIT: random masking, no SA module, plain EMA teacher; MIP (L1) + masked patch + global token distillation.
     # The baselines keep DINO's MLP head (`head='mlp'`), as their papers.
-    'smit': dict(masking='random', noisy_teacher=False, losses=('ampd', 'gitd', 'amip'), head='mlp',
-                 encoder=dict(sa_stage=None)),
+    'smit': dict(_SMIT),
     # iBOT on the 3-D Swin: block masking, no SA module, plain EMA teacher; the global loss on average-pooled final
     # tokens (iBOT's own Swin variant has no [CLS] either) and the masked patch loss. No pixel reconstruction.
     'ibot3d': dict(masking='block', noisy_teacher=False, losses=('ampd', 'gitd'), head='mlp',
@@ -205,8 +214,13 @@ METHODS = {
                     hint_pool=0.1),  # AttMask's hints: from the top 10% of all cells
     # Ablations of the paper: one component of DAGMaN changed, the rest as 'dagman'.
     'sa-only': dict(noisy_teacher=False),
-    'nt-only': dict(masking='random'),
-    **{f'sa-stage-{k}': dict(encoder=dict(sa_stage=k)) for k in (1, 2, 3, 4)},
+    # The noisy teacher alone: SMIT's setting (random masking, no SA module, its losses and head) with the teacher's
+    # patch dropout added, so that it differs from 'smit' in that one component (as the paper's Section 4.7).
+    'nt-only': dict(_SMIT, noisy_teacher=True),
+    # Fig. 6: only the SA module moves; the mask grid and AMPD stay on stage 3, where the paper has them.
+    **{f'sa-stage-{k}': dict(encoder=dict(sa_stage=k), mask_stage=3) for k in (1, 2, 3, 4)},
+    # The SA module and the mask grid (with AMPD) moved together (the presets' meaning before 2026-12-06).
+    **{f'sa-mask-stage-{k}': dict(encoder=dict(sa_stage=k), mask_stage=k) for k in (1, 2, 3, 4)},
     **{f'no-{t}': dict(losses=tuple(n for n in LOSSES if n != t)) for t in LOSSES},
 }
 
@@ -214,13 +228,15 @@ METHOD_HELP = {
     'dagman': "the paper's method: attention-guided masking with hints, noisy teacher, SA after stage 3, four losses",
     'dagman-dino': "the paper's method with DINO's distillation settings (teacher 0.04 -> 0.07 over 30 epochs, EMA "
                    '0.996, no BatchNorm or KoLeo, last layer frozen 1 epoch): the defaults before the collapse study',
-    'smit': 'baseline SMIT: random masking, no SA module, no noisy teacher; AMPD + GITD + AMIP',
+    'smit': 'baseline SMIT: random masking, no SA module, no noisy teacher; AMPD + GITD (stage-3 tokens) + AMIP',
     'ibot3d': 'baseline iBOT-3D: block masking, no SA module, no noisy teacher; AMPD + GITD (global on pooled tokens)',
     'mst': 'baseline MST: low-attention masking, no noisy teacher; AITD ([CLS]) + AMIP',
     'attmask': 'baseline AttMask: ViT, high-attention masking with hints, no noisy teacher; AITD + AMPD (iBOT losses)',
     'sa-only': 'ablation: attention-guided masking without the noisy teacher',
-    'nt-only': 'ablation: random masking with the noisy teacher',
-    **{f'sa-stage-{k}': f'ablation: the SA module (and the mask) after stage {k}' for k in (1, 2, 3, 4)},
+    'nt-only': "ablation: the noisy teacher on SMIT's setting (random masking, no SA module)",
+    **{f'sa-stage-{k}': f'ablation: the SA module after stage {k} (the mask grid and AMPD stay on stage 3)'
+       for k in (1, 2, 3, 4)},
+    **{f'sa-mask-stage-{k}': f'ablation: the SA module and the mask grid (AMPD) after stage {k}' for k in (1, 2, 3, 4)},
     **{f'no-{t}': f'ablation: all losses but {t.upper()}' for t in LOSSES},
 }
 
@@ -288,15 +304,21 @@ class DAGMaNModel(nn.Module):
         ec = enc.config
         self.patch = as_triple(ec.patch_size, 'patch_size')
         if self.is_vit:
-            self.cell_stage, dims = 0, dict(aitd=ec.embed_dim, ampd=ec.embed_dim, gitd=ec.embed_dim)
+            if cfg.global_stage is not None:
+                raise ValueError('global_stage picks a Swin stage; a ViT has one token grid (leave it None)')
+            self.cell_stage, self.global_stage = 0, -1
+            dims = dict(aitd=ec.embed_dim, ampd=ec.embed_dim, gitd=ec.embed_dim)
             self.final_stride = self.patch
         else:
             n = len(ec.depths)
             self.cell_stage = cfg.mask_stage or ec.sa_stage or min(3, n)
-            if not 1 <= self.cell_stage <= n:
-                raise ValueError(f'mask_stage must be in 1..{n}; got {cfg.mask_stage}')
+            self.global_stage = cfg.global_stage or n
+            for name, stage in (('mask_stage', self.cell_stage), ('global_stage', self.global_stage)):
+                if not 1 <= stage <= n:
+                    raise ValueError(f'{name} must be in 1..{n}; got {stage}')
             sa_dim = ec.embed_dim * 2 ** (ec.sa_stage or 0)
-            dims = dict(aitd=sa_dim, ampd=ec.embed_dim * 2 ** self.cell_stage, gitd=ec.embed_dim * 2 ** n)
+            dims = dict(aitd=sa_dim, ampd=ec.embed_dim * 2 ** self.cell_stage,
+                        gitd=ec.embed_dim * 2 ** self.global_stage)
             self.final_stride = tuple(p * 2 ** n for p in self.patch)
         has_cls = self.is_vit or ec.sa_stage is not None
         if 'aitd' in cfg.losses and not has_cls:
@@ -306,9 +328,6 @@ class DAGMaNModel(nn.Module):
             if not has_cls:
                 raise ValueError(f"masking '{cfg.masking}' ranks cells by the SA module's [CLS] attention: it needs an "
                                  "encoder with sa_stage set; use masking='random' or 'block' without SA")
-            if not self.is_vit and ec.sa_stage != self.cell_stage:
-                raise ValueError(f'attention masking needs the mask on the SA grid: mask_stage {cfg.mask_stage} != '
-                                 f'sa_stage {ec.sa_stage}')
         def head(dim):
             if cfg.head == 'linear':
                 return LinearHead(dim, cfg.out_dim, use_bn=cfg.head_bn)
@@ -317,7 +336,8 @@ class DAGMaNModel(nn.Module):
         heads = nn.ModuleDict({name: head(dims[name]) for name in DISTILL_LOSSES if name in cfg.losses})
         self.student = _Branch(enc, heads)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
-        self.recon = ReconHead(dims['gitd'], self.final_stride, ec.in_channels) if 'amip' in cfg.losses else None
+        final_dim = ec.embed_dim * (1 if self.is_vit else 2 ** len(ec.depths))  # AMIP decodes the last stage's output
+        self.recon = ReconHead(final_dim, self.final_stride, ec.in_channels) if 'amip' in cfg.losses else None
         self.distill = nn.ModuleDict({name: DistillLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum,
                                                         cfg.centering, cfg.sinkhorn_iters, cfg.sinkhorn_queue)
                                       for name in heads})
@@ -356,6 +376,24 @@ class DAGMaNModel(nn.Module):
         "Patches per cell along each axis."
         return 2 ** self.cell_stage
 
+    @staticmethod
+    def _attention_on_cells(heads: torch.Tensor, grid: Sequence[int], cells: Sequence[int]) -> torch.Tensor:
+        """The SA attention per head `(b, nh, d*h*w)` of the SA `grid` on the mask's cell grid: summed over the SA tokens inside
+        a cell when the SA grid is finer, repeated over the cells of an SA token when it is coarser (those cells then
+        tie, and rank by index); unchanged on the same grid."""
+        grid, cells = tuple(grid), tuple(cells)
+        if grid == cells:
+            return heads
+        b, nh = heads.shape[:2]
+        a = heads.reshape(b * nh, 1, *grid)
+        if all(g >= c for g, c in zip(grid, cells)):
+            k = tuple(g // c for g, c in zip(grid, cells))
+            a = torch.nn.functional.avg_pool3d(a, k) * (k[0] * k[1] * k[2])  # the sum over each cell
+        else:
+            for axis, (g, c) in enumerate(zip(grid, cells), 2):
+                a = a.repeat_interleave(c // g, dim=axis)
+        return a.reshape(b, nh, -1)
+
     # -- passes
     def _standardise(self, x: torch.Tensor) -> torch.Tensor:
         "The encoders' input: each view standardised with `input_norm='volume'`, else as it is."
@@ -376,7 +414,7 @@ class DAGMaNModel(nn.Module):
             else:
                 feats['ampd'] = rearrange(out.features[self.cell_stage], 'b c d h w -> b (d h w) c')
         if 'gitd' in branch.heads:
-            feats['gitd'] = out.features[-1].mean((2, 3, 4))
+            feats['gitd'] = out.features[self.global_stage].mean((2, 3, 4))
         # the heads in fp32, outside autocast: BatchNorm standardises differences between samples that can be as small
         # as bf16's rounding, and the teacher's logits are divided by a temperature of 0.02 (BENCHMARKS.md)
         with torch.autocast(x.device.type, enabled=False):
@@ -402,6 +440,8 @@ class DAGMaNModel(nn.Module):
         attn = out.attn.float() if out.attn is not None else None
         # per head: the masker averages them itself (in one fused kernel on CUDA)
         heads = out.attn_heads if self.masker.needs_attention else None
+        if heads is not None and not self.is_vit:
+            heads = self._attention_on_cells(heads, out.grid, self.cell_grid(x.shape[2:]))
         masker, own, c = self.masker, self.masker.generator, self.config
         if generator is not None:
             masker.generator = generator

@@ -397,7 +397,7 @@ def test_load_encoder_reports_missing_and_unexpected(tmp_path):
 # ---------------------------------------------------------------- methods and options
 
 
-@pytest.mark.parametrize('method', [m for m in METHODS if m != 'sa-stage-4'])  # stage 4 of a 32^3 crop: one cell
+@pytest.mark.parametrize('method', [m for m in METHODS if m != 'sa-mask-stage-4'])  # a mask at stage 4 of 32^3: one cell
 def test_every_method_trains_a_step(tmp_path, method):
     encoder = ViTConfig(img_size=CROP, patch_size=8, embed_dim=24, depth=2, num_heads=2) if method == 'attmask' else None
     learn = make_learner(tmp_path, method=method, encoder=encoder)
@@ -409,6 +409,10 @@ def test_every_method_trains_a_step(tmp_path, method):
     assert any(isinstance(c, NoisyTeacher) for c in learn.cbs) == m.config.noisy_teacher
     if 'sa_stage' in spec.get('encoder', {}):
         assert m.encoder_config.sa_stage == spec['encoder']['sa_stage']
+    if 'mask_stage' in spec:  # sa-stage-k moves only the SA module; sa-mask-stage-k the mask grid with it
+        assert m.cell_stage == spec['mask_stage']
+    if 'gitd' in m.config.losses and not m.is_vit:  # GITD pools the stage the method names (smit: 3), else the last
+        assert m.global_stage == spec.get('global_stage', len(m.encoder_config.depths))
     before = [p.clone() for p in m.student.parameters()]
     quiet_fit(learn, 1)
     assert any(not torch.equal(a, b) for a, b in zip(before, m.student.parameters()))
@@ -533,18 +537,43 @@ def test_baselines_are_the_methods_they_are_named_after(tmp_path):
 def test_ablation_presets(tmp_path):
     dag = make_learner(tmp_path).model.config
     sa = make_learner(tmp_path, method='sa-only').model.config
-    nt = make_learner(tmp_path, method='nt-only').model.config
+    nt = make_learner(tmp_path, method='nt-only').model
+    smit = make_learner(tmp_path, method='smit').model
     assert (sa.masking, sa.noisy_teacher) == ('attention', False)
-    assert (nt.masking, nt.noisy_teacher) == ('random', True)
-    for k in (1, 2):
+    # nt-only is SMIT's setting with the noisy teacher: no SA module, random masking, SMIT's losses and pooling
+    assert (nt.config.masking, nt.config.noisy_teacher, nt.encoder_config.sa_stage) == ('random', True, None)
+    differ = {f for f in DAGMaNConfig.__dataclass_fields__ if getattr(nt.config, f) != getattr(smit.config, f)}
+    assert differ == {'noisy_teacher'} and nt.encoder_config == smit.encoder_config
+    assert smit.global_stage == 3 and smit.student.heads['gitd'] is not None
+    for k in (1, 2, 3, 4):  # only the SA module moves; the mask grid (and AMPD) stays on stage 3
         m = make_learner(tmp_path, method=f'sa-stage-{k}').model
+        assert m.encoder_config.sa_stage == k and m.cell_stage == 3
+        g = m.guide([torch.rand(1, 1, CROP, CROP, CROP)])
+        assert g['attn'].shape[1] == (16 // 2 ** k) ** 3 and g['cell_mask'].shape == (1, 8)
+    for k in (1, 2):  # both moved together: the presets' meaning before
+        m = make_learner(tmp_path, method=f'sa-mask-stage-{k}').model
         assert m.encoder_config.sa_stage == k and m.cell_stage == k
-        assert m.guide([torch.rand(1, 1, CROP, CROP, CROP)])['attn'].shape[1] == (16 // 2 ** k) ** 3
     with pytest.raises(ValueError, match='masks no cell'):  # stage 4 of a 32^3 crop is a single cell
-        make_learner(tmp_path, method='sa-stage-4')
+        make_learner(tmp_path, method='sa-mask-stage-4')
     for t in ('aitd', 'ampd', 'gitd', 'amip'):
         c = make_learner(tmp_path, method=f'no-{t}').model.config
         assert c.losses == tuple(n for n in dag.losses if n != t) and c.loss_weights == dag.loss_weights
+
+
+def test_sa_attention_resampled_to_the_mask_grid():
+    "Finer SA grid: each cell gets the sum of its SA tokens; coarser: each SA token's value on its cells."
+    from dagman_fast.model import DAGMaNModel
+    a = torch.rand(2, 3, 4 ** 3)
+    cells = DAGMaNModel._attention_on_cells(a, (4, 4, 4), (2, 2, 2))
+    grid = a.reshape(2, 3, 4, 4, 4)
+    by_hand = torch.stack([grid[..., i:i + 2, j:j + 2, k:k + 2].sum((-3, -2, -1))
+                           for i in (0, 2) for j in (0, 2) for k in (0, 2)], -1)
+    torch.testing.assert_close(cells, by_hand)
+    coarse = torch.rand(2, 3, 8)
+    up = DAGMaNModel._attention_on_cells(coarse, (2, 2, 2), (4, 4, 4)).reshape(2, 3, 4, 4, 4)
+    for i, j, k in ((0, 0, 0), (3, 1, 2), (2, 3, 3)):
+        assert torch.equal(up[..., i, j, k], coarse.reshape(2, 3, 2, 2, 2)[..., i // 2, j // 2, k // 2])
+    assert DAGMaNModel._attention_on_cells(a, (4, 4, 4), (4, 4, 4)) is a
 
 
 def test_encoder_fields_are_options_of_dagman_learner(tmp_path):
