@@ -21,9 +21,9 @@ from .masking import ATTENTION_MASKINGS, MASKINGS, MaskGenerator, upsample_mask
 from .swin import ViTEncoder, build_encoder
 
 # %% auto #0
-__all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'METHODS', 'METHOD_HELP',
-           'TINY_HEADS', 'SHORT_RUN', 'DEMO_CROPS', 'RUN_KINDS', 'DAGMaNConfig', 'default_preset', 'run_defaults',
-           'DAGMaNModel', 'DAGMaNLoss']
+__all__ = ['LOSSES', 'DISTILL_LOSSES', 'HEADS', 'INPUT_NORMS', 'PAPER_LOSS_WEIGHTS', 'DINO_DISTILL', 'LOSS_SUBSETS', 'METHODS',
+           'METHOD_HELP', 'TINY_HEADS', 'SHORT_RUN', 'DEMO_CROPS', 'RUN_KINDS', 'DAGMaNConfig', 'default_preset',
+           'run_defaults', 'DAGMaNModel', 'DAGMaNLoss']
 
 # %% ../nbs/04a_model.ipynb #f3dd3c93
 LOSSES = ('aitd', 'ampd', 'gitd', 'amip')
@@ -196,6 +196,8 @@ DINO_DISTILL = dict(teacher_temp=0.04, teacher_temp_final=0.07, teacher_temp_war
 _SMIT = dict(masking='random', noisy_teacher=False, losses=('ampd', 'gitd', 'amip'), head='mlp', global_stage=3,
             encoder=dict(sa_stage=None))
 
+LOSS_SUBSETS = [tuple(n for i, n in enumerate(LOSSES) if k >> i & 1) for k in range(1, 2 ** len(LOSSES))]
+
 METHODS = {
     'dagman': dict(),
     'dagman-dino': dict(DINO_DISTILL),
@@ -222,6 +224,9 @@ METHODS = {
     # The SA module and the mask grid (with AMPD) moved together (the presets' meaning before 2026-12-06).
     **{f'sa-mask-stage-{k}': dict(encoder=dict(sa_stage=k), mask_stage=k) for k in (1, 2, 3, 4)},
     **{f'no-{t}': dict(losses=tuple(n for n in LOSSES if n != t)) for t in LOSSES},
+    # Every combination of the losses by its contents (Supplementary Table 1's loss rows are among them): DAGMaN with
+    # only these terms, each at its paper weight.
+    **{'losses-' + '-'.join(c): dict(losses=c) for c in LOSS_SUBSETS},
 }
 
 METHOD_HELP = {
@@ -238,6 +243,7 @@ METHOD_HELP = {
        for k in (1, 2, 3, 4)},
     **{f'sa-mask-stage-{k}': f'ablation: the SA module and the mask grid (AMPD) after stage {k}' for k in (1, 2, 3, 4)},
     **{f'no-{t}': f'ablation: all losses but {t.upper()}' for t in LOSSES},
+    **{'losses-' + '-'.join(c): f"ablation: DAGMaN with {' + '.join(t.upper() for t in c)} only" for c in LOSS_SUBSETS},
 }
 
 # %% ../nbs/04a_model.ipynb #254aaf1c

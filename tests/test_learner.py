@@ -884,3 +884,16 @@ def test_koleo_uses_the_views_the_student_sees_whole_when_some_are(tmp_path):
     ref = sum(koleo_loss(f[w]) for n in ('aitd', 'gitd') for f, w in zip(pred[f'sf_{n}'].chunk(2), whole.chunk(2))
               if int(w.sum()) >= 2)
     assert float(m.terms['koleo']) == pytest.approx(float(ref.detach()), rel=1e-5)
+
+
+def test_every_loss_combination_has_a_preset():
+    "Each of the 15 non-empty subsets of the four losses is a method by its contents, the others as DAGMaN."
+    import itertools
+
+    from dagman_fast.model import LOSSES, METHOD_HELP
+    combos = [c for r in range(1, 5) for c in itertools.combinations(LOSSES, r)]
+    for c in combos:
+        name = 'losses-' + '-'.join(c)
+        assert METHODS[name] == dict(losses=c) and name in METHOD_HELP, name
+        assert DAGMaNConfig(**METHODS[name]).losses == c
+    assert len([m for m in METHODS if m.startswith('losses-')]) == len(combos) == 15
