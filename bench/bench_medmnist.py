@@ -6,6 +6,7 @@
     python bench/bench_medmnist.py --table-from runs/medmnist runs/mm --out runs/all   # one table (and a few-shot
                                                                                       # plot) from several runs
     python bench/bench_medmnist.py --quick               # a smoke run of every step (a minute)
+    python bench/bench_medmnist.py --out runs/cv --folds 3   # the paper's protocol: 3-fold CV, the official test held out
 
 Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with its own `--out` and
 `--encoder-dir` pointing at the pretrained encoders) and their tables joined with `--table-from`.
@@ -29,7 +30,12 @@ Runs can be split over processes (`--arms`, `--seeds`, `--protocols`, each with 
    Seeds change the head's initialisation, the shuffling, the augmentation and the random encoder of the scratch
    arm; the pretraining itself runs once. `--size 64` evaluates on the 64^3 images with the same encoders (their
    SA position embedding is resized to the larger grid).
-3. A table (mean +- std over seeds of test AUC and ACC), `results.json` and per-run rows go to `--out`.
+   With `--folds K` (the paper's protocol, Appendix B): the official train and val images together are the
+   development set, split into K stratified folds (`cv_splits`, seed 0); each fold's model trains on the other
+   folds, chooses its epoch on its own fold and is scored on the official test split, which no fold touches.
+   Fold k runs with seed k (instead of `--seeds`).
+3. A table (mean +- std over seeds of test AUC and ACC; over folds the sample sd), `results.json` and per-run rows go
+   to `--out`.
 
 Published MedMNIST v2 (Yang et al. 2023) bests on AdrenalMNIST3D test: AUC 0.839 (ResNet-18 + ACS, 28^3),
 ACC 0.802 (auto-sklearn).
@@ -55,8 +61,8 @@ from fastai.torch_core import set_seed
 from dagman_fast.analysis import plot_pretrain_log
 from dagman_fast.model import run_defaults
 from dagman_fast.data import medmnist3d_ssl_dls
-from dagman_fast.classify import (cls_learner, cls_metrics, ClsModel, evaluate_classifier, few_shot_indices,
-                                  medmnist3d_dls, subset_dls)
+from dagman_fast.classify import (cls_learner, cls_metrics, ClsModel, cv_dls, cv_splits, evaluate_classifier,
+                                  few_shot_indices, labelled_items, medmnist3d_dls, subset_dls)
 from dagman_fast.checkpoint import load_encoder
 from dagman_fast.learner import dagman_learner
 from dagman_fast.encoder_configs import encoder_config
@@ -94,9 +100,13 @@ def pretrain(method: str, args, out: Path) -> tuple[Path, float]:
     return enc_path, secs
 
 
-def labelled(args, seed: int):
+def labelled(args, seed: int, fold: int | None = None):
     set_seed(seed)
     dls = medmnist3d_dls(FLAG, args.root, size=args.size, bs=args.bs)
+    if fold is not None:  # the development set (train + val) in folds; the official test split held out
+        x, y, test = labelled_items(dls)
+        tr, va = cv_splits(y.numpy(), args.folds, test, seed=0)[1][fold]
+        dls = cv_dls(x, y, tr, va, test, classes=dls.c, bs=args.bs)
     if args.fraction < 1:
         labels = dls.train.dataset.tensors[1].tolist()
         dls = subset_dls(dls, few_shot_indices(labels, args.fraction, seed=seed))
@@ -114,11 +124,11 @@ def _features(model: ClsModel, dl) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def linear_probe(arm: str, seed: int, encoders: dict, args) -> dict:
+def linear_probe(arm: str, seed: int, encoders: dict, args, fold: int | None = None) -> dict:
     """A linear layer on frozen, standardised features. The frozen encoder runs in eval mode on unaugmented data, so
     its features are fixed and are computed once (hand-written here for that reason: `cls_learner(linear_probe=True)`
     would run the encoder every epoch)."""
-    dls = labelled(args, seed)
+    dls = labelled(args, seed, fold)
     set_seed(seed)
     model = ClsModel(encoder_for(arm, encoders), dls.c, frozen_encoder=True)
     plain = lambda dl: DataLoader(dl.dataset, bs=64)  # in order, no drop_last
@@ -143,8 +153,8 @@ def fit_head(head: torch.nn.Module, xtr, ytr, xva, yva, epochs: int, lr: float, 
     return learn
 
 
-def fine_tune(arm: str, seed: int, encoders: dict, args) -> dict:
-    dls = labelled(args, seed)
+def fine_tune(arm: str, seed: int, encoders: dict, args, fold: int | None = None) -> dict:
+    dls = labelled(args, seed, fold)
     set_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:  # SaveModelCallback's best epoch, one folder per run
         learn = cls_learner(dls, encoder=encoder_for(arm, encoders), lr=args.lr, path=tmp)
@@ -164,7 +174,8 @@ def table(rows: list[dict]) -> str:
                      and x.get('fraction', 1.0) == frac]
                 if not r:
                     continue
-                f = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r]):.3f}"
+                ddof = 1 if len(r) > 1 and all('fold' in x for x in r) else 0  # folds: the sample sd
+                f = lambda k: f"{np.mean([x[k] for x in r]):.3f} ± {np.std([x[k] for x in r], ddof=ddof):.3f}"
                 lines.append(f"| {size}^3 | {frac:.0%} | {arm} | {proto} | {f('auc')} | {f('accuracy')} | {len(r)} |")
     lines.append(f"| 28^3 | 100% | published best (MedMNIST v2) | | {PUBLISHED['auc'][0]} ({PUBLISHED['auc'][1]}) | "
                  f"{PUBLISHED['acc'][0]} ({PUBLISHED['acc'][1]}) | |")
@@ -218,6 +229,8 @@ def main(argv=None):
     p.add_argument('--fraction', type=float, default=1.0, help='stratified share of the labelled training set')
     p.add_argument('--bs', type=int, default=32)
     p.add_argument('--quick', action='store_true', help='smoke run: 1 epoch each on a 5%% subset, one seed')
+    p.add_argument('--folds', type=int, default=None,
+                   help="the paper's protocol: K-fold CV on train + val, scored on the official test split")
     args = p.parse_args(argv)
     if args.table_from:
         rows = [r for d in args.table_from for r in json.loads((Path(d) / 'results.json').read_text())['rows']]
@@ -238,15 +251,16 @@ def main(argv=None):
         if arm != 'scratch':
             encoders[arm], timing[f'pretrain_{arm}_s'] = pretrain(arm, args, Path(args.encoder_dir or out))
     rows = []
-    for seed in args.seeds:  # seed-major: a stopped run still has every arm for its first seeds
+    runs = [(k, k) for k in range(args.folds)] if args.folds else [(s, None) for s in args.seeds]
+    for seed, fold in runs:  # seed- (fold-) major: a stopped run still has every arm for its first seeds
         for arm in args.arms:
             for proto, fn in (('linear probe', linear_probe), ('fine-tune', fine_tune)):
                 if proto.split()[-1].replace('-', '') not in args.protocols:
                     continue
                 t0 = time.time()
-                res = fn(arm, seed, encoders, args)
+                res = fn(arm, seed, encoders, args, fold)
                 rows.append(dict(arm=arm, protocol=proto, seed=seed, size=args.size, fraction=args.fraction,
-                                 seconds=round(time.time() - t0, 1), **res))
+                                 seconds=round(time.time() - t0, 1), **({} if fold is None else {'fold': fold}), **res))
                 print(json.dumps(rows[-1]), flush=True)
                 (out / 'results.json').write_text(json.dumps(dict(config=vars(args), timing=timing, rows=rows),
                                                              indent=1) + '\n')
