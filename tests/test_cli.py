@@ -444,3 +444,19 @@ def test_pretrain_view_augment_crop_only_is_the_papers_views(tmp_path, capsys, m
                 for r in ('paper', 'default')]
     assert recorded == ['crop-only', 'flip-jitter']
     assert recipes.VIEW_AUGMENTS['crop-only'] == dict(flip_prob=0.0, intensity=0.0)
+
+
+def test_finetune_protocol_paper_sets_the_papers_values(tmp_path, monkeypatch):
+    "`protocol='paper'`: batch 40, 1,000 epochs, 3 folds; a value given explicitly wins over its protocol's."
+    from dagman_fast import tasks
+    seen = []
+    monkeypatch.setattr(tasks, '_train', lambda learn, **train: seen.append(train['epochs']))  # plan only
+    npz = _fake_nodules(tmp_path / 'nodules.npz')
+    kw = dict(nodules=npz, size=32, preset='swin-tiny', test_split=0.2, no_augment=True)
+    res = tasks.finetune(out=tmp_path / 'paper', protocol='paper', **kw)
+    assert seen == [1000] * 3 and res['config']['bs'] == 40 and len(res['folds']) == 3
+    seen.clear()
+    res = tasks.finetune(out=tmp_path / 'given', protocol='paper', epochs=2, folds=2, bs=8, **kw)
+    assert seen == [2, 2] and res['config']['bs'] == 8 and len(res['folds']) == 2
+    with pytest.raises(Exception, match='protocol'):
+        tasks.finetune(out=tmp_path / 'x', protocol='papr', **kw)
