@@ -203,9 +203,10 @@ class DAGMaNCheckpoint(DAGMaNCallback):
         m, learn = self.dm, self.learn
         want = dict(encoder=m.encoder_config.to_dict(), dagman=m.config.to_dict())
         got = ck['config']
-        if got != want:
-            diff = {f'{part}.{k}': (got[part].get(k), want[part].get(k)) for part in want
-                    for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
+        # a field the checkpoint does not have (added since) counts as unset (None): only real differences refuse it
+        diff = {f'{part}.{k}': (got.get(part, {}).get(k), want[part].get(k)) for part in want
+                for k in set(want[part]) | set(got.get(part, {})) if got.get(part, {}).get(k) != want[part].get(k)}
+        if diff:
             raise ValueError(f'checkpoint {path} was written by a different configuration (checkpoint, this learner): '
                              f'{diff}')
         device = getattr(learn.dls, 'device', None) or next(m.parameters()).device

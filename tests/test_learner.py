@@ -333,6 +333,19 @@ def test_resume_refuses_another_configuration(tmp_path):
     other = make_learner(tmp_path, mask_ratio=0.5)
     with pytest.raises(ValueError, match='mask_ratio'):
         other.resume(tmp_path / 'models' / 'checkpoint.pth')
+    # a checkpoint written before a field existed (here global_stage) resumes: the field counts as unset; one written
+    # with AttMask's hints (the default before) is refused, naming the field
+    from dagman_fast.checkpoint import atomic_save, load_checkpoint
+    path = tmp_path / 'models' / 'checkpoint.pth'
+    ck = load_checkpoint(path, map_location='cpu')
+    del ck['config']['dagman']['global_stage']
+    atomic_save(ck, tmp_path / 'old.pth')
+    assert make_learner(tmp_path).resume(tmp_path / 'old.pth') == 1
+    ck['config']['dagman']['hint_pool'] = 0.1
+    atomic_save(ck, tmp_path / 'older.pth')
+    with pytest.raises(ValueError, match='hint_pool'):
+        make_learner(tmp_path).resume(tmp_path / 'older.pth')
+    assert make_learner(tmp_path, hint_pool=0.1).resume(tmp_path / 'older.pth') == 1
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
