@@ -394,7 +394,7 @@ class DAGMaNModel(nn.Module):
         a = heads.reshape(b * nh, 1, *grid)
         if all(g >= c for g, c in zip(grid, cells)):
             k = tuple(g // c for g, c in zip(grid, cells))
-            a = torch.nn.functional.avg_pool3d(a, k) * (k[0] * k[1] * k[2])  # the sum over each cell
+            a = torch.nn.functional.avg_pool3d(a, k, divisor_override=1)  # the sum over each cell
         else:
             for axis, (g, c) in enumerate(zip(grid, cells), 2):
                 a = a.repeat_interleave(c // g, dim=axis)

@@ -449,11 +449,17 @@ def run_epochs(kind: str) -> int:
     return PAPER_EPOCHS if kind == 'ct' else SHORT_EPOCHS
 
 
+def _default_workers() -> int:
+    "Up to 4 worker processes, one per CPU this process may use (its affinity, where the OS says it)."
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+    return min(4, cpus)
+
+
 def _loader_workers(workers: int | None, cuda: bool) -> int:
-    "`workers` when given; else 0 on the CPU, and on CUDA up to 4, one per CPU this process may use."
+    "`workers` when given; else 0 on the CPU (they would take the step's cores), `_default_workers()` on CUDA."
     if workers is not None:
         return workers
-    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1) if cuda else 0
+    return _default_workers() if cuda else 0
 
 
 def _pretrain_dls(out: Path, data, kind: str, indexed: int, crop: int, bs: int, *, medmnist, root, size, spacing,
@@ -644,7 +650,7 @@ def preprocess(data, cache_dir, *, workers: int | None = None, crop: int | None 
     crop = crop or (128 if torch.cuda.is_available() else 64)
     data = [data] if isinstance(data, (str, Path)) else list(data)
     res = preprocess_scans(data if len(data) > 1 else data[0], cache_dir, crop=crop, spacing=spacing,
-                           hu_range=(lo, hi), workers=workers or min(4, os.cpu_count() or 1))
+                           hu_range=(lo, hi), workers=workers or _default_workers())
     for path, reason in res['skipped'][:20]:
         print(f'skipped {path}: {reason}', file=sys.stderr)
     if len(res['skipped']) > 20:

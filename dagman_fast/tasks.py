@@ -73,13 +73,34 @@ def _cls_dls(medmnist, root, nodules, size, bs, seed, label_rule):
     return nodule_crops_dls(nodules, size=size or 32, bs=bs or 32, seed=seed, label_rule=label_rule or 'paper')
 
 
-def _cls_report(model, dls, out: Path, split: str) -> dict:
+def _cls_report(model, dls, out: Path, split: str, title: str = '') -> dict:
+    "The scores of `model` on `split` of `dls` and its ROC PNG in `out`; also `probs` and `labels` (for ensembles)."
     from dagman_fast.classify import evaluate_classifier, plot_roc
     dl = dls.test if split == 'test' else dls.valid
     model.to(dls.device or 'cpu')
     res, probs, labels = evaluate_classifier(model, dl)
-    plot_roc(probs, labels, out / f'roc_{split}.png', title=f'ROC ({split}, n={len(labels)})')
-    return finite(res)
+    plot_roc(probs, labels, out / f'roc_{split}.png', title=f'ROC ({title}{split}, n={len(labels)})')
+    return dict(finite(res), probs=probs, labels=labels)
+
+
+def _scores(report: dict) -> dict:
+    "A `_cls_report` without its arrays: what results.json records."
+    return {k: v for k, v in report.items() if k not in ('probs', 'labels')}
+
+
+def _cls_options(o: dict, size: int, bs: int) -> None:
+    "The values a classification run used, recorded in `o` (results.json), not the None that stood for their defaults."
+    o.update(size=size, bs=bs, class_weights=o['class_weights'] or 'balanced',
+             drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
+             label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
+
+
+def _cls_run_learner(dls, encoder, o: dict, path: Path):
+    "`cls_learner` with the run's options `o` (after `_cls_options`)."
+    from dagman_fast.classify import cls_learner
+    return cls_learner(dls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=path,
+                       compile=o['compile'], class_weights=None if o['class_weights'] == 'none' else 'balanced',
+                       augment=not o['no_augment'], drop_path=o['drop_path'])
 
 
 def _train(learn, epochs: int, lr: float, pretrained: bool, linear_probe: bool, schedule: str, layer_decay,
@@ -126,7 +147,7 @@ def _kept(learn) -> dict:
 def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
     from fastai.torch_core import set_seed
 
-    from dagman_fast.classify import cls_learner, few_shot_indices, save_classifier, subset_dls
+    from dagman_fast.classify import few_shot_indices, save_classifier, subset_dls
     from dagman_fast.distributed import setup_distributed
     if not 0 < o['fraction'] <= 1:
         raise RunError(f"--fraction must be in (0, 1]; got {o['fraction']}")
@@ -140,19 +161,15 @@ def _finetune_cls(out: Path, o: dict, train: dict) -> dict:
         say('--preset is ignored: the encoder comes from --encoder')
     size = int(dls.train.dataset[0][0].shape[-1])  # one item: no batch loaded, no random state used
     encoder = o['encoder'] or _random_encoder(o['preset'], -(-size // 32) * 32)  # padded to a multiple of 32
-    # results.json records the values used, not the None that stood for their defaults
-    o.update(size=size, bs=dls.train.bs, class_weights=o['class_weights'] or 'balanced',
-             drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
-             label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
-    learn = cls_learner(dls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=out, compile=o['compile'],
-                        class_weights=None if o['class_weights'] == 'none' else 'balanced',
-                        augment=not o['no_augment'], drop_path=o['drop_path'])
+    _cls_options(o, size, dls.train.bs)
+    learn = _cls_run_learner(dls, encoder, o, out)
     if not _fit(learn, world, dls.train.bs, o['tensorboard'], **train):  # rank 0 saves and scores alone
         return {}
     save_classifier(learn.model, out / 'classifier.pth', data={k: o[k] for k in CLS_DATA})
-    res = dict(config=o, n_train=len(dls.train.dataset), **_kept(learn), valid=_cls_report(learn.model, dls, out, 'valid'))
+    res = dict(config=o, n_train=len(dls.train.dataset), **_kept(learn),
+               valid=_scores(_cls_report(learn.model, dls, out, 'valid')))
     if getattr(dls, 'test', None) is not None:
-        res['test'] = _cls_report(learn.model, dls, out, 'test')
+        res['test'] = _scores(_cls_report(learn.model, dls, out, 'test'))
     write_text_atomic(out / 'results.json', json.dumps(res, indent=1, default=str) + '\n')
     print(json.dumps({k: v for k, v in res.items() if k != 'config'}, indent=1))
     print(f'classifier saved to {out / "classifier.pth"}; results {out / "results.json"}, ROC curves in {out}')
@@ -181,11 +198,10 @@ def _finetune_cls_folds(out: Path, o: dict, train: dict) -> dict:
     scored on its validation fold and on the untouched test set, then the folds' mean probabilities (their ensemble)
     on the test set. One process: the folds run one after another."""
     import numpy as np
-    import torch
     from fastai.torch_core import set_seed
 
-    from dagman_fast.classify import (cls_learner, cls_scores, cv_dls, cv_splits, evaluate_classifier, few_shot_indices,
-                                      labelled_items, plot_roc, save_classifier, summarize)
+    from dagman_fast.classify import (cls_scores, cv_dls, cv_splits, few_shot_indices, labelled_items, plot_roc,
+                                      save_classifier, summarize)
     from dagman_fast.distributed import world_size
     if world_size() > 1:
         raise RunError('--folds trains its folds one after another in one process: run it without torchrun')
@@ -200,9 +216,8 @@ def _finetune_cls_folds(out: Path, o: dict, train: dict) -> dict:
     except ValueError as e:
         raise RunError(str(e)) from None
     size, bs = int(x.shape[-1]), dls.train.bs
-    o.update(size=size, bs=bs, test_split=share, class_weights=o['class_weights'] or 'balanced',
-             drop_path=0.1 if o['drop_path'] is None else o['drop_path'],
-             label_rule=(o['label_rule'] or 'paper') if o['nodules'] else None)
+    _cls_options(o, size, bs)
+    o['test_split'] = share
     held = 'the official test split' if share == 'official' else f'a stratified {share:g} of all'
     say(f"{o['folds']}-fold stratified cross-validation on {len(y) - len(test_idx)} development items; "
         f"{len(test_idx)} test items held out ({held})")
@@ -216,19 +231,17 @@ def _finetune_cls_folds(out: Path, o: dict, train: dict) -> dict:
         fdls = cv_dls(x, y, tr, va, test_idx, classes=dls.c, bs=bs)
         encoder = o['encoder'] or _random_encoder(o['preset'], -(-size // 32) * 32)
         say(f'fold {k}/{len(folds)}: {len(tr)} training, {len(va)} validation items')
-        learn = cls_learner(fdls, encoder=encoder, linear_probe=o['linear_probe'], pool=o['pool'], path=fold_out,
-                            compile=o['compile'], class_weights=None if o['class_weights'] == 'none' else 'balanced',
-                            augment=not o['no_augment'], drop_path=o['drop_path'])
+        learn = _cls_run_learner(fdls, encoder, o, fold_out)
         _fit(learn, 1, bs, o['tensorboard'], **train)
         save_classifier(learn.model, fold_out / 'classifier.pth', data={n: o[n] for n in CLS_DATA})
+        test = _cls_report(learn.model, fdls, fold_out, 'test', title=f'fold {k}, ')
         fold = dict(fold=k, n_train=len(tr), n_valid=len(va), **_kept(learn),
-                    valid=_cls_report(learn.model, fdls, fold_out, 'valid'))
-        scores, probs, labels = evaluate_classifier(learn.model, fdls.test)
-        plot_roc(probs, labels, fold_out / 'roc_test.png', title=f'ROC (fold {k}, test, n={len(labels)})')
-        fold['test'] = finite(scores)
+                    valid=_scores(_cls_report(learn.model, fdls, fold_out, 'valid', title=f'fold {k}, ')),
+                    test=_scores(test))
         runs.append(fold)
-        test_probs.append(probs)
+        test_probs.append(test['probs'])
         write_text_atomic(fold_out / 'results.json', json.dumps(fold, indent=1, default=str) + '\n')
+    labels = test['labels']  # the same test set for every fold
     ensemble = np.mean(test_probs, axis=0)
     plot_roc(ensemble, labels, out / 'roc_test_ensemble.png', title=f'ROC (ensemble of {len(folds)} folds, test)')
     res = dict(config=o, n_dev=int(len(y) - len(test_idx)), n_test=int(len(test_idx)),
@@ -436,7 +449,7 @@ def evaluate(classifier, *, out='dagman_cls', split: str = 'test', medmnist: str
     dls = _cls_dls(o['medmnist'], o['root'], o['nodules'], o['size'], bs, o['seed'], o['label_rule'])
     if split == 'test' and getattr(dls, 'test', None) is None:
         raise RunError('this dataset has no test split; use --split valid')
-    res = _cls_report(model, dls, check_out(out), split)
+    res = _scores(_cls_report(model, dls, check_out(out), split))
     write_text_atomic(Path(out) / f'results_{split}.json', json.dumps(res, indent=1) + '\n')
     print(json.dumps(res, indent=1))
     return res
